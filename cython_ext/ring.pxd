@@ -1,0 +1,97 @@
+# ring.pxd: the split-virtqueue engine's C-level interface, cimported by the device workers.
+# Every guest address goes through vq_translate; nothing here touches Python objects.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.uio cimport iovec
+
+cdef extern from "vhost_compat.h" nogil:
+    void vq_mb()
+    void vq_rmb()
+    void vq_wmb()
+    uint16_t vq_load_acquire_u16(const void *p)
+    uint16_t vq_load_u16(const void *p)
+    void vq_store_release_u16(void *p, uint16_t v)
+    void vq_store_u16(void *p, uint16_t v)
+    void vq_copy16(void *dst, const void *src)
+    int PYVHOST_DEBUG
+
+# Segments a chain may map to.  Linux asks for at most seg_max (126) data segments plus header
+# and status; region splits can add a few.  Longer chains fail alone (E_TOO_MANY_SEGS).
+cdef enum:
+    MAX_SEGS = 160
+    # Indirect tables are bounded by their own length; this caps one table (virtio 1.2 §2.7.5.3:
+    # a chain is never longer than the queue size, and queues are at most 32768).
+    MAX_INDIRECT = 32768
+
+# Chain faults: why one request failed.  Index into the per-queue fault counters.
+cdef enum:
+    F_NONE = 0
+    F_BAD_NEXT = 1          # next index >= queue / table size
+    F_LOOP = 2              # more descriptors than the queue (or table) holds
+    F_ADDR = 3              # address/length outside guest memory, overflow, or straddling a hole
+    F_INDIRECT = 4          # bad indirect table: length, nested, with NEXT, not negotiated
+    F_TOO_MANY_SEGS = 5     # more segments than MAX_SEGS
+    F_ORDER = 6             # device-readable descriptor after a device-writable one
+    F_HEADER = 7            # request header missing or too short
+    F_STATUS = 8            # no writable status byte at the end
+    F_REQUEST = 9           # device-level: bad sector range, misaligned length, wrong direction
+    F_AVAIL = 10            # avail ring corrupt: queue broken
+    F_IO = 11               # backing store error
+    NUM_FAULTS = 12
+
+ctypedef struct mem_region_t:
+    uint64_t gpa
+    uint64_t size
+    uint64_t uva
+    uint64_t host
+
+ctypedef struct vring_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+ctypedef struct chain_t:
+    uint16_t head
+    int fault              # F_* of the walk/translation, F_NONE if the chain is usable
+    int nsegs
+    int nreadable          # segs[0:nreadable] are device-readable, the rest writable
+    uint64_t total_len     # bytes over all segments
+    uint8_t *last_byte     # last byte of the last descriptor if device-writable and mapped
+    iovec segs[MAX_SEGS]
+
+ctypedef struct vq_t:
+    uint16_t num
+    uint8_t *desc
+    uint8_t *avail
+    uint8_t *used
+    uint16_t last_avail
+    uint16_t used_idx          # next used index we publish (shadow of used->idx)
+    uint16_t signalled_used
+    bint signalled_used_valid
+    bint event_idx
+    bint indirect
+    bint broken
+    int call_fd
+    int nregions
+    mem_region_t *regions
+    int last_region            # translation cache
+    uint64_t faults[NUM_FAULTS]
+    uint64_t completed
+    uint64_t notifies
+    uint64_t kicks
+
+cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
+                 uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
+                 const mem_region_t *regions, int nregions) noexcept nogil
+cdef void vq_free(vq_t *vq) noexcept nogil
+cdef int vq_translate(vq_t *vq, uint64_t gpa, uint64_t length, chain_t *c) noexcept nogil
+cdef int vq_avail_count(vq_t *vq) noexcept nogil
+cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil
+cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil
+cdef void vq_publish(vq_t *vq) noexcept nogil
+cdef bint vq_should_notify(vq_t *vq) noexcept nogil
+cdef void vq_notify(vq_t *vq) noexcept nogil
+cdef bint vq_enable_kick(vq_t *vq) noexcept nogil
+cdef void vq_disable_kick(vq_t *vq) noexcept nogil
+cdef size_t chain_copy_from(chain_t *c, size_t offset, void *dst, size_t n) noexcept nogil
+cdef size_t chain_copy_to(chain_t *c, size_t offset, const void *src, size_t n) noexcept nogil

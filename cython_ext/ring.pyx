@@ -1,0 +1,416 @@
+# cython: language_level=3
+"""ring.pyx: the split virtqueue engine (virtio 1.2 §2.7), run by device workers with the GIL
+released.
+
+Owns: walking descriptor chains (direct and INDIRECT_DESC) with every guest address and length
+checked against the region table, chain bounds (loops, over-long chains, bad `next`), the used
+ring (batched publish with release ordering), EVENT_IDX / NO_INTERRUPT call suppression and
+EVENT_IDX / NO_NOTIFY kick suppression.  Must not: touch Python objects on the data path, trust
+any value read from guest memory before checking it, or read a guest value twice (descriptors are
+copied out once).  `RingProbe` is a Python-visible handle for tests and microbenchmarks only.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy, memset
+from posix.unistd cimport write
+
+cdef enum:
+    DESC_F_NEXT = 1
+    DESC_F_WRITE = 2
+    DESC_F_INDIRECT = 4
+    AVAIL_F_NO_INTERRUPT = 1
+    USED_F_NO_NOTIFY = 1
+
+# True when built with PYVHOST_DEBUG_BUILD=1 (bounds checks, line tracing).
+DEBUG_BUILD = bool(PYVHOST_DEBUG)
+
+FAULT_NAMES = {
+    F_BAD_NEXT: "descriptor next index out of range",
+    F_LOOP: "descriptor chain loops or is longer than the queue",
+    F_ADDR: "descriptor address/length outside guest memory",
+    F_INDIRECT: "bad indirect descriptor table",
+    F_TOO_MANY_SEGS: "chain has too many segments",
+    F_ORDER: "device-readable descriptor after a device-writable one",
+    F_HEADER: "request header missing or too short",
+    F_STATUS: "no device-writable status byte",
+    F_REQUEST: "invalid request (range, alignment or direction)",
+    F_AVAIL: "avail ring corrupt (index or head out of range): queue broken",
+    F_IO: "backing store I/O error",
+}
+
+
+cdef inline uint16_t *_avail_idx(vq_t *vq) noexcept nogil:
+    return <uint16_t *>(vq.avail + 2)
+
+
+cdef inline uint16_t *_used_idx(vq_t *vq) noexcept nogil:
+    return <uint16_t *>(vq.used + 2)
+
+
+cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
+                 uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
+                 const mem_region_t *regions, int nregions) noexcept nogil:
+    memset(vq, 0, sizeof(vq_t))
+    if num == 0 or (num & (num - 1)) != 0:
+        return -1
+    vq.num = num
+    vq.desc = <uint8_t *>desc
+    vq.avail = <uint8_t *>avail
+    vq.used = <uint8_t *>used
+    vq.last_avail = last_avail
+    # Resume where the frontend's used ring is: after a reconnect used->idx is authoritative.
+    vq.used_idx = vq_load_u16(_used_idx(vq))
+    vq.event_idx = event_idx
+    vq.indirect = indirect
+    vq.call_fd = call_fd
+    vq.regions = <mem_region_t *>calloc(nregions if nregions > 0 else 1, sizeof(mem_region_t))
+    if vq.regions == NULL:
+        return -1
+    if nregions > 0:
+        memcpy(vq.regions, regions, nregions * sizeof(mem_region_t))
+    vq.nregions = nregions
+    return 0
+
+
+cdef void vq_free(vq_t *vq) noexcept nogil:
+    free(vq.regions)
+    vq.regions = NULL
+    vq.nregions = 0
+
+
+cdef inline int _find_region(vq_t *vq, uint64_t gpa) noexcept nogil:
+    cdef int i = vq.last_region
+    cdef mem_region_t *r
+    if i < vq.nregions:
+        r = &vq.regions[i]
+        if gpa >= r.gpa and gpa - r.gpa < r.size:
+            return i
+    for i in range(vq.nregions):
+        r = &vq.regions[i]
+        if gpa >= r.gpa and gpa - r.gpa < r.size:
+            vq.last_region = i
+            return i
+    return -1
+
+
+cdef inline uint8_t *_host_range(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Host pointer for [gpa, gpa+length) if it lies inside ONE region, else NULL."""
+    cdef int i
+    cdef mem_region_t *r
+    if length == 0 or gpa > UINT64_MAX - (length - 1):
+        return NULL
+    i = _find_region(vq, gpa)
+    if i < 0:
+        return NULL
+    r = &vq.regions[i]
+    if length > r.size - (gpa - r.gpa):
+        return NULL
+    return <uint8_t *>(r.host + (gpa - r.gpa))
+
+
+cdef int vq_translate(vq_t *vq, uint64_t gpa, uint64_t length, chain_t *c) noexcept nogil:
+    """Append the host segments of [gpa, gpa+length) to c.  A range may run across adjacent
+    regions (split into segments) but never across a hole."""
+    cdef int i
+    cdef uint64_t off, n
+    cdef mem_region_t *r
+    if length == 0:
+        return F_NONE
+    if gpa > UINT64_MAX - (length - 1):
+        return F_ADDR
+    while length:
+        i = _find_region(vq, gpa)
+        if i < 0:
+            return F_ADDR
+        r = &vq.regions[i]
+        off = gpa - r.gpa
+        n = r.size - off
+        if n > length:
+            n = length
+        if c.nsegs >= MAX_SEGS:
+            return F_TOO_MANY_SEGS
+        c.segs[c.nsegs].iov_base = <void *>(r.host + off)
+        c.segs[c.nsegs].iov_len = n
+        c.nsegs += 1
+        gpa += n
+        length -= n
+    return F_NONE
+
+
+cdef int vq_avail_count(vq_t *vq) noexcept nogil:
+    return <uint16_t>(vq_load_acquire_u16(_avail_idx(vq)) - vq.last_avail)
+
+
+cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
+    """Take the next available chain into c.  Returns 1 with c filled (c.fault says whether it
+    is usable), 0 when the ring is empty, -1 when the avail ring is corrupt (queue broken)."""
+    cdef uint16_t avail_idx, head, i, table_size
+    cdef uint32_t count
+    cdef vring_desc_t d
+    cdef uint8_t *table
+    cdef bint in_indirect = False
+    cdef bint seen_writable = False
+    cdef int f
+    if vq.broken:
+        return -1
+    avail_idx = vq_load_acquire_u16(_avail_idx(vq))
+    if avail_idx == vq.last_avail:
+        return 0
+    if <uint16_t>(avail_idx - vq.last_avail) > vq.num:
+        vq.broken = True
+        vq.faults[F_AVAIL] += 1
+        return -1
+    head = vq_load_u16(vq.avail + 4 + 2 * (vq.last_avail & (vq.num - 1)))
+    if head >= vq.num:
+        vq.broken = True
+        vq.faults[F_AVAIL] += 1
+        return -1
+    vq.last_avail += 1
+
+    c.head = head
+    c.fault = F_NONE
+    c.nsegs = 0
+    c.nreadable = 0
+    c.total_len = 0
+    c.last_byte = NULL
+    table = vq.desc
+    table_size = vq.num
+    i = head
+    count = 0
+    while True:
+        if count >= table_size:
+            c.fault = F_LOOP
+            return 1
+        count += 1
+        vq_copy16(&d, table + 16 * <uint64_t>i)
+        if d.flags & DESC_F_INDIRECT:
+            if (in_indirect or not vq.indirect or (d.flags & DESC_F_NEXT)
+                    or d.len == 0 or d.len % 16 != 0 or d.len // 16 > MAX_INDIRECT):
+                c.fault = F_INDIRECT
+                return 1
+            table = _host_range(vq, d.addr, d.len)
+            if table == NULL:
+                c.fault = F_INDIRECT
+                return 1
+            table_size = <uint16_t>(d.len // 16) if d.len // 16 < 65536 else 0
+            if table_size == 0:
+                c.fault = F_INDIRECT
+                return 1
+            in_indirect = True
+            i = 0
+            count = 0
+            continue
+        if d.flags & DESC_F_WRITE:
+            seen_writable = True
+        elif seen_writable and c.fault == F_NONE:
+            c.fault = F_ORDER
+        f = vq_translate(vq, d.addr, d.len, c)
+        if f != F_NONE and c.fault == F_NONE:
+            c.fault = f
+        if not seen_writable:
+            c.nreadable = c.nsegs
+        c.total_len += d.len
+        if not (d.flags & DESC_F_NEXT):
+            if (d.flags & DESC_F_WRITE) and d.len > 0:
+                c.last_byte = _host_range(vq, d.addr + (d.len - 1), 1) if d.addr <= UINT64_MAX - (d.len - 1) else NULL
+            return 1
+        i = d.next
+        if i >= table_size:
+            c.fault = F_BAD_NEXT
+            c.last_byte = NULL
+            return 1
+
+
+cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
+    """Write one used element; it becomes visible to the driver at vq_publish."""
+    cdef uint8_t *e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
+    (<uint32_t *>e)[0] = head
+    (<uint32_t *>e)[1] = length
+    vq.used_idx += 1
+    vq.completed += 1
+
+
+cdef void vq_publish(vq_t *vq) noexcept nogil:
+    # Release: the used elements above are visible before the new index (§2.7.13.3).
+    vq_store_release_u16(_used_idx(vq), vq.used_idx)
+
+
+cdef bint vq_should_notify(vq_t *vq) noexcept nogil:
+    cdef uint16_t old, new, event
+    cdef bint valid
+    # Full barrier: our used->idx store must be visible before we read the driver's
+    # used_event / flags, or we and the driver can both decide not to act (lost interrupt).
+    vq_mb()
+    if vq.event_idx:
+        old = vq.signalled_used
+        valid = vq.signalled_used_valid
+        new = vq.used_idx
+        vq.signalled_used = new
+        vq.signalled_used_valid = True
+        if not valid:
+            return True
+        event = vq_load_u16(vq.avail + 4 + 2 * <uint64_t>vq.num)
+        # vring_need_event (§2.7.10): notify iff event lies in [old, new).
+        return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
+    return not (vq_load_u16(vq.avail) & AVAIL_F_NO_INTERRUPT)
+
+
+cdef void vq_notify(vq_t *vq) noexcept nogil:
+    cdef uint64_t one = 1
+    if vq.call_fd >= 0 and vq_should_notify(vq):
+        write(vq.call_fd, &one, 8)
+        vq.notifies += 1
+
+
+cdef bint vq_enable_kick(vq_t *vq) noexcept nogil:
+    """Ask the driver to kick again before sleeping; True if work arrived meanwhile."""
+    cdef uint16_t flags
+    if vq.event_idx:
+        vq_store_u16(vq.used + 4 + 8 * <uint64_t>vq.num, vq.last_avail)
+    else:
+        flags = vq_load_u16(vq.used)
+        vq_store_u16(vq.used, flags & ~USED_F_NO_NOTIFY)
+    vq_mb()
+    return vq_load_acquire_u16(_avail_idx(vq)) != vq.last_avail
+
+
+cdef void vq_disable_kick(vq_t *vq) noexcept nogil:
+    cdef uint16_t flags
+    if not vq.event_idx:
+        flags = vq_load_u16(vq.used)
+        vq_store_u16(vq.used, flags | USED_F_NO_NOTIFY)
+
+
+cdef size_t chain_copy_from(chain_t *c, size_t offset, void *dst, size_t n) noexcept nogil:
+    """Gather up to n bytes starting at byte `offset` of the chain into dst."""
+    cdef size_t done = 0, take, l
+    cdef int k
+    for k in range(c.nsegs):
+        if done == n:
+            break
+        l = c.segs[k].iov_len
+        if offset >= l:
+            offset -= l
+            continue
+        take = l - offset
+        if take > n - done:
+            take = n - done
+        memcpy(<uint8_t *>dst + done, <uint8_t *>c.segs[k].iov_base + offset, take)
+        done += take
+        offset = 0
+    return done
+
+
+cdef size_t chain_copy_to(chain_t *c, size_t offset, const void *src, size_t n) noexcept nogil:
+    """Scatter up to n bytes into the chain starting at byte `offset`."""
+    cdef size_t done = 0, take, l
+    cdef int k
+    for k in range(c.nsegs):
+        if done == n:
+            break
+        l = c.segs[k].iov_len
+        if offset >= l:
+            offset -= l
+            continue
+        take = l - offset
+        if take > n - done:
+            take = n - done
+        memcpy(<uint8_t *>c.segs[k].iov_base + offset, <const uint8_t *>src + done, take)
+        done += take
+        offset = 0
+    return done
+
+
+def regions_from_table(bytes table):
+    """Number of regions in a packed GuestMemory.table_bytes() blob (validates its length)."""
+    if len(table) % sizeof(mem_region_t):
+        raise ValueError("region table length is not a multiple of the entry size")
+    return len(table) // sizeof(mem_region_t)
+
+
+cdef class RingProbe:
+    """Python handle on one vq_t, for tests and microbenchmarks (a Python object per call is
+    fine here; the workers never use this class)."""
+    cdef vq_t vq
+    cdef chain_t *chain
+
+    def __cinit__(self, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
+                  uint16_t last_avail, bytes table, bint event_idx=False, bint indirect=True,
+                  int call_fd=-1):
+        cdef int n = regions_from_table(table)
+        cdef const unsigned char *t = table
+        self.chain = <chain_t *>calloc(1, sizeof(chain_t))
+        if self.chain == NULL:
+            raise MemoryError()
+        if vq_init(&self.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
+                   <const mem_region_t *>t, n) != 0:
+            raise ValueError("bad queue parameters")
+
+    def __dealloc__(self):
+        vq_free(&self.vq)
+        free(self.chain)
+
+    def pop(self):
+        """None when empty; raises RuntimeError when broken; else a dict describing the chain
+        with host segments as (address, length)."""
+        cdef int r = vq_pop(&self.vq, self.chain)
+        if r == 0:
+            return None
+        if r < 0:
+            raise RuntimeError("queue broken")
+        c = self.chain
+        return dict(
+            head=c.head, fault=c.fault, nreadable=c.nreadable,
+            segs=[(<uint64_t>c.segs[k].iov_base, c.segs[k].iov_len) for k in range(c.nsegs)],
+            last_byte=<uint64_t>c.last_byte, total_len=c.total_len)
+
+    def pop_many(self, int n):
+        """Pop up to n chains without building Python objects (microbenchmarks)."""
+        cdef int k, got = 0
+        with nogil:
+            for k in range(n):
+                if vq_pop(&self.vq, self.chain) != 1:
+                    break
+                got += 1
+        return got
+
+    def push(self, uint16_t head, uint32_t length):
+        vq_push(&self.vq, head, length)
+
+    def push_many(self, uint16_t head, uint32_t length, int n):
+        cdef int k
+        with nogil:
+            for k in range(n):
+                vq_push(&self.vq, head, length)
+            vq_publish(&self.vq)
+
+    def publish(self):
+        vq_publish(&self.vq)
+
+    def should_notify(self):
+        return vq_should_notify(&self.vq)
+
+    def notify(self):
+        vq_notify(&self.vq)
+
+    def enable_kick(self):
+        return vq_enable_kick(&self.vq)
+
+    def disable_kick(self):
+        vq_disable_kick(&self.vq)
+
+    @property
+    def last_avail(self):
+        return self.vq.last_avail
+
+    @property
+    def used_idx(self):
+        return self.vq.used_idx
+
+    @property
+    def broken(self):
+        return bool(self.vq.broken)
+
+    @property
+    def faults(self):
+        return [self.vq.faults[k] for k in range(NUM_FAULTS)]

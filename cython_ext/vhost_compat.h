@@ -1,0 +1,62 @@
+/* vhost_compat.h: the few things Cython cannot say directly: memory barriers with the virtio
+ * ordering rules (virtio 1.2 §2.7.13: the device reads avail->idx before the ring entries and
+ * writes used entries before used->idx; a full barrier sits between publishing used->idx and
+ * reading used_event/flags), and raw io_uring syscalls (no liburing build dependency).
+ * Static inline only; no state. */
+#ifndef PYVHOST_COMPAT_H
+#define PYVHOST_COMPAT_H
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <sys/mman.h>
+#include <linux/io_uring.h>
+
+#ifndef PYVHOST_DEBUG
+#define PYVHOST_DEBUG 0
+#endif
+
+static inline void vq_mb(void)  { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void vq_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void vq_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+static inline uint16_t vq_load_acquire_u16(const void *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline uint16_t vq_load_u16(const void *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+static inline void vq_store_release_u16(void *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+static inline void vq_store_u16(void *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+static inline uint32_t uq_load_acquire_u32(const void *p) {
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void uq_store_release_u32(void *p, uint32_t v) {
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/* The descriptor is copied out of guest memory once, so a guest rewriting it concurrently
+ * cannot make us validate one value and use another. */
+static inline void vq_copy16(void *dst, const void *src) {
+    memcpy(dst, src, 16);
+}
+
+static inline int sys_io_uring_setup(unsigned entries, struct io_uring_params *p) {
+#ifdef __NR_io_uring_setup
+    return (int)syscall(__NR_io_uring_setup, entries, p);
+#else
+    (void)entries; (void)p; return -1;
+#endif
+}
+static inline int sys_io_uring_enter(int fd, unsigned to_submit, unsigned min_complete,
+                                     unsigned flags) {
+#ifdef __NR_io_uring_enter
+    return (int)syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, NULL, 0);
+#else
+    (void)fd; (void)to_submit; (void)min_complete; (void)flags; return -1;
+#endif
+}
+#endif

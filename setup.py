@@ -1,0 +1,32 @@
+"""setup.py: only the Cython extension list; metadata lives in pyproject.toml.
+
+PYVHOST_DEBUG_BUILD=1 builds with bounds/wraparound checks, line tracing (CYTHON_TRACE_NOGIL) and
+-O0 -g, the way the test suite runs it at least once in CI.
+"""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("PYVHOST_DEBUG_BUILD", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "linetrace": DEBUG,
+}
+macros = ([("CYTHON_TRACE_NOGIL", "1"), ("CYTHON_TRACE", "1"), ("PYVHOST_DEBUG", "1")]
+          if DEBUG else [])
+cflags = ["-O0", "-g3"] if DEBUG else ["-O2"]
+
+
+def ext(name):
+    return Extension(f"cython_ext.{name}", [f"cython_ext/{name}.pyx"], include_dirs=["cython_ext"],
+                     define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"])
+
+
+setup(ext_modules=cythonize([ext("ring"), ext("blk")], compiler_directives=directives,
+                            include_path=["cython_ext"]))

@@ -1,0 +1,104 @@
+"""cli.py: argument parsing only, following QEMU's vhost-user "Backend program conventions"
+(docs/interop/vhost-user.rst): --socket-path or --fd (mutually exclusive), --print-capabilities,
+no daemonizing.  Errors are one line on stderr and a non-zero exit.  Nothing here opens files
+or sockets; devices/*.main wire the parsed options to the device and the server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as libvirt logs stderr line by line
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096' -> bytes (binary units, as qemu-img)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
+    p.add_argument("--fd", type=int, metavar="FDNUM", help="inherited listening socket fd")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the backend's capabilities as JSON and exit")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None,
+                   help="event loop (default: uvloop when installed; env PYVHOST_LOOP)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+
+
+def _check_listen(p, args) -> None:
+    if args.print_capabilities:
+        return
+    if (args.socket_path is None) == (args.fd is None):
+        p.error("exactly one of --socket-path and --fd is required")
+    if args.fd is not None and args.fd < 0:
+        p.error("--fd must be a non-negative file descriptor")
+
+
+def blk_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvhost-blk", description="vhost-user-blk backend")
+    _common(p)
+    p.add_argument("--blk-file", metavar="IMG", help="raw image file or block device")
+    p.add_argument("--read-only", action="store_true", help="export read-only")
+    p.add_argument("--num-queues", type=_positive, default=1, metavar="N")
+    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
+                   help="largest virtqueue size accepted (power of two, default 1024)")
+    p.add_argument("--size", type=parse_size, metavar="SIZE",
+                   help="create a sparse image of this size if --blk-file is missing")
+    p.add_argument("--serial", default=None, help="GET_ID serial (20 bytes max)")
+    p.add_argument("--no-io-uring", action="store_true",
+                   help="use the synchronous preadv/pwritev path (debugging)")
+    p.add_argument("--buffered", action="store_true", help="do not use O_DIRECT")
+    return p
+
+
+BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def parse_blk(argv=None) -> argparse.Namespace:
+    p = blk_parser()
+    args = p.parse_args(argv)
+    if args.print_capabilities:
+        return args
+    _check_listen(p, args)
+    if not args.blk_file:
+        p.error("--blk-file is required")
+    q = args.queue_size
+    if q & (q - 1) or q > 32768:
+        p.error("--queue-size must be a power of two no larger than 32768")
+    if args.num_queues > 256:
+        p.error("--num-queues must be at most 256")
+    if args.serial is not None and len(args.serial.encode()) > 20:
+        p.error("--serial is at most 20 bytes")
+    return args
+
+
+def print_capabilities(caps: dict) -> None:
+    print(json.dumps(caps))

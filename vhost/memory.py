@@ -1,0 +1,143 @@
+"""memory.py: guest memory as the backend sees it.
+
+Owns mapping the frontend's region fds (mmap of `size + mmap_offset` from file offset 0, then
+`base + mmap_offset`, as libvhost-user does), translating guest-physical (descriptor) and
+frontend-virtual (ring) addresses to host pointers, and the packed region table the Cython engine
+copies.  A GuestMemory is an immutable snapshot: SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG build a
+new one.  Unmapping is explicit (`MappedRegion.unmap`) and is done by the protocol only after the
+queue workers that used the old snapshot have stopped.  No sockets, no event loop, no threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_SHARED = 1
+MAP_FAILED = ctypes.c_void_p(-1).value
+U64_MAX = (1 << 64) - 1
+
+# One region-table entry for the Cython engine: gpa, size, uva, host (all u64, native endian),
+# the layout of `mem_region_t` in cython_ext/ring.pxd.
+REGION_ENTRY = struct.Struct("=QQQQ")
+
+
+class MemoryError_(ValueError):
+    """A region table or address that cannot be accepted."""
+
+
+GuestMemoryError = MemoryError_
+
+
+@dataclass(eq=False)
+class MappedRegion:
+    """One frontend memory region mapped into this process."""
+    guest_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+    map_base: int       # what mmap returned
+    map_len: int        # size + mmap_offset
+
+    @property
+    def host_addr(self) -> int:
+        return self.map_base + self.mmap_offset
+
+    @classmethod
+    def map(cls, fd: int, guest_addr: int, size: int, user_addr: int,
+            mmap_offset: int) -> "MappedRegion":
+        """Map `fd`; the caller still owns (and closes) the fd."""
+        if size == 0:
+            raise GuestMemoryError("region of size 0")
+        if guest_addr + size - 1 > U64_MAX or user_addr + size - 1 > U64_MAX:
+            raise GuestMemoryError("region wraps around the 64-bit address space")
+        map_len = size + mmap_offset
+        if map_len > U64_MAX or map_len >= 1 << 47:
+            raise GuestMemoryError(f"region too large ({map_len:#x} bytes)")
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise GuestMemoryError(f"bad region fd: {e}") from None
+        # A regular file (memfd, shm, hugetlbfs) must be long enough, or touching the tail of
+        # the mapping would SIGBUS the whole process: reject instead.
+        import stat as _stat
+        if _stat.S_ISREG(st.st_mode) and st.st_size < map_len:
+            raise GuestMemoryError(f"region fd is {st.st_size} bytes, table needs {map_len}")
+        base = _libc.mmap(None, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if base is None or base == MAP_FAILED:
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"mmap of region failed: {os.strerror(err)}")
+        return cls(guest_addr, size, user_addr, mmap_offset, base, map_len)
+
+    def unmap(self) -> None:
+        if self.map_base:
+            _libc.munmap(self.map_base, self.map_len)
+            self.map_base = 0
+
+    def overlaps(self, other: "MappedRegion") -> bool:
+        return (self.guest_addr < other.guest_addr + other.size
+                and other.guest_addr < self.guest_addr + self.size)
+
+
+class GuestMemory:
+    """An immutable snapshot of the region table."""
+
+    def __init__(self, regions=()):
+        regions = tuple(sorted(regions, key=lambda r: r.guest_addr))
+        for a, b in zip(regions, regions[1:]):
+            if a.overlaps(b):
+                raise GuestMemoryError(
+                    f"regions overlap at guest address {b.guest_addr:#x}")
+        self.regions = regions
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def with_region(self, region: MappedRegion) -> "GuestMemory":
+        return GuestMemory(self.regions + (region,))
+
+    def without_region(self, guest_addr: int, size: int, user_addr: int):
+        """Return (new snapshot, removed region).  Matches as libvhost-user does: by guest
+        address and size (user_addr is informative; QEMU sends the same one it added)."""
+        for r in self.regions:
+            if r.guest_addr == guest_addr and r.size == size:
+                return GuestMemory(x for x in self.regions if x is not r), r
+        raise GuestMemoryError(f"no region at guest address {guest_addr:#x} size {size:#x}")
+
+    # -- translation (Python side: ring setup and tests; the data path uses the C copy) --------
+
+    def gpa_to_host(self, gpa: int, length: int) -> int:
+        for r in self.regions:
+            if r.guest_addr <= gpa and gpa - r.guest_addr + length <= r.size:
+                return r.host_addr + (gpa - r.guest_addr)
+        raise GuestMemoryError(f"guest address {gpa:#x}+{length:#x} is not in one region")
+
+    def uva_to_host(self, uva: int, length: int) -> int:
+        for r in self.regions:
+            if r.user_addr <= uva and uva - r.user_addr + length <= r.size:
+                return r.host_addr + (uva - r.user_addr)
+        raise GuestMemoryError(f"frontend address {uva:#x}+{length:#x} is not in one region")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return ctypes.string_at(self.gpa_to_host(gpa, length), length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        ctypes.memmove(self.gpa_to_host(gpa, len(data)), data, len(data))
+
+    def table_bytes(self) -> bytes:
+        """The region table packed for the Cython engine (REGION_ENTRY per region)."""
+        return b"".join(REGION_ENTRY.pack(r.guest_addr, r.size, r.user_addr, r.host_addr)
+                        for r in self.regions)
+
+    def unmap_all(self) -> None:
+        for r in self.regions:
+            r.unmap()

@@ -1,0 +1,768 @@
+"""protocol.py: every vhost-user state transition lives here; no sockets, no event loop.
+
+`BackendProtocol` is one frontend connection's state machine, sans-I/O: the server feeds it the
+bytes and file descriptors it read (`receive`) and sends back the reply messages it returns; at
+EOF it calls `connection_lost`.  The protocol owns every fd it is given: it keeps the ones a
+message legitimately carries (kick/call/err eventfds, the backend request channel) and closes all
+others at once (memory region fds right after mapping them, fds riding on messages that take none,
+fds of rejected messages), and everything it kept on `connection_lost`.
+
+Queue lifecycle (QEMU 7.2's real behaviour, see DESIGN.md and shared/traces/):
+
+- a queue is *started* (armed) by SET_VRING_KICK and stopped by GET_VRING_BASE and resets;
+- it *runs* (``device.start_queue``) only while started, enabled, and its rings (SET_VRING_NUM +
+  SET_VRING_ADDR) translate in the current memory table; the check is made again after every
+  message that can change one of these, so the order of NUM/ADDR/KICK/ENABLE and memory does not
+  matter and a queue that is never set up (queue 1 of a 2-queue blk under one vCPU) is simply
+  never run;
+- without VHOST_USER_F_PROTOCOL_FEATURES negotiated rings count as enabled; with it they are
+  disabled until SET_VRING_ENABLE 1.  SET_FEATURES never disables a ring;
+- whatever must change under a running worker (kick/call/err fd, ring addresses, memory table,
+  negotiated features) stops it, applies the change and restarts it at the avail index the
+  worker stopped at;
+- SET_VRING_CALL with an fd asks the next start to signal the call fd once (lost-interrupt
+  recovery after a reconnect, as libvhost-user does).
+
+Errors: malformed or refused requests get a log line (once per cause) and, with NEED_REPLY and
+REPLY_ACK negotiated, a non-zero ack; a request that needs a reply of its own but cannot get a
+meaningful one, or a broken header, raises `ProtocolClosed`: the server must disconnect.  No
+other exception leaves `receive`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from protocols import virtio
+from protocols.vhost_user import (
+    CONFIG_FLAG_MIGRATION,
+    Config,
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    FrontendReq,
+    HEADER_SIZE,
+    Header,
+    MAX_CONFIG_SIZE,
+    MessageError,
+    ProtocolFeature,
+    VERSION,
+    VERSION_MASK,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_ADDR_F_LOG,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    VringState,
+    build_message,
+    parse_payload,
+    request_name,
+    u64,
+)
+
+from .device import Device, QueueHandle
+from .memory import GuestMemory, GuestMemoryError, MappedRegion
+
+log = logging.getLogger("pyvhost.protocol")
+
+# Largest `size` a header may announce.  The largest real payload is a few hundred bytes
+# (SET_MEM_TABLE with 8 regions, GET_CONFIG with 256 bytes); anything beyond is garbage.
+MAX_PAYLOAD_SIZE = 4096 + HEADER_SIZE
+# What GET_MAX_MEM_SLOTS reports and ADD_MEM_REG enforces (libvhost-user's
+# VHOST_USER_MAX_RAM_SLOTS).
+MAX_MEM_SLOTS = 32
+# Protocol features this state machine implements; a device's wish list is masked with it.
+SUPPORTED_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS)
+# Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
+ACK_FAILURE = 1
+# Distinct error causes logged per connection before the rest are suppressed.
+MAX_LOGGED_CAUSES = 64
+
+# Requests whose answer is a message of their own (not a REPLY_ACK ack).  Those we do not
+# implement are only sent by frontends when the matching protocol feature was negotiated; if one
+# arrives anyway nothing sensible can be answered, so the connection is closed.
+REPLYING_REQUESTS = frozenset({
+    FrontendReq.GET_FEATURES, FrontendReq.GET_PROTOCOL_FEATURES, FrontendReq.GET_VRING_BASE,
+    FrontendReq.GET_QUEUE_NUM, FrontendReq.GET_CONFIG, FrontendReq.GET_MAX_MEM_SLOTS,
+    FrontendReq.GET_STATUS, FrontendReq.GET_INFLIGHT_FD, FrontendReq.GET_SHARED_OBJECT,
+    FrontendReq.CREATE_CRYPTO_SESSION, FrontendReq.POSTCOPY_ADVISE,
+    FrontendReq.SET_DEVICE_STATE_FD, FrontendReq.CHECK_DEVICE_STATE,
+})
+
+REPLY_FLAGS = VERSION | FLAG_REPLY
+
+
+class ProtocolClosed(Exception):
+    """The connection cannot go on; the server must disconnect.  str() is the reason."""
+
+
+class RequestError(Exception):
+    """A request refused for a semantic reason (failure ack, the connection goes on)."""
+
+
+# --- per-queue state -------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Queue:
+    index: int
+    size: int = 0                       # SET_VRING_NUM; 0 = not set
+    base: int = 0                       # next avail index (SET_VRING_BASE / stop_queue)
+    addr: tuple | None = None           # (desc, used, avail) frontend virtual addresses
+    host: tuple | None = None           # (desc, avail, used) host addresses in current memory
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    started: bool = False               # armed by SET_VRING_KICK
+    enabled: bool = False               # SET_VRING_ENABLE
+    running: bool = False               # the device has a worker on it
+    signal_call: bool = False           # write the call fd once on the next start
+    run_features: int = 0               # features the running worker was started with
+
+    def close_fds(self) -> None:
+        for attr in ("kick_fd", "call_fd", "err_fd"):
+            _close(getattr(self, attr))
+            setattr(self, attr, -1)
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """Read-only snapshot of one queue's protocol state (for tests and diagnostics)."""
+    index: int
+    size: int
+    base: int
+    started: bool
+    enabled: bool
+    running: bool
+    kick_fd: int
+    call_fd: int
+    err_fd: int
+    desc_addr: int | None       # frontend virtual addresses from SET_VRING_ADDR
+    used_addr: int | None
+    avail_addr: int | None
+    desc_host: int | None       # their host translations in the current memory table
+    avail_host: int | None
+    used_host: int | None
+    signal_call: bool
+
+
+class _Message:
+    __slots__ = ("request", "flags", "payload", "fds")
+
+    def __init__(self, request: int, flags: int, payload: bytes, fds: list[int]):
+        self.request = request
+        self.flags = flags
+        self.payload = payload
+        self.fds = fds
+
+    def take_fd(self) -> int:
+        """Keep one fd of this message (the rest are closed after the handler)."""
+        return self.fds.pop(0)
+
+    def expect_fds(self, n: int) -> None:
+        if len(self.fds) != n:
+            raise RequestError(f"carries {len(self.fds)} fds, expected {n}")
+
+
+def _close(fd: int) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --- the state machine -----------------------------------------------------------------------
+
+class BackendProtocol:
+    """One frontend connection's vhost-user state machine.
+
+    `receive(data, fds)` -> list of reply messages to send, in order.  `connection_lost()` at
+    EOF.  `next_read_size` tells a server how many bytes finish the current header or payload,
+    so that it can read message by message and fds attach to the right one.
+    """
+
+    def __init__(self, device: Device, *, name: str = ""):
+        self.device = device
+        self.name = name
+        self._prefix = f"{name}: " if name else ""
+        self._buf = bytearray()
+        self._header = None
+        self._pending_fds: list[int] = []
+        self._dead = False
+        self._failed = ""            # why the connection must close (set with ProtocolClosed)
+
+        self._features = 0
+        self._protocol_features = ProtocolFeature(0)
+        self._owner = False
+        self._status = 0
+        self._backend_req_fd = -1
+        self._memory = GuestMemory()
+        self._queues = [_Queue(i) for i in range(device.num_queues)]
+        self._logged: set[str] = set()
+        self._suppressed = False
+
+        self._handlers = {
+            FrontendReq.GET_FEATURES: self._get_features,
+            FrontendReq.SET_FEATURES: self._set_features,
+            FrontendReq.SET_OWNER: self._set_owner,
+            FrontendReq.RESET_OWNER: self._reset_owner,
+            FrontendReq.SET_MEM_TABLE: self._set_mem_table,
+            FrontendReq.SET_LOG_BASE: self._not_offered_log,
+            FrontendReq.SET_LOG_FD: self._not_offered_log,
+            FrontendReq.SET_VRING_NUM: self._set_vring_num,
+            FrontendReq.SET_VRING_ADDR: self._set_vring_addr,
+            FrontendReq.SET_VRING_BASE: self._set_vring_base,
+            FrontendReq.GET_VRING_BASE: self._get_vring_base,
+            FrontendReq.SET_VRING_KICK: self._set_vring_fd,
+            FrontendReq.SET_VRING_CALL: self._set_vring_fd,
+            FrontendReq.SET_VRING_ERR: self._set_vring_fd,
+            FrontendReq.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            FrontendReq.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            FrontendReq.GET_QUEUE_NUM: self._get_queue_num,
+            FrontendReq.SET_VRING_ENABLE: self._set_vring_enable,
+            FrontendReq.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            FrontendReq.SET_VRING_ENDIAN: self._set_vring_endian,
+            FrontendReq.GET_CONFIG: self._get_config,
+            FrontendReq.SET_CONFIG: self._set_config,
+            FrontendReq.RESET_DEVICE: self._reset_device_req,
+            FrontendReq.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            FrontendReq.ADD_MEM_REG: self._add_mem_reg,
+            FrontendReq.REM_MEM_REG: self._rem_mem_reg,
+            FrontendReq.SET_STATUS: self._set_status,
+            FrontendReq.GET_STATUS: self._get_status,
+        }
+
+    # -- read-only state ----------------------------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        return int(self.device.features()) | VHOST_USER_F_PROTOCOL_FEATURES
+
+    @property
+    def offered_protocol_features(self) -> ProtocolFeature:
+        return ProtocolFeature(int(self.device.protocol_features())
+                               & int(SUPPORTED_PROTOCOL_FEATURES))
+
+    @property
+    def features(self) -> int:
+        """Negotiated virtio features (last SET_FEATURES; 0 before)."""
+        return self._features
+
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        return self._protocol_features
+
+    @property
+    def owner(self) -> bool:
+        return self._owner
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    @property
+    def backend_req_fd(self) -> int:
+        return self._backend_req_fd
+
+    @property
+    def closed(self) -> bool:
+        return self._dead
+
+    @property
+    def queues(self) -> tuple[QueueInfo, ...]:
+        return tuple(self.queue(i) for i in range(len(self._queues)))
+
+    def queue(self, index: int) -> QueueInfo:
+        q = self._queues[index]
+        addr = q.addr or (None, None, None)
+        host = q.host or (None, None, None)
+        return QueueInfo(q.index, q.size, q.base, q.started, q.enabled, q.running, q.kick_fd,
+                         q.call_fd, q.err_fd, addr[0], addr[1], addr[2], host[0], host[1],
+                         host[2], q.signal_call)
+
+    @property
+    def next_read_size(self) -> int:
+        """Bytes still missing from the current header, or from the current payload (>= 1)."""
+        if self._header is None:
+            return HEADER_SIZE - len(self._buf)
+        return self._header.size - len(self._buf)
+
+    # -- framing ------------------------------------------------------------------------------
+
+    def receive(self, data: bytes, fds=()) -> list[bytes]:
+        """Feed bytes read from the socket and the fds that came with them.  The fds belong to
+        the message the first of these bytes belongs to (SCM_RIGHTS semantics)."""
+        fds = list(fds)
+        if self._dead:
+            for fd in fds:
+                _close(fd)
+            raise ProtocolClosed("connection already closed")
+        if self._failed:
+            for fd in fds:
+                _close(fd)
+            raise ProtocolClosed(self._failed)
+        self._pending_fds.extend(fds)
+        self._buf += data
+        replies: list[bytes] = []
+        while True:
+            if self._header is None:
+                if len(self._buf) < HEADER_SIZE:
+                    break
+                header = Header.parse(bytes(self._buf[:HEADER_SIZE]))
+                del self._buf[:HEADER_SIZE]
+                if header.flags & VERSION_MASK != VERSION:
+                    self._broken(f"bad header: version {header.flags & VERSION_MASK} "
+                                 f"(flags {header.flags:#x}) in {request_name(header.request)}")
+                if header.size > MAX_PAYLOAD_SIZE:
+                    self._broken(f"bad header: {request_name(header.request)} announces "
+                                 f"{header.size} payload bytes")
+                self._header = header
+            header = self._header
+            if len(self._buf) < header.size:
+                break
+            payload = bytes(self._buf[:header.size])
+            del self._buf[:header.size]
+            msg_fds, self._pending_fds = self._pending_fds, []
+            self._header = None
+            replies.extend(self._dispatch(_Message(header.request, header.flags, payload,
+                                                   msg_fds)))
+        return replies
+
+    def _broken(self, reason: str):
+        for fd in self._pending_fds:
+            _close(fd)
+        self._pending_fds = []
+        self._buf.clear()
+        self._header = None
+        self._failed = reason
+        log.warning("%s%s; closing the connection", self._prefix, reason)
+        raise ProtocolClosed(reason)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def _dispatch(self, msg: _Message) -> list[bytes]:
+        try:
+            return self._handle(msg)
+        except ProtocolClosed as e:
+            for fd in self._pending_fds:
+                _close(fd)
+            self._pending_fds = []
+            self._failed = str(e) or "connection closed"
+            raise
+        finally:
+            for fd in msg.fds:          # every fd the handler did not take
+                _close(fd)
+            msg.fds = []
+
+    def _handle(self, msg: _Message) -> list[bytes]:
+        name = request_name(msg.request)
+        handler = self._handlers.get(msg.request)
+        try:
+            if handler is None:
+                try:
+                    FrontendReq(msg.request)
+                except ValueError:
+                    raise RequestError("unknown request") from None
+                raise RequestError("not supported")
+            body = parse_payload(msg.request, msg.payload)
+            result = handler(msg, body)
+        except ProtocolClosed as e:
+            log.warning("%s%s; closing the connection", self._prefix, e)
+            raise
+        except MessageError as e:
+            cause = f"malformed {e}"
+        except (RequestError, GuestMemoryError) as e:
+            cause = f"{name}: {e}"
+        except Exception as e:  # a device bug must not take the connection down
+            cause = f"{name}: {type(e).__name__}: {e}"
+            log.debug("%s%s", self._prefix, cause, exc_info=True)
+        else:
+            if msg.request in REPLYING_REQUESTS:
+                return [build_message(msg.request, result, REPLY_FLAGS)]
+            return self._ack(msg, 0)
+        if msg.request in REPLYING_REQUESTS:
+            log.warning("%s%s; no meaningful reply, closing the connection", self._prefix, cause)
+            raise ProtocolClosed(cause)
+        self._log_once(cause)
+        return self._ack(msg, ACK_FAILURE)
+
+    def _ack(self, msg: _Message, value: int) -> list[bytes]:
+        if msg.flags & FLAG_NEED_REPLY and self._protocol_features & ProtocolFeature.REPLY_ACK:
+            return [build_message(msg.request, u64(value), REPLY_FLAGS)]
+        return []
+
+    def _log_once(self, cause: str) -> None:
+        if cause in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED_CAUSES:
+            if not self._suppressed:
+                self._suppressed = True
+                log.warning("%sfurther distinct request errors are not logged", self._prefix)
+            return
+        self._logged.add(cause)
+        log.warning("%s%s", self._prefix, cause)
+
+    def _queue_for(self, index: int) -> _Queue:
+        if not 0 <= index < len(self._queues):
+            raise RequestError(f"queue index {index} out of range "
+                               f"(device has {len(self._queues)})")
+        return self._queues[index]
+
+    # -- queue lifecycle ----------------------------------------------------------------------
+
+    def _ring_enabled(self, q: _Queue) -> bool:
+        return q.enabled or not self._features & VHOST_USER_F_PROTOCOL_FEATURES
+
+    def _reconcile(self, q: _Queue) -> None:
+        """Start or stop q so that it runs iff started, enabled and its rings translate."""
+        want = q.started and q.size > 0 and q.host is not None and self._ring_enabled(q)
+        if want and not q.running:
+            self._start(q)
+        elif q.running and not want:
+            self._stop(q)
+
+    def _reconcile_all(self) -> None:
+        errors = []
+        for q in self._queues:
+            try:
+                self._reconcile(q)
+            except RequestError as e:
+                errors.append(str(e))
+        if errors:
+            raise RequestError("; ".join(errors))
+
+    def _start(self, q: _Queue) -> None:
+        desc, avail, used = q.host
+        handle = QueueHandle(
+            index=q.index, size=q.size, desc=desc, avail=avail, used=used,
+            last_avail_idx=q.base, kick_fd=q.kick_fd, call_fd=q.call_fd, err_fd=q.err_fd,
+            features=self._features, memory=self._memory, signal_call=q.signal_call)
+        try:
+            self.device.start_queue(q.index, handle)
+        except Exception as e:
+            log.debug("%sstart_queue(%d) failed", self._prefix, q.index, exc_info=True)
+            raise RequestError(f"queue {q.index} failed to start: "
+                               f"{type(e).__name__}: {e}") from None
+        q.running = True
+        q.signal_call = False
+        q.run_features = self._features
+        log.debug("%squeue %d running (size %d, base %d)", self._prefix, q.index, q.size, q.base)
+
+    def _stop(self, q: _Queue) -> int:
+        """Stop a running queue; keep and return the avail index it stopped at."""
+        if q.running:
+            q.running = False
+            try:
+                base = self.device.stop_queue(q.index)
+            except Exception as e:
+                self._log_once(f"queue {q.index} failed to stop cleanly: "
+                               f"{type(e).__name__}: {e}")
+            else:
+                if base is not None:
+                    q.base = int(base)
+            log.debug("%squeue %d stopped at %d", self._prefix, q.index, q.base)
+        return q.base
+
+    def _stop_all(self) -> None:
+        for q in self._queues:
+            self._stop(q)
+
+    @staticmethod
+    def _translate(memory: GuestMemory, size: int, addr: tuple) -> tuple:
+        desc_uva, used_uva, avail_uva = addr
+        desc = memory.uva_to_host(desc_uva, virtio.desc_table_size(size))
+        avail = memory.uva_to_host(avail_uva, virtio.avail_ring_size(size))
+        used = memory.uva_to_host(used_uva, virtio.used_ring_size(size))
+        for what, host, align in (("descriptor table", desc, virtio.DESC_ALIGN),
+                                  ("avail ring", avail, virtio.AVAIL_ALIGN),
+                                  ("used ring", used, virtio.USED_ALIGN)):
+            if host % align:
+                raise GuestMemoryError(f"{what} at {host:#x} is not {align}-byte aligned")
+        return desc, avail, used
+
+    def _reset_queues(self) -> None:
+        """Stop every queue, reset the device, forget all ring state (fds closed)."""
+        self._stop_all()
+        try:
+            self.device.reset()
+        except Exception as e:
+            self._log_once(f"device reset failed: {type(e).__name__}: {e}")
+        for q in self._queues:
+            q.close_fds()
+        self._queues = [_Queue(i) for i in range(len(self._queues))]
+        self._features = 0
+        self._status = 0
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def _change_memory(self, new: GuestMemory) -> None:
+        """Install a new snapshot: stop running queues, re-translate rings, restart them at
+        their stopped indices, then unmap the regions the new snapshot no longer uses."""
+        old = self._memory
+        self._stop_all()
+        self._memory = new
+        errors = []
+        for q in self._queues:
+            if q.addr is not None and q.size:
+                try:
+                    q.host = self._translate(new, q.size, q.addr)
+                except GuestMemoryError as e:
+                    q.host = None
+                    errors.append(f"queue {q.index} rings do not translate in the new table: {e}")
+            else:
+                q.host = None
+        try:
+            self._reconcile_all()
+        except RequestError as e:
+            errors.append(str(e))
+        keep = {id(r) for r in new.regions}
+        for r in old.regions:
+            if id(r) not in keep:
+                r.unmap()
+        if errors:
+            raise RequestError("; ".join(errors))
+
+    def _map(self, fd: int, region) -> MappedRegion:
+        return MappedRegion.map(fd, region.guest_addr, region.size, region.user_addr,
+                                region.mmap_offset)
+
+    # -- handlers: each returns the reply payload (replying requests) or None ------------------
+
+    def _get_features(self, msg, body):
+        return u64(self.offered_features)
+
+    def _set_features(self, msg, body):
+        value = body.value
+        extra = value & ~self.offered_features
+        if extra:
+            raise RequestError(f"features {extra:#x} were not offered")
+        self._features = value
+        self.device.ack_features(value)
+        # Running workers latched EVENT_IDX etc. at start: restart them with the new set.
+        for q in self._queues:
+            if q.running and q.run_features != value:
+                self._stop(q)
+        self._reconcile_all()
+
+    def _set_owner(self, msg, body):
+        self._owner = True
+
+    def _reset_owner(self, msg, body):
+        self._reset_queues()
+        self._owner = False
+
+    def _reset_device_req(self, msg, body):
+        self._reset_queues()
+
+    def _get_protocol_features(self, msg, body):
+        return u64(int(self.offered_protocol_features))
+
+    def _set_protocol_features(self, msg, body):
+        value = body.value
+        extra = value & ~int(self.offered_protocol_features)
+        if extra:
+            raise RequestError(f"protocol features {extra:#x} were not offered")
+        self._protocol_features = ProtocolFeature(value)
+
+    def _get_queue_num(self, msg, body):
+        return u64(len(self._queues))
+
+    def _get_max_mem_slots(self, msg, body):
+        return u64(MAX_MEM_SLOTS)
+
+    def _set_vring_num(self, msg, body):
+        q = self._queue_for(body.index)
+        num = body.num
+        limit = min(int(self.device.max_queue_size), virtio.MAX_QUEUE_SIZE)
+        if not _is_pow2(num) or num > limit:
+            raise RequestError(f"queue {q.index} size {num} is not a power of two <= {limit}")
+        if q.running:
+            raise RequestError(f"queue {q.index} is running")
+        host = q.host
+        if q.addr is not None and len(self._memory):
+            try:
+                host = self._translate(self._memory, num, q.addr)
+            except GuestMemoryError as e:
+                raise RequestError(f"queue {q.index} rings do not fit size {num}: {e}") from None
+        q.size, q.host = num, host
+        self._reconcile(q)
+
+    def _set_vring_addr(self, msg, body):
+        q = self._queue_for(body.index)
+        if body.flags & VRING_ADDR_F_LOG:
+            self._log_once(f"SET_VRING_ADDR: queue {q.index} asks for dirty logging, which "
+                           "was not offered; ignored")
+        addr = (body.descriptor, body.used, body.available)
+        host = None
+        if q.size and len(self._memory):
+            try:
+                host = self._translate(self._memory, q.size, addr)
+            except GuestMemoryError as e:
+                raise RequestError(f"queue {q.index}: {e}") from None
+        if q.running:
+            self._stop(q)
+        q.addr, q.host = addr, host
+        self._reconcile(q)
+
+    def _set_vring_base(self, msg, body):
+        q = self._queue_for(body.index)
+        if q.running:
+            raise RequestError(f"queue {q.index} is running")
+        q.base = body.num
+
+    def _get_vring_base(self, msg, body):
+        try:
+            q = self._queue_for(body.index)
+        except RequestError as e:
+            raise ProtocolClosed(f"GET_VRING_BASE: {e}") from None
+        base = self._stop(q)
+        q.started = False
+        return VringState.build(dict(index=q.index, num=base))
+
+    def _set_vring_fd(self, msg, body):
+        value = body.value
+        q = self._queue_for(value & VRING_IDX_MASK)
+        nofd = bool(value & VRING_NOFD_MASK)
+        msg.expect_fds(0 if nofd else 1)
+        fd = -1 if nofd else msg.take_fd()
+        attr = {FrontendReq.SET_VRING_KICK: "kick_fd", FrontendReq.SET_VRING_CALL: "call_fd",
+                FrontendReq.SET_VRING_ERR: "err_fd"}[msg.request]
+        if q.running:          # the worker polls the old fd: stop it before closing that
+            self._stop(q)
+        _close(getattr(q, attr))
+        setattr(q, attr, fd)
+        if msg.request == FrontendReq.SET_VRING_KICK:
+            q.started = True
+            if q.size == 0 or q.host is None:
+                log.debug("%squeue %d kicked before its rings are set; it starts when they are",
+                          self._prefix, q.index)
+        elif msg.request == FrontendReq.SET_VRING_CALL:
+            q.signal_call = fd >= 0
+        self._reconcile(q)
+
+    def _set_vring_enable(self, msg, body):
+        q = self._queue_for(body.index)
+        q.enabled = bool(body.num)
+        self._reconcile(q)
+
+    def _set_backend_req_fd(self, msg, body):
+        msg.expect_fds(1)
+        # BACKEND_REQ is not offered, so nothing is ever sent on it; kept for the connection's
+        # lifetime all the same (closing it would look like a dead channel to the frontend).
+        _close(self._backend_req_fd)
+        self._backend_req_fd = msg.take_fd()
+
+    def _set_vring_endian(self, msg, body):
+        raise RequestError("rings are always little-endian (VERSION_1 only)")
+
+    def _not_offered_log(self, msg, body):
+        raise RequestError("dirty-page logging was not offered")
+
+    def _get_config(self, msg, body):
+        offset, size, flags = body.offset, body.size, body.flags
+        try:
+            if offset + size > MAX_CONFIG_SIZE:
+                raise ValueError(f"offset {offset} + size {size} beyond {MAX_CONFIG_SIZE}")
+            data = bytes(self.device.get_config(offset, size))
+            if len(data) != size:
+                raise ValueError(f"device returned {len(data)} bytes, asked {size}")
+        except Exception as e:
+            # libvhost-user's convention, which QEMU detects: a reply of size 0 is a failure.
+            self._log_once(f"GET_CONFIG offset {offset} size {size}: {e}")
+            return b""
+        return Config.build(dict(offset=offset, size=size, flags=flags, payload=data))
+
+    def _set_config(self, msg, body):
+        if body.offset + body.size > MAX_CONFIG_SIZE:
+            raise RequestError(f"offset {body.offset} + size {body.size} beyond "
+                               f"{MAX_CONFIG_SIZE}")
+        if body.flags & ~CONFIG_FLAG_MIGRATION:
+            raise RequestError(f"unknown flags {body.flags:#x}")
+        self.device.set_config(body.offset, bytes(body.payload))
+
+    def _set_mem_table(self, msg, body):
+        msg.expect_fds(body.num_regions)
+        mapped = []
+        try:
+            for region, fd in zip(body.regions, msg.fds):
+                mapped.append(self._map(fd, region))
+            new = GuestMemory(mapped)
+        except GuestMemoryError:
+            for r in mapped:
+                r.unmap()
+            raise
+        finally:
+            for fd in msg.fds:          # mapped (or failed): the fds are not needed any more
+                _close(fd)
+            msg.fds = []
+        self._change_memory(new)
+
+    def _add_mem_reg(self, msg, body):
+        msg.expect_fds(1)
+        region = body.region
+        for r in self._memory.regions:
+            if (r.guest_addr, r.size, r.user_addr, r.mmap_offset) == (
+                    region.guest_addr, region.size, region.user_addr, region.mmap_offset):
+                return          # QEMU may re-add a region it already sent: nothing to do
+        if len(self._memory) >= MAX_MEM_SLOTS:
+            raise RequestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        fd = msg.take_fd()
+        try:
+            new_region = self._map(fd, region)
+        finally:
+            _close(fd)
+        try:
+            new = self._memory.with_region(new_region)
+        except GuestMemoryError:
+            new_region.unmap()
+            raise
+        self._change_memory(new)
+
+    def _rem_mem_reg(self, msg, body):
+        region = body.region      # an fd may ride along (QEMU sends one): closed by dispatch
+        new, _removed = self._memory.without_region(region.guest_addr, region.size,
+                                                    region.user_addr)
+        self._change_memory(new)
+
+    def _set_status(self, msg, body):
+        self._status = body.value & 0xFF
+
+    def _get_status(self, msg, body):
+        return u64(self._status)
+
+    # -- end of connection --------------------------------------------------------------------
+
+    def connection_lost(self, exc: BaseException | None = None) -> None:
+        """The frontend is gone: stop all queues, reset the device, unmap memory, close every fd
+        kept.  Idempotent; the object is dead afterwards."""
+        if self._dead:
+            return
+        self._dead = True
+        try:
+            self._stop_all()
+            try:
+                self.device.reset()
+            except Exception as e:
+                log.warning("%sdevice reset failed: %s: %s", self._prefix, type(e).__name__, e)
+        finally:
+            for q in self._queues:
+                q.close_fds()
+                q.host = None
+            self._memory.unmap_all()
+            self._memory = GuestMemory()
+            _close(self._backend_req_fd)
+            self._backend_req_fd = -1
+            for fd in self._pending_fds:
+                _close(fd)
+            self._pending_fds = []
+            self._buf.clear()
+            self._header = None

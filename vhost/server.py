@@ -1,0 +1,333 @@
+"""server.py: asyncio glue only; the only module that touches sockets or the event loop.
+
+Listens on a Unix stream socket (`--socket-path`, created 0600, a stale socket file replaced) or
+an inherited listening socket (`--fd`), serves one frontend connection at a time (vhost-user is
+1:1), and for each connection runs a fresh `BackendProtocol`: the connection socket is
+non-blocking and read in a `loop.add_reader` callback with `socket.recv_fds`, exactly one header
+and then exactly one payload at a time so that SCM_RIGHTS fds attach to the right message; the
+protocol's replies are written back on the same socket.  EOF, a read/write error or
+`ProtocolClosed` ends the connection (`protocol.connection_lost()`) and the next one is accepted.
+
+`run(coro_factory)` runs a coroutine on uvloop (when importable) or asyncio and turns SIGTERM /
+SIGINT into a clean, quick exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+
+from protocols.vhost_user import MAX_FDS
+
+from .protocol import BackendProtocol, ProtocolClosed
+
+log = logging.getLogger("pyvhost.server")
+
+# A frontend that stops reading its replies for this long is dropped.
+SEND_TIMEOUT = 10.0
+# Reads handled per readiness callback before yielding to the loop.
+READS_PER_CALLBACK = 64
+LISTEN_BACKLOG = 4
+
+
+class ServerError(Exception):
+    """The server cannot start (bad socket path, bad inherited fd)."""
+
+
+def _is_device(obj) -> bool:
+    return hasattr(obj, "start_queue") and hasattr(obj, "stop_queue")
+
+
+def _peer_description(conn: socket.socket) -> str:
+    try:
+        pid, uid, gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"pid {pid}, uid {uid}"
+    except OSError:
+        return "peer unknown"
+
+
+def _send_all(conn: socket.socket, data: bytes) -> None:
+    """sendall for a non-blocking socket: replies are tiny, but never spin or drop them."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = conn.send(view)
+        except (BlockingIOError, InterruptedError):
+            _, writable, _ = select.select([], [conn], [], SEND_TIMEOUT)
+            if not writable:
+                raise TimeoutError("the frontend does not read its replies") from None
+            continue
+        view = view[sent:]
+
+
+def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """Listen at `path` (mode 0600).  A stale socket file is replaced; a socket someone still
+    listens on, or any other kind of file, is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass                                    # stale: nobody listens any more
+        except BlockingIOError:
+            raise ServerError(f"{path}: another process is listening on it") from None
+        except OSError as e:
+            raise ServerError(f"{path}: cannot check the existing socket: {e}") from None
+        else:
+            raise ServerError(f"{path}: another process is listening on it")
+        finally:
+            probe.close()
+        log.info("replacing stale socket %s", path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise ServerError(f"cannot bind {path}: {e}") from None
+    finally:
+        os.umask(old_umask)
+    sock.listen(LISTEN_BACKLOG)
+    st = os.stat(path)
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _adopt_listen_fd(fd: int) -> socket.socket:
+    """Take over an inherited listening stream socket (we own and close it from now on)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ServerError(f"--fd {fd}: not a usable socket: {e}") from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ServerError(f"--fd {fd}: not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ServerError(f"--fd {fd}: socket is not listening")
+    except (ServerError, OSError) as e:
+        sock.detach()
+        if isinstance(e, ServerError):
+            raise
+        raise ServerError(f"--fd {fd}: {e}") from None
+    return sock
+
+
+class Server:
+    """Accepts one frontend at a time and runs a BackendProtocol per connection.
+
+    `device_factory_or_device` is either a Device (reused across connections; the protocol
+    resets it at every disconnect) or a zero-argument callable returning a Device per
+    connection.  `on_ready(server)` (plain or async) is called once the socket listens.
+    """
+
+    def __init__(self, device_factory_or_device, *, socket_path: str | None = None,
+                 listen_fd: int | None = None, on_ready=None):
+        if (socket_path is None) == (listen_fd is None):
+            raise ValueError("exactly one of socket_path and listen_fd is required")
+        self._device_source = device_factory_or_device
+        self.socket_path = socket_path
+        self.listen_fd = listen_fd
+        self._on_ready = on_ready
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self.connections = 0            # connections accepted so far
+        self.protocol: BackendProtocol | None = None    # the current connection's, if any
+
+    def _device(self):
+        src = self._device_source
+        return src if _is_device(src) else src()
+
+    def stop(self) -> None:
+        """Stop serving (thread-safe): the current connection is dropped, serve returns."""
+        self._stopping = True
+        loop, task = self._loop, self._task
+        if loop is None or task is None:
+            return
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:        # loop already closed: nothing left to stop
+            pass
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop, self._task = loop, asyncio.current_task()
+        identity = None
+        if self.socket_path is not None:
+            listener, identity = _bind_unix(self.socket_path)
+            where = self.socket_path
+        else:
+            listener = _adopt_listen_fd(self.listen_fd)
+            where = f"fd {self.listen_fd}"
+        listener.setblocking(False)
+        log.info("listening on %s", where)
+        try:
+            if self._stopping:
+                return
+            if self._on_ready is not None:
+                result = self._on_ready(self)
+                if inspect.isawaitable(result):
+                    await result
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                await self._serve_connection(loop, conn)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        finally:
+            listener.close()
+            if identity is not None:
+                try:
+                    st = os.stat(self.socket_path)
+                    if (st.st_dev, st.st_ino) == identity:
+                        os.unlink(self.socket_path)
+                except OSError:
+                    pass
+            log.info("stopped listening on %s", where)
+
+    async def _serve_connection(self, loop, conn: socket.socket) -> None:
+        self.connections += 1
+        peer = _peer_description(conn)
+        conn.setblocking(False)
+        protocol = None
+        reason = "stopped"
+        try:
+            protocol = BackendProtocol(self._device(), name=f"connection {self.connections}")
+            self.protocol = protocol
+            log.info("frontend connected (%s)", peer)
+            done = loop.create_future()
+            loop.add_reader(conn.fileno(), self._on_readable, conn, protocol, done)
+            try:
+                reason = await done
+            finally:
+                loop.remove_reader(conn.fileno())
+        finally:
+            if protocol is not None:
+                try:
+                    protocol.connection_lost()
+                except Exception:
+                    log.exception("connection cleanup failed")
+                log.info("frontend disconnected (%s): %s", peer, reason)
+            self.protocol = None
+            conn.close()
+
+    @staticmethod
+    def _on_readable(conn: socket.socket, protocol: BackendProtocol, done) -> None:
+        if done.done():
+            return
+        for _ in range(READS_PER_CALLBACK):
+            try:
+                data, fds, flags, _ = socket.recv_fds(conn, protocol.next_read_size, MAX_FDS,
+                                                      socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                done.set_result(f"read error: {e}")
+                return
+            if flags & socket.MSG_CTRUNC or not data:
+                for fd in fds:
+                    os.close(fd)
+                done.set_result("file descriptors were truncated" if data else "EOF")
+                return
+            try:
+                replies = protocol.receive(data, fds)
+            except ProtocolClosed as e:
+                done.set_result(f"protocol error: {e}")
+                return
+            except Exception as e:     # BackendProtocol promises not to; never kill the loop
+                log.exception("protocol failure")
+                done.set_result(f"internal error: {type(e).__name__}: {e}")
+                return
+            try:
+                for reply in replies:
+                    _send_all(conn, reply)
+            except OSError as e:
+                done.set_result(f"write error: {e}")
+                return
+
+
+async def serve(device_factory_or_device, *, socket_path: str | None = None,
+                listen_fd: int | None = None, on_ready=None) -> None:
+    """Serve frontends until stopped (`server.stop()`, task cancellation, SIGTERM via run).
+    `on_ready(server)` is called with the Server once the socket listens."""
+    server = Server(device_factory_or_device, socket_path=socket_path, listen_fd=listen_fd,
+                    on_ready=on_ready)
+    await server.serve_forever()
+
+
+def default_loop_name() -> str:
+    name = os.environ.get("PYVHOST_LOOP")
+    if name:
+        return name
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def new_event_loop(loop_name: str | None = None) -> asyncio.AbstractEventLoop:
+    name = loop_name or default_loop_name()
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    if name == "asyncio":
+        return asyncio.new_event_loop()
+    raise ValueError(f"unknown event loop {name!r} (expected 'uvloop' or 'asyncio')")
+
+
+def run(coro_factory, loop_name: str | None = None):
+    """Run `coro_factory()` to completion on the selected loop (PYVHOST_LOOP, else uvloop when
+    importable, else asyncio).  SIGTERM/SIGINT cancel it and run returns None (exit 0); signal
+    handlers are only installed when called from the main thread."""
+    name = loop_name or default_loop_name()
+    loop = new_event_loop(name)
+    log.debug("event loop: %s", name)
+    signalled = []
+    installed = []
+    try:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(coro_factory())
+
+        def on_signal(signum):
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            signalled.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, on_signal, signum)
+                installed.append(signum)
+            except (ValueError, RuntimeError, NotImplementedError):
+                pass
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if signalled:
+                return None
+            raise
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
