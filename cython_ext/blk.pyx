@@ -182,6 +182,7 @@ ctypedef struct blk_ctx_t:
     int nslots
     int free_head
     int inflight
+    int max_inflight             # high-water mark of requests in the io_uring at once
     uint64_t pending_used        # pushed but not yet published
     uint64_t requests
     uint64_t bytes_read
@@ -502,6 +503,8 @@ cdef int queue_sqe(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
         sqe.addr = s.nbytes
         sqe.len = s.falloc_mode
     ctx.inflight += 1
+    if ctx.inflight > ctx.max_inflight:
+        ctx.max_inflight = ctx.inflight
     return 0
 
 
@@ -823,5 +826,6 @@ cdef class BlkQueueWorker:
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
             uring_enters=c.uring_enters, buffered_fallbacks=c.buffered_fallbacks,
             broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
+            max_inflight=c.max_inflight,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})

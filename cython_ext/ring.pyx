@@ -281,10 +281,12 @@ cdef void vq_disable_kick(vq_t *vq) noexcept nogil:
         vq_store_u16(vq.used, flags | USED_F_NO_NOTIFY)
 
 
-cdef size_t chain_copy_from(chain_t *c, size_t offset, void *dst, size_t n) noexcept nogil:
-    """Gather up to n bytes starting at byte `offset` of the chain into dst."""
+cdef inline size_t _chain_copy(chain_t *c, size_t offset, uint8_t *buf, size_t n,
+                               bint into_chain) noexcept nogil:
+    """Copy n bytes between buf and the chain's byte stream starting at `offset`."""
     cdef size_t done = 0, take, l
     cdef int k
+    cdef uint8_t *seg
     for k in range(c.nsegs):
         if done == n:
             break
@@ -295,30 +297,24 @@ cdef size_t chain_copy_from(chain_t *c, size_t offset, void *dst, size_t n) noex
         take = l - offset
         if take > n - done:
             take = n - done
-        memcpy(<uint8_t *>dst + done, <uint8_t *>c.segs[k].iov_base + offset, take)
+        seg = <uint8_t *>c.segs[k].iov_base + offset
+        if into_chain:
+            memcpy(seg, buf + done, take)
+        else:
+            memcpy(buf + done, seg, take)
         done += take
         offset = 0
     return done
+
+
+cdef size_t chain_copy_from(chain_t *c, size_t offset, void *dst, size_t n) noexcept nogil:
+    """Gather up to n bytes starting at byte `offset` of the chain into dst."""
+    return _chain_copy(c, offset, <uint8_t *>dst, n, False)
 
 
 cdef size_t chain_copy_to(chain_t *c, size_t offset, const void *src, size_t n) noexcept nogil:
     """Scatter up to n bytes into the chain starting at byte `offset`."""
-    cdef size_t done = 0, take, l
-    cdef int k
-    for k in range(c.nsegs):
-        if done == n:
-            break
-        l = c.segs[k].iov_len
-        if offset >= l:
-            offset -= l
-            continue
-        take = l - offset
-        if take > n - done:
-            take = n - done
-        memcpy(<uint8_t *>c.segs[k].iov_base + offset, <const uint8_t *>src + done, take)
-        done += take
-        offset = 0
-    return done
+    return _chain_copy(c, offset, <uint8_t *>src, n, True)
 
 
 def regions_from_table(bytes table):

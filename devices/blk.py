@@ -223,12 +223,16 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         sys.stderr.write(f"pyvhost-blk: error: {e}\n")
         return 1
-    log.info("serving %s (%d sectors%s, %d queue%s) on %s", args.blk_file, dev.capacity,
-             ", read-only" if args.read_only else "", args.num_queues,
-             "s" if args.num_queues > 1 else "",
-             args.socket_path if args.socket_path else f"fd {args.fd}")
+    where = args.socket_path if args.socket_path else f"fd {args.fd}"
+
+    def ready(_server):
+        log.info("serving %s (%d sectors%s, %d queue%s) on %s", args.blk_file, dev.capacity,
+                 ", read-only" if args.read_only else "", args.num_queues,
+                 "s" if args.num_queues > 1 else "", where)
+
     try:
-        server.run(lambda: server.serve(dev, socket_path=args.socket_path, listen_fd=args.fd),
+        server.run(lambda: server.serve(dev, socket_path=args.socket_path, listen_fd=args.fd,
+                                        on_ready=ready),
                    loop_name=args.loop)
     except (server.ServerError, OSError) as e:
         sys.stderr.write(f"pyvhost-blk: error: {e}\n")
