@@ -28,5 +28,5 @@ def ext(name):
                      define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"])
 
 
-setup(ext_modules=cythonize([ext("ring"), ext("blk")], compiler_directives=directives,
+setup(ext_modules=cythonize([ext("ring"), ext("blk"), ext("net")], compiler_directives=directives,
                             include_path=["cython_ext"]))

@@ -38,6 +38,12 @@ static inline void uq_store_release_u32(void *p, uint32_t v) {
     __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
 }
 
+/* Counters bumped by several worker threads (a switch port's rx side is written by every
+ * sender): relaxed atomics, so no increment is lost. */
+static inline void stat_add(uint64_t *counter, uint64_t n) {
+    __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
 /* The descriptor is copied out of guest memory once, so a guest rewriting it concurrently
  * cannot make us validate one value and use another. */
 static inline void vq_copy16(void *dst, const void *src) {

@@ -100,5 +100,54 @@ def parse_blk(argv=None) -> argparse.Namespace:
     return args
 
 
+def net_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvhost-net", description="vhost-user-net backend (tap or L2 switch)")
+    p.add_argument("--socket-path", metavar="PATH", action="append",
+                   help="listen on this Unix socket (repeat for several --switch ports)")
+    p.add_argument("--fd", type=int, metavar="FDNUM", help="inherited listening socket fd")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the backend's capabilities as JSON and exit")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--tap", metavar="NAME", help="tap device (created if missing); with "
+                   "--switch: an uplink port of the switch")
+    p.add_argument("--switch", metavar="NAME", help="join the sockets by an in-process "
+                   "learning L2 switch")
+    p.add_argument("--mac", metavar="MAC", help="MAC offered to the guest (config space)")
+    p.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
+    p.add_argument("--mtu", type=_positive, default=1500, metavar="N")
+    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N")
+    p.add_argument("--mac-ageing", type=float, default=300.0, metavar="SECONDS",
+                   help="forget learned MACs after this long (default 300, as Linux bridges)")
+    return p
+
+
+NET_CAPABILITIES = {"type": "net", "features": ["tap", "switch", "mq", "mtu"]}
+
+
+def parse_net(argv=None) -> argparse.Namespace:
+    p = net_parser()
+    args = p.parse_args(argv)
+    if args.print_capabilities:
+        return args
+    if (not args.socket_path) == (args.fd is None):
+        p.error("exactly one of --socket-path and --fd is required")
+    if not args.tap and not args.switch:
+        p.error("one of --tap and --switch is required")
+    if not args.switch and args.socket_path and len(args.socket_path) > 1:
+        p.error("several --socket-path need --switch")
+    if args.queues > 16:
+        p.error("--queues must be at most 16")
+    if not 68 <= args.mtu <= 65521:
+        p.error("--mtu must be 68..65521")
+    q = args.queue_size
+    if q & (q - 1) or q > 32768:
+        p.error("--queue-size must be a power of two no larger than 32768")
+    if args.mac_ageing <= 0:
+        p.error("--mac-ageing must be positive")
+    return args
+
+
 def print_capabilities(caps: dict) -> None:
     print(json.dumps(caps))

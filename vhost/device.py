@@ -75,6 +75,14 @@ class Device(abc.ABC):
         """Stop the worker for `index`, completing in-flight requests first; return the next
         avail index to process (the value GET_VRING_BASE reports)."""
 
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (net devices with protocol feature NET_MTU)."""
+        raise ValueError("this device has no MTU")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: announce `mac` on the device's network (net devices, protocol feature RARP)."""
+        raise ValueError("this device cannot send RARP")
+
     def queue_stats(self, index: int) -> dict:
         return {}
 

@@ -73,7 +73,8 @@ MAX_MEM_SLOTS = 32
 # Protocol features this state machine implements; a device's wish list is masked with it.
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
-    | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS)
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS
+    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP)
 # Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
 ACK_FAILURE = 1
 # Distinct error causes logged per connection before the rest are suppressed.
@@ -235,6 +236,8 @@ class BackendProtocol:
             FrontendReq.REM_MEM_REG: self._rem_mem_reg,
             FrontendReq.SET_STATUS: self._set_status,
             FrontendReq.GET_STATUS: self._get_status,
+            FrontendReq.NET_SET_MTU: self._net_set_mtu,
+            FrontendReq.SEND_RARP: self._send_rarp,
         }
 
     # -- read-only state ----------------------------------------------------------------------
@@ -738,6 +741,18 @@ class BackendProtocol:
 
     def _get_status(self, msg, body):
         return u64(self._status)
+
+    def _net_set_mtu(self, msg, body):
+        # Only sent when NET_MTU was negotiated; the device decides what it accepts.
+        if not self._protocol_features & ProtocolFeature.NET_MTU:
+            raise RequestError("NET_SET_MTU without protocol feature NET_MTU")
+        self.device.set_mtu(body.value)
+
+    def _send_rarp(self, msg, body):
+        # The u64 carries the guest's MAC in its first 6 bytes (live migration announce).
+        if not self._protocol_features & ProtocolFeature.RARP:
+            raise RequestError("SEND_RARP without protocol feature RARP")
+        self.device.send_rarp(body.value.to_bytes(8, "little")[:6])
 
     # -- end of connection --------------------------------------------------------------------
 

@@ -1,0 +1,941 @@
+# cython: language_level=3
+"""net.pyx: virtio-net queue workers (virtio 1.2 §5.1) and the in-process L2 switch, GIL released.
+
+Owns: tx (pop a chain, check it, writev the virtio_net_hdr + frame straight from guest memory to a
+tap, or copy it once into the destination guest's rx buffers through the switch), rx (a frame
+read from a tap, or handed over by the switch, copied into guest rx buffers, honouring
+MRG_RXBUF / num_buffers), the switch's MAC table (learning, ageing, flooding, no hairpin), the
+per-port counters, and offload compatibility between ports (GSO only to ports that accept it;
+NEEDS_CSUM resolved in software for ports without GUEST_CSUM).
+Must not: create Python objects per packet (Python is entered only to log a fault,
+rate-limited), block anywhere but poll(2), or touch memory outside the region tables (all guest
+buffers come from ring.pyx's checked segments).
+
+Locking: a port's rx queue can be written by several threads (every other port's tx worker and
+the uplink reader), so each rx queue has a mutex held while a frame is delivered and while the
+queue is attached/detached.  The MAC table has one mutex.  A tx queue belongs to one worker.
+"""
+import logging
+import os
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int16_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memset, memcpy, memcmp
+from libc.errno cimport errno, EAGAIN, EINTR
+from posix.unistd cimport read, write, close
+from posix.uio cimport iovec
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from cython_ext.ring cimport *
+
+log = logging.getLogger("pyvhost.net")
+
+cdef extern from "vhost_compat.h" nogil:
+    void stat_add(uint64_t *counter, uint64_t n)
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_CLOEXEC
+        EFD_NONBLOCK
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+cdef enum:
+    MAX_PORTS = 64
+    MAX_PAIRS = 16
+    MAC_TABLE_SIZE = 4096          # power of two; open addressing
+    MAC_PROBE = 16
+    HDR_MAX = 12
+    HDR_BASE = 10                  # flags .. csum_offset, common to both header sizes
+    # 64 KiB of IP payload + Ethernet/VLAN header: the largest GSO frame (virtio_net.py)
+    MAX_FRAME = 65536 + 18
+    ETH_HLEN = 14
+    BATCH = 256                    # frames per pass before publishing used entries
+    PORT_VHOST = 1
+    PORT_TAP = 2
+    GSO_NONE = 0
+    GSO_TCPV4 = 1
+    GSO_UDP = 3
+    GSO_TCPV6 = 4
+    GSO_UDP_L4 = 5
+    GSO_ECN = 0x80
+    NEEDS_CSUM = 1
+    DELIVER_OK = 0
+    DELIVER_NO_ROOM = 1
+    DELIVER_DROPPED = 2
+
+# counters per port (index into port_t.stats)
+cdef enum:
+    ST_TX_PACKETS = 0      # frames the port sent (guest tx / read from tap)
+    ST_TX_BYTES = 1
+    ST_TX_DROPPED = 2      # bad tx chains, unwritable tap
+    ST_RX_PACKETS = 3      # frames delivered to the port (guest rx / written to tap)
+    ST_RX_BYTES = 4
+    ST_RX_NO_ROOM = 5      # dropped: no rx buffers in the guest
+    ST_RX_OFFLOAD = 6      # dropped: GSO frame the port cannot take
+    ST_RX_TOO_SMALL = 7    # dropped: rx buffer too small (no MRG_RXBUF)
+    ST_RX_FAULT = 8        # dropped: bad rx chain
+    ST_HAIRPIN = 9         # frames whose learned destination is their source port
+    NUM_STATS = 10
+
+STAT_NAMES = ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes",
+              "rx_dropped_no_room", "rx_dropped_offload", "rx_dropped_too_small",
+              "rx_dropped_fault", "hairpin_filtered")
+
+ctypedef struct rxq_t:
+    pthread_mutex_t lock
+    bint active
+    vq_t vq
+    chain_t *chain
+    uint16_t *heads
+    uint32_t *lens
+    uint64_t pending_used
+
+ctypedef struct port_t:
+    bint used
+    int kind
+    int index
+    int npairs
+    int hdr_len                     # 10 or 12, from the negotiated features
+    bint mrg_rxbuf
+    bint guest_csum
+    bint guest_tso4
+    bint guest_tso6
+    bint guest_ufo
+    bint guest_ecn
+    int tap_fd                      # PORT_TAP: fd frames to this port are written to
+    rxq_t rx[MAX_PAIRS]
+    uint64_t stats[NUM_STATS]
+
+ctypedef struct mac_entry_t:
+    uint8_t mac[6]
+    int16_t port
+    uint8_t used
+    uint64_t seen_ms
+
+ctypedef struct switch_t:
+    pthread_mutex_t lock
+    port_t *ports[MAX_PORTS]
+    mac_entry_t table[MAC_TABLE_SIZE]
+    uint64_t ageing_ms
+    uint64_t flooded
+    uint64_t unicast
+    uint64_t learned
+
+
+
+cdef inline uint64_t now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>ts.tv_nsec // 1000000
+
+
+cdef void note_fault(vq_t *vq, int qindex, int code) noexcept nogil:
+    cdef uint64_t n
+    vq.faults[code] += 1
+    n = vq.faults[code]
+    if n == 1 or (n >= 1024 and (n & (n - 1)) == 0):
+        with gil:
+            from cython_ext.ring import FAULT_NAMES
+            log.warning("queue %d: frame dropped: %s (%d so far)", qindex,
+                        FAULT_NAMES.get(code, code), n)
+
+
+# --- frames ---------------------------------------------------------------------------------------
+
+ctypedef struct frame_t:
+    uint8_t hdr[HDR_MAX]           # the sender's virtio_net_hdr (first HDR_BASE bytes used)
+    iovec *iov                     # the frame (after the header)
+    int niov
+    size_t len
+
+
+cdef inline int frame_from_chain(chain_t *c, int hdr_len, frame_t *f) noexcept nogil:
+    """View a tx chain as header + frame without copying the frame.  Returns an F_* code."""
+    cdef size_t skip
+    cdef int k
+    if c.fault != F_NONE:
+        return c.fault
+    if c.nreadable != c.nsegs:
+        return F_ORDER                       # tx buffers are device-readable only
+    if c.total_len <= <uint64_t>hdr_len or c.total_len > <uint64_t>(hdr_len + MAX_FRAME):
+        return F_REQUEST
+    memset(f.hdr, 0, HDR_MAX)
+    chain_copy_from(c, 0, f.hdr, hdr_len)
+    skip = hdr_len
+    k = 0
+    while skip >= c.segs[k].iov_len:
+        skip -= c.segs[k].iov_len
+        k += 1
+    c.segs[k].iov_base = <uint8_t *>c.segs[k].iov_base + skip
+    c.segs[k].iov_len -= skip
+    f.iov = &c.segs[k]
+    f.niov = c.nsegs - k
+    f.len = c.total_len - hdr_len
+    return F_NONE
+
+
+cdef inline uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t n, bint odd) noexcept nogil:
+    """Ones'-complement sum of big-endian 16-bit words (RFC 1071); `odd` says p starts at an odd
+    offset of the summed range."""
+    cdef size_t i = 0
+    if odd and n:
+        sum += p[0]
+        i = 1
+    while i + 1 < n:
+        sum += (<uint32_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        sum += <uint32_t>p[i] << 8
+    return sum
+
+
+cdef bint frame_checksum(frame_t *f, uint16_t *out) noexcept nogil:
+    """Resolve VIRTIO_NET_HDR_F_NEEDS_CSUM in software: sum from csum_start to the end."""
+    cdef uint16_t start = (<uint16_t *>(f.hdr + 6))[0]
+    cdef uint32_t sum = 0
+    cdef size_t off = 0, l, s
+    cdef int k
+    cdef bint odd = False
+    if start >= f.len:
+        return False
+    for k in range(f.niov):
+        l = f.iov[k].iov_len
+        if off + l > start:
+            s = start - off if start > off else 0
+            sum = csum_add(sum, <uint8_t *>f.iov[k].iov_base + s, l - s, odd)
+            odd = odd ^ ((l - s) & 1)
+        off += l
+    while sum >> 16:
+        sum = (sum & 0xFFFF) + (sum >> 16)
+    out[0] = <uint16_t>(~sum & 0xFFFF)
+    return True
+
+
+cdef int check_offloads(port_t *dst, frame_t *f) noexcept nogil:
+    """0 if dst can take f as it is, 1 if it needs a software checksum, -1 if it cannot."""
+    cdef uint8_t gso = f.hdr[1] & ~(<uint8_t>GSO_ECN)
+    if gso != GSO_NONE:
+        if (gso == GSO_TCPV4 and not dst.guest_tso4) or (gso == GSO_TCPV6 and not dst.guest_tso6) \
+                or ((gso == GSO_UDP or gso == GSO_UDP_L4) and not dst.guest_ufo) \
+                or (gso != GSO_TCPV4 and gso != GSO_TCPV6 and gso != GSO_UDP and gso != GSO_UDP_L4) \
+                or ((f.hdr[1] & GSO_ECN) and not dst.guest_ecn) or not dst.guest_csum:
+            return -1
+        return 0
+    if (f.hdr[0] & NEEDS_CSUM) and not dst.guest_csum:
+        return 1
+    return 0
+
+
+# --- rx: copy a frame into guest buffers ------------------------------------------------------------
+
+cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
+    """Copy header + frame into the guest's rx buffers of q (caller holds q.lock).  Returns
+    DELIVER_OK, DELIVER_NO_ROOM (nothing consumed: the ring is rewound) or DELIVER_DROPPED."""
+    cdef vq_t *vq = &q.vq
+    cdef chain_t *c = q.chain
+    cdef uint8_t hdr[HDR_MAX]
+    cdef size_t total = p.hdr_len + f.len
+    cdef size_t done = 0, cap, n, src_off = 0, take, l
+    cdef int nbufs = 0, r, k, si = 0, csum_mode
+    cdef size_t si_off = 0
+    cdef uint8_t *nb_lo = NULL
+    cdef uint8_t *nb_hi = NULL
+    cdef uint8_t *cs_lo = NULL
+    cdef uint8_t *cs_hi = NULL
+    cdef size_t cs_pos = 0
+    cdef uint16_t csum = 0
+    cdef size_t pos, seg_start
+    cdef uint8_t *dst
+    cdef size_t dl
+
+    csum_mode = check_offloads(p, f)
+    if csum_mode < 0:
+        stat_add(&p.stats[ST_RX_OFFLOAD], 1)
+        return DELIVER_DROPPED
+    memcpy(hdr, f.hdr, HDR_BASE)
+    hdr[10] = 0
+    hdr[11] = 0
+    if csum_mode == 1:
+        if not frame_checksum(f, &csum):
+            stat_add(&p.stats[ST_RX_FAULT], 1)
+            return DELIVER_DROPPED
+        cs_pos = p.hdr_len + (<uint16_t *>(f.hdr + 6))[0] + (<uint16_t *>(f.hdr + 8))[0]
+        hdr[0] = hdr[0] & ~(<uint8_t>NEEDS_CSUM)
+        if cs_pos + 2 > total:
+            stat_add(&p.stats[ST_RX_FAULT], 1)
+            return DELIVER_DROPPED
+    # source byte stream: header (p.hdr_len bytes from hdr[]) then f.iov[]
+    while done < total:
+        if nbufs >= vq.num:
+            r = 0
+        else:
+            r = vq_pop(vq, c)
+        if r != 1:
+            vq.last_avail -= nbufs           # put the buffers back: nothing was published
+            if r < 0:
+                stat_add(&p.stats[ST_RX_FAULT], 1)
+                return DELIVER_DROPPED
+            return DELIVER_NO_ROOM
+        if c.fault != F_NONE or c.nreadable != 0 or c.total_len == 0 \
+                or (nbufs == 0 and c.total_len < <uint64_t>p.hdr_len):
+            # a bad buffer: return it empty, and everything popped for this frame with it
+            note_fault(vq, qindex, c.fault if c.fault != F_NONE else F_ORDER)
+            q.heads[nbufs] = c.head
+            q.lens[nbufs] = 0
+            for k in range(nbufs + 1):
+                vq_push(vq, q.heads[k], 0)
+            q.pending_used += nbufs + 1
+            stat_add(&p.stats[ST_RX_FAULT], 1)
+            return DELIVER_DROPPED
+        if not p.mrg_rxbuf and c.total_len < total:
+            vq.last_avail -= 1               # too small for the frame: leave it for later
+            stat_add(&p.stats[ST_RX_TOO_SMALL], 1)
+            return DELIVER_DROPPED
+        # copy into this chain's segments
+        cap = 0
+        for k in range(c.nsegs):
+            dst = <uint8_t *>c.segs[k].iov_base
+            dl = c.segs[k].iov_len
+            seg_start = done
+            while dl and done < total:
+                if done < <size_t>p.hdr_len:
+                    take = p.hdr_len - done
+                    if take > dl:
+                        take = dl
+                    memcpy(dst, hdr + done, take)
+                    # remember where num_buffers (header bytes 10, 11) lands
+                    if p.hdr_len == 12:
+                        for pos in range(done, done + take):
+                            if pos == 10:
+                                nb_lo = dst + (pos - done)
+                            elif pos == 11:
+                                nb_hi = dst + (pos - done)
+                else:
+                    l = f.iov[si].iov_len - si_off
+                    take = l if l < dl else dl
+                    if take > total - done:
+                        take = total - done
+                    memcpy(dst, <uint8_t *>f.iov[si].iov_base + si_off, take)
+                    if cs_pos and cs_pos + 1 >= done and cs_pos < done + take:
+                        if cs_pos >= done:
+                            cs_lo = dst + (cs_pos - done)
+                        if cs_pos + 1 < done + take:
+                            cs_hi = dst + (cs_pos + 1 - done)
+                    si_off += take
+                    if si_off == f.iov[si].iov_len:
+                        si += 1
+                        si_off = 0
+                dst += take
+                dl -= take
+                done += take
+                cap += take
+            if done == total:
+                break
+        q.heads[nbufs] = c.head
+        q.lens[nbufs] = <uint32_t>cap
+        nbufs += 1
+        if not p.mrg_rxbuf:
+            break
+    if nb_lo != NULL:
+        nb_lo[0] = nbufs & 0xFF
+    if nb_hi != NULL:
+        nb_hi[0] = (nbufs >> 8) & 0xFF
+    if cs_lo != NULL:
+        cs_lo[0] = csum >> 8
+    if cs_hi != NULL:
+        cs_hi[0] = csum & 0xFF
+    for k in range(nbufs):
+        vq_push(vq, q.heads[k], q.lens[k])
+    q.pending_used += nbufs
+    stat_add(&p.stats[ST_RX_PACKETS], 1)
+    stat_add(&p.stats[ST_RX_BYTES], f.len)
+    return DELIVER_OK
+
+
+cdef inline void rxq_flush(rxq_t *q) noexcept nogil:
+    if q.pending_used:
+        vq_publish(&q.vq)
+        vq_notify(&q.vq)
+        q.pending_used = 0
+
+
+cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
+                    uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
+                    const mem_region_t *regions, int nregions) noexcept nogil:
+    cdef int r
+    pthread_mutex_lock(&q.lock)
+    r = vq_init(&q.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
+                regions, nregions)
+    if r == 0:
+        q.chain = <chain_t *>calloc(1, sizeof(chain_t))
+        q.heads = <uint16_t *>calloc(num, sizeof(uint16_t))
+        q.lens = <uint32_t *>calloc(num, sizeof(uint32_t))
+        if q.chain == NULL or q.heads == NULL or q.lens == NULL:
+            r = -1
+        else:
+            q.active = True
+            q.pending_used = 0
+    pthread_mutex_unlock(&q.lock)
+    return r
+
+
+cdef uint16_t rxq_detach(rxq_t *q) noexcept nogil:
+    cdef uint16_t last
+    pthread_mutex_lock(&q.lock)
+    rxq_flush(q)
+    last = q.vq.last_avail
+    q.active = False
+    vq_free(&q.vq)
+    free(q.chain)
+    free(q.heads)
+    free(q.lens)
+    q.chain = NULL
+    q.heads = NULL
+    q.lens = NULL
+    pthread_mutex_unlock(&q.lock)
+    return last
+
+
+# --- the switch -------------------------------------------------------------------------------------
+
+cdef inline uint32_t mac_hash(const uint8_t *mac) noexcept nogil:
+    cdef uint32_t h = 2166136261u
+    cdef int i
+    for i in range(6):
+        h = (h ^ mac[i]) * 16777619u
+    return h & (MAC_TABLE_SIZE - 1)
+
+
+cdef void mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
+    cdef uint32_t h = mac_hash(mac), i
+    cdef mac_entry_t *e
+    cdef mac_entry_t *victim = NULL
+    cdef uint64_t t = now_ms()
+    if mac[0] & 1:
+        return                                # never learn a group address
+    pthread_mutex_lock(&sw.lock)
+    for i in range(MAC_PROBE):
+        e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+        if e.used and memcmp(e.mac, mac, 6) == 0:
+            e.port = port
+            e.seen_ms = t
+            pthread_mutex_unlock(&sw.lock)
+            return
+        if victim == NULL and (not e.used or t - e.seen_ms > sw.ageing_ms):
+            victim = e
+    if victim == NULL:                        # full neighbourhood: replace the oldest
+        victim = &sw.table[h]
+        for i in range(MAC_PROBE):
+            e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+            if e.seen_ms < victim.seen_ms:
+                victim = e
+    memcpy(victim.mac, mac, 6)
+    victim.port = port
+    victim.used = 1
+    victim.seen_ms = t
+    sw.learned += 1
+    pthread_mutex_unlock(&sw.lock)
+
+
+cdef int mac_lookup(switch_t *sw, const uint8_t *mac) noexcept nogil:
+    """Port of `mac`, or -1 (unknown, aged out, or a group address: flood)."""
+    cdef uint32_t h, i
+    cdef mac_entry_t *e
+    cdef int port = -1
+    cdef uint64_t t
+    if mac[0] & 1:
+        return -1
+    h = mac_hash(mac)
+    t = now_ms()
+    pthread_mutex_lock(&sw.lock)
+    for i in range(MAC_PROBE):
+        e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+        if e.used and memcmp(e.mac, mac, 6) == 0:
+            if t - e.seen_ms <= sw.ageing_ms:
+                port = e.port
+            break
+    pthread_mutex_unlock(&sw.lock)
+    return port
+
+
+cdef inline bint frame_mac(frame_t *f, size_t off, uint8_t *mac) noexcept nogil:
+    """Copy 6 bytes at frame offset off (the frame may be scattered)."""
+    cdef size_t pos = 0, l, k2
+    cdef int k, got = 0
+    for k in range(f.niov):
+        l = f.iov[k].iov_len
+        k2 = 0
+        while k2 < l and got < 6:
+            if pos + k2 >= off:
+                mac[got] = (<uint8_t *>f.iov[k].iov_base)[k2]
+                got += 1
+            k2 += 1
+        pos += l
+        if got == 6:
+            return True
+    return False
+
+
+cdef void port_receive(port_t *dst, frame_t *f, int pair) noexcept nogil:
+    """Hand a frame to port dst: written to its tap, or copied into its guest's rx queue (the
+    sender's pair index modulo dst's pairs).  Never blocks on a full ring: drops and counts."""
+    cdef rxq_t *q
+    cdef iovec iov[MAX_SEGS + 1]
+    cdef int k, n
+    cdef ssize_t w
+    if dst.kind == PORT_TAP:
+        if dst.tap_fd < 0:
+            return
+        iov[0].iov_base = f.hdr
+        iov[0].iov_len = dst.hdr_len
+        n = f.niov if f.niov < MAX_SEGS else MAX_SEGS
+        for k in range(n):
+            iov[k + 1] = f.iov[k]
+        w = writev(dst.tap_fd, iov, n + 1)
+        if w < 0:
+            stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
+        else:
+            stat_add(&dst.stats[ST_RX_PACKETS], 1)
+            stat_add(&dst.stats[ST_RX_BYTES], f.len)
+        return
+    if dst.npairs <= 0:
+        stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
+        return
+    q = &dst.rx[pair % dst.npairs]
+    pthread_mutex_lock(&q.lock)
+    if not q.active:
+        stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
+    else:
+        if rx_deliver(q, dst, f, 2 * (pair % dst.npairs)) == DELIVER_NO_ROOM:
+            stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
+        rxq_flush(q)
+    pthread_mutex_unlock(&q.lock)
+
+
+cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair) noexcept nogil:
+    cdef uint8_t dmac[6]
+    cdef uint8_t smac[6]
+    cdef int dst, k
+    cdef port_t *p
+    if f.len < ETH_HLEN or not frame_mac(f, 0, dmac) or not frame_mac(f, 6, smac):
+        stat_add(&sw.ports[src].stats[ST_TX_DROPPED], 1)
+        return
+    mac_learn(sw, smac, src)
+    dst = mac_lookup(sw, dmac)
+    if dst == src:
+        stat_add(&sw.ports[src].stats[ST_HAIRPIN], 1)        # no hairpin
+        return
+    if dst >= 0 and sw.ports[dst] != NULL and sw.ports[dst].used:
+        stat_add(&sw.unicast, 1)
+        port_receive(sw.ports[dst], f, pair)
+        return
+    stat_add(&sw.flooded, 1)
+    for k in range(MAX_PORTS):
+        p = sw.ports[k]
+        if p != NULL and p.used and k != src:
+            port_receive(p, f, pair)
+
+
+# --- workers ----------------------------------------------------------------------------------------
+
+ctypedef struct worker_t:
+    int mode                 # 1: tap pair (tap mode), 2: switch tx, 3: uplink reader
+    int pair
+    int stop_fd
+    # tx side
+    bint has_tx
+    vq_t tx
+    int tx_kick
+    chain_t *chain
+    # rx side (tap mode: the port's rx queue q; switch uplink: none)
+    bint has_rx
+    int rx_kick
+    int tap_fd
+    uint8_t *bounce          # one frame read from the tap: header + frame
+    size_t bounce_len        # > 0 while a frame waits for rx buffers
+    port_t *port
+    switch_t *sw
+    int port_index
+
+
+cdef int tx_pass(worker_t *w) noexcept nogil:
+    """Pop and send up to BATCH frames from the tx queue.  Returns frames popped or -1."""
+    cdef int n = 0, r, f_code
+    cdef frame_t f
+    cdef ssize_t wr
+    cdef port_t *p = w.port
+    while n < BATCH:
+        r = vq_pop(&w.tx, w.chain)
+        if r == 0:
+            break
+        if r < 0:
+            note_fault(&w.tx, 2 * w.pair + 1, F_AVAIL)
+            return -1
+        n += 1
+        f_code = frame_from_chain(w.chain, p.hdr_len, &f)
+        if f_code != F_NONE:
+            note_fault(&w.tx, 2 * w.pair + 1, f_code)
+            stat_add(&p.stats[ST_TX_DROPPED], 1)
+        else:
+            stat_add(&p.stats[ST_TX_PACKETS], 1)
+            stat_add(&p.stats[ST_TX_BYTES], f.len)
+            if w.mode == 1:
+                # tap mode: header + frame straight from guest memory (the tap takes our header)
+                wr = writev(w.tap_fd, w.chain.segs, w.chain.nsegs) if f.niov else -1
+                if wr < 0:
+                    stat_add(&p.stats[ST_TX_DROPPED], 1)
+            else:
+                switch_forward(w.sw, w.port_index, &f, w.pair)
+        vq_push(&w.tx, w.chain.head, 0)
+    if n:
+        vq_publish(&w.tx)
+        vq_notify(&w.tx)
+    return n
+
+
+cdef int tap_rx_pass(worker_t *w) noexcept nogil:
+    """Read frames from the tap and deliver them.  Returns frames delivered; sets
+    w.bounce_len when a frame waits for rx buffers."""
+    cdef int n = 0, r
+    cdef ssize_t got
+    cdef frame_t f
+    cdef iovec one
+    cdef port_t *p = w.port
+    cdef rxq_t *q
+    while n < BATCH:
+        if w.bounce_len == 0:
+            got = read(w.tap_fd, w.bounce, p.hdr_len + MAX_FRAME)
+            if got <= 0:
+                break
+            if got <= p.hdr_len:
+                continue
+            w.bounce_len = got
+        memcpy(f.hdr, w.bounce, p.hdr_len)
+        one.iov_base = w.bounce + p.hdr_len
+        one.iov_len = w.bounce_len - p.hdr_len
+        f.iov = &one
+        f.niov = 1
+        f.len = one.iov_len
+        if w.mode == 3:
+            stat_add(&p.stats[ST_TX_PACKETS], 1)
+            stat_add(&p.stats[ST_TX_BYTES], f.len)
+            switch_forward(w.sw, w.port_index, &f, 0)
+            w.bounce_len = 0
+            n += 1
+            continue
+        q = &p.rx[w.pair]
+        pthread_mutex_lock(&q.lock)
+        if q.active:
+            r = rx_deliver(q, p, &f, 2 * w.pair)
+        else:
+            r = DELIVER_NO_ROOM
+        pthread_mutex_unlock(&q.lock)
+        if r == DELIVER_NO_ROOM:
+            break                            # held, not dropped: retried when buffers come
+        w.bounce_len = 0
+        n += 1
+    if w.mode == 1:
+        q = &p.rx[w.pair]
+        pthread_mutex_lock(&q.lock)
+        if q.active:
+            rxq_flush(q)
+        pthread_mutex_unlock(&q.lock)
+    return n
+
+
+cdef void drain_eventfd(int fd) noexcept nogil:
+    cdef uint64_t v
+    if fd >= 0:
+        read(fd, &v, 8)
+
+
+cdef void worker_loop(worker_t *w) noexcept nogil:
+    cdef pollfd fds[4]
+    cdef int nfds, r, work, tx_idx = -1, tap_idx = -1, rxk_idx = -1
+    cdef bint tx_broken = False, waiting_rx
+    cdef rxq_t *q = NULL
+    if w.mode == 1 and w.has_rx:
+        q = &w.port.rx[w.pair]
+    if w.has_tx:
+        vq_disable_kick(&w.tx)
+    while True:
+        work = 0
+        if w.has_tx and not tx_broken:
+            r = tx_pass(w)
+            if r < 0:
+                tx_broken = True
+            else:
+                work += r
+        if w.mode == 3 or (w.mode == 1 and w.has_rx):
+            work += tap_rx_pass(w)
+        waiting_rx = w.bounce_len > 0
+        if work > 0 and not waiting_rx:
+            continue
+        # about to sleep: ask for kicks, then re-check (§2.7.10)
+        if w.has_tx and not tx_broken and vq_enable_kick(&w.tx):
+            vq_disable_kick(&w.tx)
+            continue
+        if waiting_rx and q != NULL:
+            pthread_mutex_lock(&q.lock)
+            r = q.active and vq_enable_kick(&q.vq)
+            pthread_mutex_unlock(&q.lock)
+            if r:
+                continue
+        nfds = 0
+        fds[nfds].fd = w.stop_fd
+        fds[nfds].events = POLLIN
+        nfds += 1
+        tx_idx = tap_idx = rxk_idx = -1
+        if w.has_tx:
+            tx_idx = nfds
+            fds[nfds].fd = w.tx_kick
+            fds[nfds].events = POLLIN
+            nfds += 1
+        if (w.mode == 3 or (w.mode == 1 and w.has_rx)) and not waiting_rx:
+            tap_idx = nfds
+            fds[nfds].fd = w.tap_fd
+            fds[nfds].events = POLLIN
+            nfds += 1
+        if waiting_rx:
+            rxk_idx = nfds
+            fds[nfds].fd = w.rx_kick
+            fds[nfds].events = POLLIN
+            nfds += 1
+        for r in range(nfds):
+            fds[r].revents = 0
+        # A negative kick fd (VRING_NOFD) is ignored by poll(); 1 ms keeps such rings polled.
+        r = poll(fds, nfds, 1 if (w.has_tx and w.tx_kick < 0) or (waiting_rx and w.rx_kick < 0)
+                 else -1)
+        if r < 0 and errno != EINTR:
+            break
+        if fds[0].revents:
+            break
+        if tx_idx >= 0 and fds[tx_idx].revents:
+            drain_eventfd(w.tx_kick)
+            w.tx.kicks += 1
+        if rxk_idx >= 0 and fds[rxk_idx].revents:
+            drain_eventfd(w.rx_kick)
+        if w.has_tx:
+            vq_disable_kick(&w.tx)
+
+
+# --- Python-facing objects -------------------------------------------------------------------------
+
+cdef class Switch:
+    """The in-process learning L2 switch; every port of a --switch belongs to one."""
+    cdef switch_t *sw
+    cdef readonly str name
+
+    def __cinit__(self, str name="sw0", double ageing_seconds=300.0):
+        self.sw = <switch_t *>calloc(1, sizeof(switch_t))
+        if self.sw == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self.sw.lock, NULL)
+        self.sw.ageing_ms = <uint64_t>(ageing_seconds * 1000)
+        self.name = name
+
+    def __dealloc__(self):
+        if self.sw != NULL:
+            pthread_mutex_destroy(&self.sw.lock)
+            free(self.sw)
+
+    def stats(self):
+        return dict(flooded=self.sw.flooded, unicast=self.sw.unicast, learned=self.sw.learned)
+
+
+cdef class Port:
+    """One attachment: a vhost-user net device (its rx queues live here, written by whoever
+    delivers to it) or a tap (uplink).  In tap mode a device has a Port of its own, outside any
+    switch."""
+    cdef port_t *p
+    cdef Switch switch
+    cdef readonly int index
+
+    def __cinit__(self, str kind, int npairs, Switch switch=None, int index=0, int tap_fd=-1):
+        cdef int k
+        self.p = <port_t *>calloc(1, sizeof(port_t))
+        if self.p == NULL:
+            raise MemoryError()
+        for k in range(MAX_PAIRS):
+            pthread_mutex_init(&self.p.rx[k].lock, NULL)
+        if npairs > MAX_PAIRS:
+            raise ValueError(f"at most {MAX_PAIRS} queue pairs")
+        self.p.kind = PORT_TAP if kind == "tap" else PORT_VHOST
+        self.p.npairs = npairs
+        self.p.hdr_len = 12
+        self.p.tap_fd = tap_fd
+        self.p.used = True
+        self.p.index = index
+        self.index = index
+        self.switch = switch
+        if switch is not None:
+            if index < 0 or index >= MAX_PORTS or switch.sw.ports[index] != NULL:
+                raise ValueError(f"switch port {index} is taken or out of range")
+            switch.sw.ports[index] = self.p
+
+    def detach(self):
+        """Leave the switch (port shutdown)."""
+        if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
+            pthread_mutex_lock(&self.switch.sw.lock)
+            self.p.used = False
+            pthread_mutex_unlock(&self.switch.sw.lock)
+
+    def __dealloc__(self):
+        cdef int k
+        if self.p != NULL:
+            if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
+                self.switch.sw.ports[self.index] = NULL
+            for k in range(MAX_PAIRS):
+                if self.p.rx[k].active:
+                    rxq_detach(&self.p.rx[k])
+                pthread_mutex_destroy(&self.p.rx[k].lock)
+            free(self.p)
+
+    def set_features(self, *, int hdr_len, bint mrg_rxbuf, bint guest_csum, bint guest_tso4,
+                     bint guest_tso6, bint guest_ufo, bint guest_ecn):
+        self.p.hdr_len = hdr_len
+        self.p.mrg_rxbuf = mrg_rxbuf
+        self.p.guest_csum = guest_csum
+        self.p.guest_tso4 = guest_tso4
+        self.p.guest_tso6 = guest_tso6
+        self.p.guest_ufo = guest_ufo
+        self.p.guest_ecn = guest_ecn
+
+    def attach_rx(self, int pair, int num, uint64_t desc, uint64_t avail, uint64_t used,
+                  int last_avail, bytes region_table, int call_fd, bint event_idx,
+                  bint indirect, bint signal_call=False):
+        cdef const unsigned char *t = region_table
+        cdef uint64_t one = 1
+        if pair < 0 or pair >= MAX_PAIRS:
+            raise ValueError("pair out of range")
+        if self.p.rx[pair].active:
+            raise RuntimeError(f"rx queue of pair {pair} already attached")
+        if rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx, indirect,
+                      call_fd, <const mem_region_t *>t,
+                      len(region_table) // sizeof(mem_region_t)) != 0:
+            raise ValueError(f"bad rx queue (size {num})")
+        if signal_call and call_fd >= 0:
+            write(call_fd, &one, 8)
+
+    def detach_rx(self, int pair):
+        """Stop delivering to this rx queue; returns its last avail index."""
+        cdef uint16_t last
+        if not self.p.rx[pair].active:
+            raise KeyError(pair)
+        with nogil:
+            last = rxq_detach(&self.p.rx[pair])
+        return last
+
+    def rx_active(self, int pair):
+        return bool(self.p.rx[pair].active)
+
+    def set_tap_fd(self, int fd):
+        self.p.tap_fd = fd
+
+    def stats(self):
+        return {STAT_NAMES[k]: self.p.stats[k] for k in range(NUM_STATS)}
+
+    def rx_faults(self, int pair):
+        from cython_ext.ring import FAULT_NAMES
+        q = &self.p.rx[pair]
+        return {FAULT_NAMES[k]: q.vq.faults[k] for k in range(1, NUM_FAULTS) if q.vq.faults[k]}
+
+
+cdef class NetWorker:
+    """One worker thread body.  mode 'tap': pair p of a tap-mode device (its tx queue and, through
+    the Port, its rx queue, with tap queue fd tap_fd); 'switch': the tx queue of pair p of a
+    switch port; 'uplink': the reader of an uplink tap."""
+    cdef worker_t *w
+    cdef Port port
+    cdef Switch switch
+    cdef bytes _keep
+
+    def __cinit__(self, str mode, Port port, int pair=0, Switch switch=None, int tap_fd=-1,
+                  tx=None, int rx_kick=-1, bytes region_table=b""):
+        """tx: None or (num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx,
+        indirect, signal_call) for the tx queue of this pair."""
+        cdef const unsigned char *t = region_table
+        cdef uint64_t one = 1
+        self.w = <worker_t *>calloc(1, sizeof(worker_t))
+        if self.w == NULL:
+            raise MemoryError()
+        self.w.stop_fd = -1
+        self.port = port
+        self.switch = switch
+        self._keep = region_table
+        w = self.w
+        w.mode = {"tap": 1, "switch": 2, "uplink": 3}[mode]
+        w.pair = pair
+        w.port = port.p
+        w.port_index = port.index
+        w.sw = switch.sw if switch is not None else NULL
+        w.tap_fd = tap_fd
+        w.rx_kick = rx_kick
+        w.tx_kick = -1
+        w.has_rx = w.mode == 3 or (w.mode == 1 and port.p.rx[pair].active)
+        w.chain = <chain_t *>calloc(1, sizeof(chain_t))
+        if w.mode != 2:
+            w.bounce = <uint8_t *>malloc(HDR_MAX + MAX_FRAME)
+            if w.bounce == NULL:
+                raise MemoryError()
+        if tx is not None:
+            num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx, indirect, sig = tx
+            if vq_init(&w.tx, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
+                       <const mem_region_t *>t,
+                       len(region_table) // sizeof(mem_region_t)) != 0:
+                raise ValueError(f"bad tx queue (size {num})")
+            w.has_tx = True
+            w.tx_kick = kick_fd
+            if sig and call_fd >= 0:
+                write(call_fd, &one, 8)
+        w.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if w.stop_fd < 0:
+            raise OSError(errno, "eventfd")
+
+    def __dealloc__(self):
+        if self.w != NULL:
+            if self.w.stop_fd >= 0:
+                close(self.w.stop_fd)
+            if self.w.has_tx:
+                vq_free(&self.w.tx)
+            free(self.w.chain)
+            free(self.w.bounce)
+            free(self.w)
+            self.w = NULL
+
+    def run(self):
+        with nogil:
+            worker_loop(self.w)
+
+    def stop(self):
+        cdef uint64_t one = 1
+        write(self.w.stop_fd, &one, 8)
+
+    @property
+    def tx_last_avail(self):
+        return self.w.tx.last_avail if self.w.has_tx else None
+
+    def tx_faults(self):
+        from cython_ext.ring import FAULT_NAMES
+        return {FAULT_NAMES[k]: self.w.tx.faults[k] for k in range(1, NUM_FAULTS)
+                if self.w.tx.faults[k]}
