@@ -167,6 +167,7 @@ ctypedef struct frame_t:
     iovec *iov                     # the frame (after the header)
     int niov
     size_t len
+    iovec first                    # the chain segment the frame starts in, before trimming
 
 
 cdef inline int frame_from_chain(chain_t *c, int hdr_len, frame_t *f) noexcept nogil:
@@ -186,6 +187,7 @@ cdef inline int frame_from_chain(chain_t *c, int hdr_len, frame_t *f) noexcept n
     while skip >= c.segs[k].iov_len:
         skip -= c.segs[k].iov_len
         k += 1
+    f.first = c.segs[k]
     c.segs[k].iov_base = <uint8_t *>c.segs[k].iov_base + skip
     c.segs[k].iov_len -= skip
     f.iov = &c.segs[k]
@@ -601,7 +603,8 @@ cdef int tx_pass(worker_t *w) noexcept nogil:
             stat_add(&p.stats[ST_TX_BYTES], f.len)
             if w.mode == 1:
                 # tap mode: header + frame straight from guest memory (the tap takes our header)
-                wr = writev(w.tap_fd, w.chain.segs, w.chain.nsegs) if f.niov else -1
+                f.iov[0] = f.first
+                wr = writev(w.tap_fd, w.chain.segs, w.chain.nsegs)
                 if wr < 0:
                     stat_add(&p.stats[ST_TX_DROPPED], 1)
             else:
