@@ -157,3 +157,33 @@ def test_stale_socket_replaced(tmp):
                 time.sleep(0.05)
     finally:
         assert _term(p) == 0
+
+
+# -- pyvhost-net ------------------------------------------------------------------------------------
+
+NET = [sys.executable, "-m", "devices.net"]
+
+
+def test_net_print_capabilities():
+    r = subprocess.run(NET + ["--print-capabilities"], capture_output=True, text=True,
+                       timeout=30, cwd=REPO_ROOT)
+    assert r.returncode == 0 and json.loads(r.stdout)["type"] == "net"
+    script = Path(sys.executable).parent / "pyvhost-net"
+    assert script.exists(), "pip install should install the pyvhost-net console script"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--socket-path", "/tmp/x.sock"], "one of --tap and --switch"),
+    (["--tap", "t0"], "exactly one of --socket-path and --fd"),
+    (["--socket-path", "/tmp/a", "--socket-path", "/tmp/b", "--tap", "t0"], "need --switch"),
+    (["--socket-path", "/tmp/a", "--tap", "t0", "--queues", "17"], "at most 16"),
+    (["--socket-path", "/tmp/a", "--tap", "t0", "--mtu", "20"], "--mtu"),
+    (["--socket-path", "/tmp/a", "--switch", "s", "--mac", "zz:00"], "bad MAC"),
+    (["--socket-path", "/tmp/a", "--tap", "a-name-longer-than-15"], "bad tap name"),
+])
+def test_net_bad_invocations_fail_with_one_line(args, needle):
+    r = subprocess.run(NET + args, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and lines[0].startswith("pyvhost-net: error:")
