@@ -698,9 +698,16 @@ cdef void worker_loop(worker_t *w) noexcept nogil:
         if w.has_tx and not tx_broken and vq_enable_kick(&w.tx):
             vq_disable_kick(&w.tx)
             continue
-        if waiting_rx and q != NULL:
+        if q != NULL:
+            # rx kicks matter only while a frame waits for buffers; otherwise suppress them so
+            # the guest does not pay for notifications nobody reads.
             pthread_mutex_lock(&q.lock)
-            r = q.active and vq_enable_kick(&q.vq)
+            if waiting_rx:
+                r = q.active and vq_enable_kick(&q.vq)
+            else:
+                r = 0
+                if q.active:
+                    vq_disable_kick(&q.vq)
             pthread_mutex_unlock(&q.lock)
             if r:
                 continue

@@ -169,13 +169,20 @@ def test_too_small_rx_buffers_without_mrg_rxbuf():
         r.close()
 
 
-def test_no_rx_buffers_holds_then_delivers(rig):
-    frame = eth(500)
-    rig.peer.send(hdr() + frame)
-    time.sleep(0.1)
-    assert not rig.rx.has_used()
-    rig.post_rx(4, 2048)                      # the guest adds buffers and kicks
-    assert rig.recv()[1] == frame
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_no_rx_buffers_holds_then_delivers(event_idx):
+    rig = NetRig(event_idx=event_idx)
+    try:
+        frame = eth(500)
+        rig.peer.send(hdr() + frame)
+        time.sleep(0.1)
+        assert not rig.rx.has_used()
+        rig.post_rx(4, 2048)                      # the guest adds buffers and kicks
+        assert rig.recv()[1] == frame
+        rig.peer.send(hdr() + frame)              # buffers left: no kick needed
+        assert rig.recv()[1] == frame
+    finally:
+        rig.close()
 
 
 def test_tx_to_tap(rig):

@@ -13,7 +13,13 @@ This module owns everything the e2e tests need to run a script inside a VM:
   timeout and on any error;
 - context managers for the blk backends under test: ``qsd_blk`` (qemu-storage-daemon, the C
   reference) and ``pyvhost_blk`` (our ``python -m devices.blk``); both wait for the socket and stop
-  the process at the end, leaving nothing behind.
+  the process at the end, leaving nothing behind;
+- networking: ``netns()`` (a throw-away ``pvh-<random>`` network namespace), ``host_tap``,
+  ``wait_link``, ``netns_exec`` (a command prefix, e.g. ``run_guest(..., qemu_prefix=...)`` to
+  run QEMU where its tap lives), QEMU argument builders ``tap_net_args`` (QEMU's own tap
+  backend) and ``vhost_user_net_args`` (INTx: ``vectors=0``, see DESIGN.md), and
+  ``NET_SCRIPT_HELPERS``, busybox shell functions for guest scripts (``net_up``, ``wait_ping``,
+  ``ping_check``, ``if_stats``, timing). The net backend itself is in ``tests/netbackends.py``.
 
 Nothing here knows about a particular test; ``test_*.py`` files in this folder use it.
 """
@@ -424,9 +430,9 @@ def _wants_blk(devices: Sequence[str]) -> bool:
 
 
 def qemu_command(kernel: Path, initrd: Path, console_path: Path, *, devices: Sequence[str],
-                 mem: str, cpus: int, append: str) -> list[str]:
+                 mem: str, cpus: int, append: str, prefix: Sequence[str] = ()) -> list[str]:
     return [
-        QEMU, "-accel", "tcg", "-machine", "q35", "-smp", str(cpus),
+        *prefix, QEMU, "-accel", "tcg", "-machine", "q35", "-smp", str(cpus),
         "-m", mem,
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-machine", "memory-backend=mem",
@@ -439,12 +445,14 @@ def qemu_command(kernel: Path, initrd: Path, console_path: Path, *, devices: Seq
 
 def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
               timeout: float = 180, cpus: int = 1, wait_blk: bool | None = None,
-              extra_append: str = "") -> GuestResult:
+              extra_append: str = "", qemu_prefix: Sequence[str] = ()) -> GuestResult:
     """Boot the guest kernel with the base initramfs plus ``script`` as /test.sh.
 
     ``devices`` are extra QEMU arguments (chardevs, -device, -netdev ...). ``wait_blk`` makes
     /init wait up to 20 s for /dev/vda before running the script (default: when a
-    vhost-user-blk / virtio-blk device is among ``devices``). Returns a GuestResult; raises
+    vhost-user-blk / virtio-blk device is among ``devices``). ``qemu_prefix`` goes in front of
+    the QEMU command (e.g. ``netns_exec(ns)`` to run QEMU inside a network namespace, where its
+    tap lives). Returns a GuestResult; raises
     GuestTimeout (QEMU killed) or GuestError (no end marker, e.g. QEMU refused the devices).
     """
     base = base_initramfs()
@@ -464,7 +472,7 @@ def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
         if extra_append:
             append += " " + extra_append
         cmd = qemu_command(base.kernel.image, initrd, console_path, devices=devices, mem=mem,
-                           cpus=cpus, append=append)
+                           cpus=cpus, append=append, prefix=qemu_prefix)
         stderr_path = run_dir / "qemu.stderr"
 
         def console() -> str:
@@ -516,3 +524,184 @@ def blk_device_args(sock: str | os.PathLike, num_queues: int = 1, idx: int = 0,
     return ["-chardev", f"socket,id=blkc{idx},path={sock}", "-device", dev]
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# networking: namespaces, taps, QEMU net devices, guest-side shell helpers
+
+IP = "ip"
+
+
+def _ip(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
+    proc = subprocess.run([IP, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()}")
+    return proc
+
+
+def netns_exec(ns: str) -> list[str]:
+    """Command prefix running a program inside the network namespace ``ns``."""
+    return [IP, "netns", "exec", ns]
+
+
+def have_netns() -> tuple[bool, str]:
+    """(ok, reason) - whether this process may create network namespaces and taps (root with
+    CAP_NET_ADMIN, iproute2, /dev/net/tun). Creates and deletes a probe namespace."""
+    if not shutil.which(IP):
+        return False, "iproute2 (ip) not installed"
+    if os.geteuid() != 0:
+        return False, "network namespaces need root"
+    if not os.path.exists("/dev/net/tun"):
+        return False, "/dev/net/tun missing"
+    try:
+        with netns() as ns:
+            _ip("-n", ns, "tuntap", "add", "dev", "pvhprobe", "mode", "tap")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot create a namespace with a tap: {e}"
+    return True, ""
+
+
+@contextlib.contextmanager
+def netns(prefix: str = "pvh-") -> Iterator[str]:
+    """A fresh network namespace ``pvh-<random>`` with ``lo`` up; deleted at the end, after
+    killing (by pid) any process still running inside it (all of them were started in it by
+    the caller, as the namespace did not exist before)."""
+    name = f"{prefix}{os.urandom(4).hex()}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        try:
+            pids = _ip("netns", "pids", name, check=False).stdout.split()
+        except subprocess.TimeoutExpired:
+            pids = []
+        for pid in pids:
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", name, check=False)
+
+
+def wait_link(ns: str | None, ifname: str, timeout: float = 10.0) -> bool:
+    """Wait (bounded) until interface ``ifname`` exists (in namespace ``ns``)."""
+    deadline = time.monotonic() + timeout
+    ns_args = ["-n", ns] if ns else []
+    while time.monotonic() < deadline:
+        if _ip(*ns_args, "link", "show", "dev", ifname, check=False).returncode == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def host_tap(ns: str, ifname: str, addr: str, create: bool = True,
+             multi_queue: bool = False) -> None:
+    """In namespace ``ns``: create tap ``ifname`` (persistent, unless ``create=False``: it must
+    exist already, e.g. made by a backend), give it ``addr`` (CIDR) and bring it up."""
+    if create:
+        args = ["-n", ns, "tuntap", "add", "dev", ifname, "mode", "tap"]
+        if multi_queue:
+            args.append("multi_queue")
+        _ip(*args)
+    _ip("-n", ns, "addr", "add", addr, "dev", ifname)
+    _ip("-n", ns, "link", "set", ifname, "up")
+
+
+def link_info(ns: str | None, ifname: str) -> str:
+    """``ip -d -s link show`` of an interface, for diagnostics (never raises)."""
+    ns_args = ["-n", ns] if ns else []
+    try:
+        p = _ip(*ns_args, "-d", "-s", "link", "show", "dev", ifname, check=False)
+        return (p.stdout + p.stderr).strip()
+    except Exception as e:  # noqa: BLE001
+        return f"(ip link show failed: {e})"
+
+
+def mac_address(idx: int) -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range, distinct per ``idx``
+    (every QEMU would otherwise default to 52:54:00:12:34:56)."""
+    return "52:54:00:c0:%02x:%02x" % ((idx >> 8) & 0xFF, idx & 0xFF)
+
+
+def tap_net_args(tap: str, idx: int = 0, mac: str | None = None, extra: str = "") -> list[str]:
+    """QEMU args for a virtio-net-pci device on QEMU's own tap backend (no vhost); QEMU must
+    run in the namespace holding ``tap`` (``run_guest(..., qemu_prefix=netns_exec(ns))``)."""
+    dev = f"virtio-net-pci,netdev=n{idx},mac={mac or mac_address(idx)}"
+    if extra:
+        dev += "," + extra
+    return ["-netdev", f"tap,id=n{idx},ifname={tap},script=no,downscript=no",
+            "-device", dev]
+
+
+def vhost_user_net_args(sock: str | os.PathLike, idx: int = 0, queues: int = 1,
+                        mac: str | None = None, extra: str = "") -> list[str]:
+    """QEMU args attaching a virtio-net-pci device to the vhost-user-net backend on ``sock``.
+
+    ``vectors=0`` (INTx): QEMU 7.2 under TCG segfaults in vhost_net_start /
+    msix_set_vector_notifiers when a vhost-user net device uses MSI-X (see DESIGN.md).
+    ``queues > 1`` adds ``queues=N`` to the netdev and ``mq=on`` to the device."""
+    netdev = f"vhost-user,id=n{idx},chardev=netc{idx}"
+    dev = f"virtio-net-pci,netdev=n{idx},vectors=0,mac={mac or mac_address(idx)}"
+    if queues > 1:
+        netdev += f",queues={queues}"
+        dev += ",mq=on"
+    if extra:
+        dev += "," + extra
+    return ["-chardev", f"socket,id=netc{idx},path={sock}", "-netdev", netdev, "-device", dev]
+
+
+#: busybox-ash helpers for guest network scripts. Define ``ADDR`` (CIDR) before use, or call
+#: ``net_up ADDR``. All loops are bounded.
+NET_SCRIPT_HELPERS = r"""
+now_ns() {  # monotonic ns from /proc/timer_list (busybox date has no %N), else /proc/uptime
+    t=$(awk '/^now at/ {print $3; exit}' /proc/timer_list 2>/dev/null)
+    if [ -z "$t" ]; then t=$(awk '{printf "%.0f", $1 * 1e9}' /proc/uptime); fi
+    echo "$t"
+}
+mibps() {  # MiB t0_ns t1_ns
+    awk -v m="$1" -v a="$2" -v b="$3" 'BEGIN { s = (b - a) / 1e9; if (s <= 0) s = 1e-9; printf "%.2f", m / s }'
+}
+secs() {  # t0_ns t1_ns
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'
+}
+sha_of() { sha256sum | cut -d' ' -f1; }
+net_up() {  # CIDR [ifname]: wait (<= 10 s) for the interface, bring lo and it up, add CIDR
+    ifc=${2:-eth0}
+    i=0
+    while [ ! -e /sys/class/net/$ifc ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+    [ -e /sys/class/net/$ifc ] || { echo "net_up: $ifc did not appear"; ls /sys/class/net; return 1; }
+    ip link set lo up
+    ip link set $ifc up || return 1
+    ip addr add $1 dev $ifc || return 1
+    i=0
+    while [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" != 1 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
+    echo "NET_IF=$ifc"
+    echo "NET_MAC=$(cat /sys/class/net/$ifc/address)"
+    echo "NET_CARRIER=$(cat /sys/class/net/$ifc/carrier 2>/dev/null)"
+    echo "NET_RXQ=$(ls /sys/class/net/$ifc/queues | grep -c '^rx-')"
+    echo "NET_TXQ=$(ls /sys/class/net/$ifc/queues | grep -c '^tx-')"
+    echo "NET_QUEUES=$(ls /sys/class/net/$ifc/queues | tr '\n' ' ')"
+}
+wait_ping() {  # HOST TRIES: one ping a try (<= 1 s each) until one answers
+    n=0
+    while [ $n -lt $2 ]; do
+        n=$((n + 1))
+        if ping -c 1 -W 1 $1 >/dev/null 2>&1; then echo "WAIT_PING_TRIES=$n"; return 0; fi
+    done
+    echo "WAIT_PING_TRIES=$n"
+    return 1
+}
+ping_check() {  # PREFIX HOST COUNT: COUNT pings 20/s, prints PREFIX_TX/_RX/_LOSS/_RC and rtt
+    ping -q -c $3 -i 0.05 -W 5 $2 > /tmp/ping.out 2>&1
+    echo "${1}_RC=$?"
+    awk -v p="$1" '/packets transmitted/ { print p "_TX=" $1; print p "_RX=" $4;
+            for (i = 1; i <= NF; i++) if ($i ~ /%$/) { sub(/%/, "", $i); print p "_LOSS=" $i } }
+        /^round-trip/ { print p "_RTT_MS=" $4 }' /tmp/ping.out
+}
+if_stats() {  # PREFIX [ifname]
+    for k in rx_packets tx_packets rx_bytes tx_bytes rx_errors tx_errors rx_dropped tx_dropped; do
+        echo "${1}_$(echo $k | tr a-z A-Z)=$(cat /sys/class/net/${2:-eth0}/statistics/$k)"
+    done
+}
+"""
