@@ -36,9 +36,13 @@ Memory ordering: x86-64 (TSO) keeps stores in program order and loads in program
 descriptor writes are visible before the avail index that publishes them, and the used index is
 read before the used entries.  The two store->load orderings virtio needs (publish avail idx, then
 read avail_event / used flags; write used_event, then re-read used idx) get a full fence from an
-uncontended lock acquire (a LOCK-prefixed instruction).  Ring indices are written and read with
-native-format `struct` (one 16-bit memcpy, i.e. a single store), never byte by byte, so the
-backend can't see a torn index.
+uncontended lock acquire (a LOCK-prefixed instruction).  The fields the backend reads while we
+write them (avail idx, avail flags, used_event) are stored through ctypes c_uint16 cells (one
+16-bit store), *not* with `struct.pack_into`: CPython's pack_into first memsets its target to zero
+and then writes the value, so a backend polling the ring (DPDK does) can read a transient avail
+idx of 0 -- ~65000 phantom entries -- and run through stale descriptors until the index wraps.
+Reads use `struct.unpack_from` (a single 16-bit load).  Ring entries and descriptors that are not
+yet published may be written with pack_into.
 """
 from __future__ import annotations
 
@@ -112,7 +116,8 @@ STATUS_POISON = 0xFF     # status byte before submission: detects a backend that
 READ_POISON = 0xA5       # read buffers are filled with this before submission
 MAX_REPLY_PAYLOAD = 4096
 
-# Native-format accessors (see module docstring: single loads/stores for ring indices).
+# Native-format accessors.  Loads are single 16-bit loads; pack_into is only for fields the
+# backend does not read concurrently (it zeroes its target before writing: module docstring).
 _U16 = struct.Struct("H")
 _USED_ELEM = struct.Struct("II")
 _DESC = struct.Struct("QIHH")
@@ -349,6 +354,12 @@ class VirtQueue:
         ram.fill(self.desc_gpa, virtio.desc_table_size(size), 0)
         ram.fill(self.avail_gpa, virtio.avail_ring_size(size), 0)
         ram.fill(self.used_gpa, virtio.used_ring_size(size), 0)
+        # single-store cells for the fields a polling backend may read at any time
+        base = ram.base_va
+        self._avail_flags_cell = ctypes.c_uint16.from_address(base + self._avail_off)
+        self._avail_idx_cell = ctypes.c_uint16.from_address(base + self._avail_off + 2)
+        self._used_event_cell = ctypes.c_uint16.from_address(
+            base + self._avail_off + 4 + 2 * size)
         self._free: list[int] = list(range(size - 1, -1, -1))   # pop() hands out 0, 1, 2, ...
         self._chains: dict[int, tuple[list[int], int | None]] = {}
         self.avail_idx = 0          # shadow of avail->idx
@@ -486,15 +497,22 @@ class VirtQueue:
 
     def write_avail_entry(self, slot: int, head: int) -> None:
         """Write avail->ring[slot % size] verbatim (no index update)."""
-        _U16.pack_into(self.ram.mm, self._avail_off + 4 + 2 * (slot % self.size), head & 0xFFFF)
+        off = self._avail_off + 4 + 2 * (slot % self.size)
+        self._store(ctypes.c_uint16.from_address(self.ram.base_va + off), head)
+
+    def _store(self, cell: ctypes.c_uint16, value: int) -> None:
+        """One 16-bit store into guest RAM (see the module docstring: never pack_into here)."""
+        if self.ram.mm is None:
+            raise ValueError(f"queue {self.index}: guest RAM is closed")
+        cell.value = value & 0xFFFF
 
     def set_avail_idx(self, idx: int) -> None:
         """Store avail->idx (and the shadow) verbatim; for hostile tests."""
         self.avail_idx = idx & 0xFFFF
-        _U16.pack_into(self.ram.mm, self._avail_off + 2, self.avail_idx)
+        self._store(self._avail_idx_cell, self.avail_idx)
 
     def set_avail_flags(self, flags: int) -> None:
-        _U16.pack_into(self.ram.mm, self._avail_off, flags & 0xFFFF)
+        self._store(self._avail_flags_cell, flags)
 
     def publish(self, heads: Iterable[int]) -> int:
         """Put `heads` in the avail ring, then store the new avail->idx.  Returns the count."""
@@ -507,7 +525,7 @@ class VirtQueue:
         if n:
             # Ring entries before the index: stores stay in program order on x86 (TSO).
             self.avail_idx = (idx + n) & 0xFFFF
-            _U16.pack_into(mm, self._avail_off + 2, self.avail_idx)
+            self._store(self._avail_idx_cell, self.avail_idx)
         return n
 
     # -- notifications --
@@ -573,7 +591,7 @@ class VirtQueue:
         """Ask for a call on the next used entry (EVENT_IDX: used_event = last_used_idx), then
         re-check the used ring.  Returns True if entries are already waiting (don't sleep)."""
         if self.event_idx:
-            _U16.pack_into(self.ram.mm, self._avail_off + 4 + 2 * self.size, self.last_used_idx)
+            self._store(self._used_event_cell, self.last_used_idx)
         else:
             self.set_avail_flags(0)
         full_fence()          # used_event store before the used idx load
@@ -1975,7 +1993,7 @@ def inet_checksum(data: bytes, start: int = 0) -> int:
     return ~total & 0xFFFF
 
 
-def _csum_fold(data: bytes, start: int = 0) -> int:
+def ones_sum(data: bytes, start: int = 0) -> int:
     """Ones' complement sum (not complemented)."""
     return ~inet_checksum(data, start) & 0xFFFF
 
@@ -2013,7 +2031,7 @@ def tcp4_frame(payload: bytes, *, src_mac: bytes, dst_mac: bytes, src_ip: str, d
                        5 << 4, flags, 65535, 0, 0)
     pseudo = src + dst + struct.pack("!BBH", 0, 6, tcp_len)
     if partial_csum:
-        csum = _csum_fold(pseudo)
+        csum = ones_sum(pseudo)
     else:
         csum = inet_checksum(pseudo + tcph + payload)
     tcph = tcph[:16] + struct.pack("!H", csum) + tcph[18:]
