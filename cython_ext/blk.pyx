@@ -557,6 +557,11 @@ cdef long sync_io(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
 
 
 cdef void issue(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
+    if ctx.fd_buffered < 0:
+        # null device (no backing store, like QEMU's null-co): every request succeeds at once;
+        # reads leave the guest's buffers as they are (null-co's default read-zeroes=off).
+        finish(ctx, s, <long>s.nbytes if (s.op == OP_READ or s.op == OP_WRITE) else 0)
+        return
     if ctx.use_uring:
         if queue_sqe(ctx, s) == 0:
             return

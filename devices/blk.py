@@ -48,14 +48,27 @@ def create_sparse(path: str, size: int) -> None:
 class BlkDevice(Device):
     device_type = "block"
 
-    def __init__(self, path: str, *, read_only: bool = False, num_queues: int = 1,
+    def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
-                 use_io_uring: bool = True, direct: bool = True):
+                 use_io_uring: bool = True, direct: bool = True, null_size: int = 0):
         self.path = path
         self.read_only = read_only
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.writeback = 1
+        self._workers: dict[int, tuple[BlkQueueWorker, threading.Thread]] = {}
+        self._lock = threading.Lock()
+        self._acked = 0
+        if path is None:
+            # --null: no backing store (benchmarks of the queue machinery, like QSD's null-co)
+            if null_size < vb.SECTOR_SIZE:
+                raise ValueError("a null device needs --size")
+            self.capacity = null_size // vb.SECTOR_SIZE
+            self.fd_direct = self.fd_buffered = -1
+            self.serial = (serial or "pyvhost-null").encode()[:vb.ID_BYTES]
+            self.use_io_uring = False
+            log.info("null device: %d sectors, no I/O", self.capacity)
+            return
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self.fd_buffered = os.open(path, flags)
         try:
@@ -93,12 +106,11 @@ class BlkDevice(Device):
                 self.use_io_uring = False
         else:
             log.warning("io_uring disabled: SYNCHRONOUS preadv/pwritev, one request at a time")
-        self._workers: dict[int, tuple[BlkQueueWorker, threading.Thread]] = {}
-        self._lock = threading.Lock()
-        self._acked = 0
 
     @classmethod
-    def open(cls, path: str, *, create_size: int | None = None, **kw) -> "BlkDevice":
+    def open(cls, path: str | None, *, create_size: int | None = None, **kw) -> "BlkDevice":
+        if path is None:
+            return cls(None, null_size=create_size or 0, **kw)
         if not os.path.exists(path):
             if create_size is None:
                 raise FileNotFoundError(f"{path}: no such image (use --size to create one)")
@@ -216,7 +228,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(name)s: %(levelname)s: %(message)s")
     try:
-        dev = BlkDevice.open(args.blk_file, create_size=args.size, read_only=args.read_only,
+        dev = BlkDevice.open(None if args.null else args.blk_file, create_size=args.size, read_only=args.read_only,
                              num_queues=args.num_queues, max_queue_size=args.queue_size,
                              serial=args.serial, use_io_uring=not args.no_io_uring,
                              direct=not args.buffered)

@@ -187,3 +187,21 @@ def test_net_bad_invocations_fail_with_one_line(args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert needle in lines[0] and lines[0].startswith("pyvhost-net: error:")
+
+
+def test_null_device(tmp):
+    sock = tmp / "n.sock"
+    p = subprocess.Popen(CMD + ["--socket-path", str(sock), "--null", "--size", "64M"],
+                         cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    try:
+        _wait_sock(p, sock)
+        with Frontend(str(sock)) as fe:
+            assert fe.get_config().capacity == (64 << 20) // 512
+            assert fe.write(0, os.urandom(4096)) == vb.S_OK
+            assert fe.read(0, 4096)[0] == vb.S_OK
+            assert fe.read((64 << 20) // 512, 512)[0] == vb.S_IOERR     # still range-checked
+            assert fe.flush() == vb.S_OK
+    finally:
+        assert _term(p) == 0
+    r = run(["--socket-path", str(sock), "--null"])
+    assert r.returncode != 0 and "--null takes --size" in r.stderr

@@ -76,6 +76,9 @@ def blk_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-io-uring", action="store_true",
                    help="use the synchronous preadv/pwritev path (debugging)")
     p.add_argument("--buffered", action="store_true", help="do not use O_DIRECT")
+    p.add_argument("--null", action="store_true",
+                   help="no backing store: a --size device whose I/O completes at once "
+                        "(benchmarks, like QEMU's null-co)")
     return p
 
 
@@ -88,7 +91,10 @@ def parse_blk(argv=None) -> argparse.Namespace:
     if args.print_capabilities:
         return args
     _check_listen(p, args)
-    if not args.blk_file:
+    if args.null:
+        if args.blk_file or not args.size:
+            p.error("--null takes --size and no --blk-file")
+    elif not args.blk_file:
         p.error("--blk-file is required")
     q = args.queue_size
     if q & (q - 1) or q > 32768:
