@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <linux/io_uring.h>
 
 #ifndef PYVHOST_DEBUG
@@ -36,6 +37,25 @@ static inline uint32_t uq_load_acquire_u32(const void *p) {
 }
 static inline void uq_store_release_u32(void *p, uint32_t v) {
     __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/* Busy-poll pause: tells the core (and its SMT sibling) we are spinning. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline int load_flag(const int *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 /* Counters bumped by several worker threads (a switch port's rx side is written by every

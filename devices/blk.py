@@ -50,12 +50,14 @@ class BlkDevice(Device):
 
     def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
-                 use_io_uring: bool = True, direct: bool = True, null_size: int = 0):
+                 use_io_uring: bool = True, direct: bool = True, null_size: int = 0,
+                 poll_us: float = 0.0):
         self.path = path
         self.read_only = read_only
         self.num_queues = num_queues
         self.max_queue_size = max_queue_size
         self.writeback = 1
+        self.poll_us = poll_us
         self._workers: dict[int, tuple[BlkQueueWorker, threading.Thread]] = {}
         self._lock = threading.Lock()
         self._acked = 0
@@ -176,7 +178,7 @@ class BlkDevice(Device):
                 event_idx=queue.event_idx, indirect=queue.indirect,
                 signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
                 max_discard_sectors=MAX_DISCARD_SECTORS,
-                max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS)
+                max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us)
             t = threading.Thread(target=w.run, name=f"pyvhost-blk-q{index}", daemon=True)
             self._workers[index] = (w, t)
             t.start()
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
         dev = BlkDevice.open(None if args.null else args.blk_file, create_size=args.size, read_only=args.read_only,
                              num_queues=args.num_queues, max_queue_size=args.queue_size,
                              serial=args.serial, use_io_uring=not args.no_io_uring,
-                             direct=not args.buffered)
+                             direct=not args.buffered, poll_us=args.poll_us)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"pyvhost-blk: error: {e}\n")
         return 1

@@ -21,7 +21,8 @@ HOLE = (640 << 10, 768 << 10)   # the PC layout's GPA hole; its shm bytes belong
 
 class Rig:
     def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
-                 read_only=False, use_io_uring=True, start_idx=0, capacity=None):
+                 read_only=False, use_io_uring=True, start_idx=0, capacity=None,
+                 poll_us=0.0):
         layout = pc_two_region_layout(MEM) if two_regions else one_region_layout(MEM)
         self.ram = GuestRAM(MEM, layout)
         self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
@@ -54,7 +55,7 @@ class Rig:
             self.kick_fd, self.call_fd, self.fd, self.fd, read_only, self.capacity,
             b"rig-serial-0123456789", event_idx=event_idx, indirect=True,
             use_io_uring=use_io_uring, max_discard_sectors=1 << 21,
-            max_write_zeroes_sectors=1 << 21)
+            max_write_zeroes_sectors=1 << 21, poll_us=poll_us)
         self.thread = None
 
     # -- buffers --

@@ -338,3 +338,24 @@ def test_avail_head_out_of_range_breaks_queue(image):
         assert r.hole_intact()
     finally:
         r.close()
+
+
+def test_adaptive_polling_serves_without_kicks_and_stops_promptly(image):
+    """With a polling window the worker picks up requests published while it spins (no sleep,
+    no kick needed) and stop() ends a window at once."""
+    r = Rig(image, poll_us=200_000)
+    try:
+        r.start()
+        for k in range(20):
+            head, s, _ = r.request(vb.T_OUT, k, os.urandom(512))
+            r.vq.kick()                   # honoured only if the worker asked for it
+            assert r.vq.wait_used(1, timeout=10) == [(head, 1)]
+        st = r.worker.stats()
+        # served while spinning: (almost) no sleeps in poll(2), so no kicks were asked for
+        assert st["poll_hits"] >= 1 and st["sleeps"] <= 2 and st["kicks"] <= 2, repr(st)
+        assert st["completed"] == 20
+        t = time.monotonic()
+        r.stop()
+        assert time.monotonic() - t < 0.15
+    finally:
+        r.close()

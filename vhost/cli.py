@@ -76,6 +76,8 @@ def blk_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-io-uring", action="store_true",
                    help="use the synchronous preadv/pwritev path (debugging)")
     p.add_argument("--buffered", action="store_true", help="do not use O_DIRECT")
+    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+                   help="busy-poll the ring this long after work before sleeping (0: off)")
     p.add_argument("--null", action="store_true",
                    help="no backing store: a --size device whose I/O completes at once "
                         "(benchmarks, like QEMU's null-co)")
