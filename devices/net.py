@@ -55,7 +55,11 @@ class Tap:
         if not name or len(name.encode()) > 15:
             raise ValueError(f"bad tap name {name!r} (1..15 bytes)")
         self.name = name
-        self.created = not os.path.exists(f"/sys/class/net/{name}")
+        try:        # asks the kernel in this process's network namespace (sysfs may not)
+            socket.if_nametoindex(name)
+            self.created = False
+        except OSError:
+            self.created = True
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
         self.fds: list[int] = []
         try:

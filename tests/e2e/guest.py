@@ -8,9 +8,12 @@ This module owns everything the e2e tests need to run a script inside a VM:
   ships them compressed, skipped if built in) and an ``/init`` that loads them, waits for
   ``/dev/vda`` when a block device is expected, runs ``/test.sh`` and powers off;
 - ``run_guest(script, devices=[...])``: appends a second small newc archive holding ``/test.sh``
-  to the base one, boots QEMU with shared (memfd) guest RAM, and returns the serial console text,
-  the script's exit code and its ``KEY=VALUE`` lines (``GuestResult``); QEMU is always killed on
-  timeout and on any error;
+  (plus any ``extra_files={guest_path: host_path}``) to the base one, boots QEMU with shared
+  (memfd) guest RAM, and returns the serial console text, the script's exit code and its
+  ``KEY=VALUE`` lines (``GuestResult``); QEMU is always killed on timeout and on any error;
+  ``on_start(proc, console_path)`` lets a caller watch the running guest (e.g. sample host CPU);
+- ``binary_with_libs("/usr/bin/fio")``: the ``extra_files`` that let a dynamically linked host
+  program run in the guest (the binary, every library ``ldd`` lists, the dynamic loader);
 - context managers for the blk backends under test: ``qsd_blk`` (qemu-storage-daemon, the C
   reference) and ``pyvhost_blk`` (our ``python -m devices.blk``); both wait for the socket and stop
   the process at the end, leaving nothing behind;
@@ -44,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -355,11 +358,82 @@ def base_initramfs() -> BaseInitramfs:
     return build_base_initramfs(_workdir() / "base-initramfs.cpio")
 
 
-def script_archive(script: str) -> bytes:
-    """The per-test newc archive holding /test.sh, to be concatenated after the base one."""
+def _guest_path(path: str) -> str:
+    """Normalised guest path without the leading slash; refuses empty paths and ``..``."""
+    parts = [p for p in str(path).split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"bad guest path {path!r}")
+    return "/".join(parts)
+
+
+def script_archive(script: str,
+                   extra_files: Mapping[str, str | os.PathLike] | None = None) -> bytes:
+    """The per-test newc archive holding /test.sh, to be concatenated after the base one.
+
+    ``extra_files`` maps guest paths to host files (symlinks on the host are followed: the
+    guest gets the file's content under the guest path, with the host file's permission bits).
+    Missing parent directories are created (0755); a guest path the base archive already has
+    is replaced."""
     w = NewcWriter(ino_base=1_000_000)
     w.file("test.sh", script.encode(), 0o755)
+    files = {_guest_path(g): Path(h) for g, h in (extra_files or {}).items()}
+    dirs = sorted({"/".join(g.split("/")[:i]) for g in files for i in range(1, g.count("/") + 1)},
+                  key=lambda d: (d.count("/"), d))
+    for d in dirs:
+        w.dir(d)
+    for gpath in sorted(files):
+        host = files[gpath]
+        st = os.stat(host)  # follows symlinks
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"extra file {host} (for /{gpath}) is not a regular file")
+        w.file(gpath, host.read_bytes(), stat.S_IMODE(st.st_mode))
     return w.finish()
+
+
+_LDD_LIB_RE = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)\s+\(0x[0-9a-f]+\)\s*$")
+_LDD_ABS_RE = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+
+
+@functools.lru_cache(maxsize=None)
+def _ldd_deps(binary: str) -> tuple[tuple[str, str], ...]:
+    out = subprocess.run(["ldd", binary], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, timeout=30)
+    text = out.stdout + out.stderr
+    if "not a dynamic executable" in text or "statically linked" in text:
+        return ()
+    if out.returncode != 0:
+        raise RuntimeError(f"ldd {binary} failed ({out.returncode}): {text.strip()}")
+    deps: list[tuple[str, str]] = []
+    for line in out.stdout.splitlines():
+        if "not found" in line:
+            raise FileNotFoundError(f"{binary}: library missing on the host: {line.strip()}")
+        m = _LDD_LIB_RE.match(line)
+        if m:  # "libfoo.so.1 => /lib/x86_64-linux-gnu/libfoo.so.1 (0x...)"
+            deps.append((m.group(2), m.group(2)))
+            continue
+        m = _LDD_ABS_RE.match(line)  # the loader: "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        if m:
+            deps.append((m.group(1), m.group(1)))
+        # anything else (linux-vdso.so.1, which has no file) is skipped
+    return tuple(deps)
+
+
+def binary_with_libs(binary: str | os.PathLike, guest_path: str | None = None
+                     ) -> dict[str, Path]:
+    """``extra_files`` entries that make a dynamically linked host program runnable in the
+    guest: the binary itself (at ``guest_path``, default: its host path) and every shared
+    library ``ldd`` lists plus the dynamic loader, each at the path ``ldd`` printed (which is
+    where the loader looks for it: /lib/x86_64-linux-gnu, /usr/lib/x86_64-linux-gnu, a
+    RUNPATH ...). A static binary yields just itself. Merge the dicts of several programs
+    with ``|``. Raises FileNotFoundError when ldd cannot resolve a library."""
+    binary = Path(binary)
+    host = shutil.which(str(binary)) if not binary.is_absolute() else str(binary)
+    if not host or not os.path.isfile(host):
+        raise FileNotFoundError(f"{binary} not found")
+    files = {guest_path or os.path.abspath(host): Path(host)}
+    for gpath, hpath in _ldd_deps(os.path.realpath(host)):
+        files.setdefault(gpath, Path(hpath))
+    return files
 
 
 def have_guest_tools() -> tuple[bool, str]:
@@ -445,14 +519,22 @@ def qemu_command(kernel: Path, initrd: Path, console_path: Path, *, devices: Seq
 
 def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
               timeout: float = 180, cpus: int = 1, wait_blk: bool | None = None,
-              extra_append: str = "", qemu_prefix: Sequence[str] = ()) -> GuestResult:
+              extra_append: str = "", qemu_prefix: Sequence[str] = (),
+              extra_files: Mapping[str, str | os.PathLike] | None = None,
+              on_start: Callable[[subprocess.Popen, Path], object] | None = None
+              ) -> GuestResult:
     """Boot the guest kernel with the base initramfs plus ``script`` as /test.sh.
 
     ``devices`` are extra QEMU arguments (chardevs, -device, -netdev ...). ``wait_blk`` makes
     /init wait up to 20 s for /dev/vda before running the script (default: when a
     vhost-user-blk / virtio-blk device is among ``devices``). ``qemu_prefix`` goes in front of
     the QEMU command (e.g. ``netns_exec(ns)`` to run QEMU inside a network namespace, where its
-    tap lives). Returns a GuestResult; raises
+    tap lives). ``extra_files`` ({guest path: host path}, see ``binary_with_libs``) are added
+    to the per-boot archive; they live in the guest's RAM, so size ``mem`` for them (the
+    initrd and its unpacked copy coexist during boot: allow 2x their size plus ~100 MB).
+    ``on_start(proc, console_path)`` is called once QEMU is running (``proc`` is its Popen,
+    ``console_path`` the serial console file it appends to, deleted when this returns); if it
+    raises, QEMU is killed. Returns a GuestResult; raises
     GuestTimeout (QEMU killed) or GuestError (no end marker, e.g. QEMU refused the devices).
     """
     base = base_initramfs()
@@ -461,7 +543,7 @@ def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
         initrd = run_dir / "initrd.cpio"
         with open(initrd, "wb") as f:
             f.write(base.path.read_bytes())
-            f.write(script_archive(script))
+            f.write(script_archive(script, extra_files))
         console_path = run_dir / "console.log"
         console_path.touch()
         if wait_blk is None:
@@ -489,6 +571,8 @@ def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     close_fds=True)
         try:
+            if on_start is not None:
+                on_start(proc, console_path)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
