@@ -143,6 +143,24 @@ ctypedef struct switch_t:
 
 
 
+# Per-sender forwarding state: rx queues written in this batch (published and notified once
+# at the end of the batch instead of once per frame), and one-entry caches of the last source
+# MAC learned and destination looked up, so a stream between two stations takes the MAC
+# table's mutex about once per millisecond rather than twice per frame.
+cdef enum:
+    MAX_DIRTY = 64
+    MAC_CACHE_MS = 1
+
+ctypedef struct fwd_t:
+    rxq_t *dirty[MAX_DIRTY]
+    int ndirty
+    uint8_t learned_mac[6]
+    uint64_t learned_ms
+    uint8_t lookup_mac[6]
+    int lookup_port
+    uint64_t lookup_ms
+
+
 cdef inline uint64_t now_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -498,13 +516,27 @@ cdef inline bint frame_mac(frame_t *f, size_t off, uint8_t *mac) noexcept nogil:
     return False
 
 
-cdef void port_receive(port_t *dst, frame_t *f, int pair) noexcept nogil:
+cdef void fwd_flush(fwd_t *fw) noexcept nogil:
+    """Publish and notify every rx queue this sender wrote since the last flush."""
+    cdef int k
+    cdef rxq_t *q
+    for k in range(fw.ndirty):
+        q = fw.dirty[k]
+        pthread_mutex_lock(&q.lock)
+        if q.active:
+            rxq_flush(q)
+        pthread_mutex_unlock(&q.lock)
+    fw.ndirty = 0
+
+
+cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
     """Hand a frame to port dst: written to its tap, or copied into its guest's rx queue (the
     sender's pair index modulo dst's pairs).  Never blocks on a full ring: drops and counts."""
     cdef rxq_t *q
     cdef iovec iov[MAX_SEGS + 1]
     cdef int k, n
     cdef ssize_t w
+    cdef bint seen
     if dst.kind == PORT_TAP:
         if dst.tap_fd < 0:
             return
@@ -530,32 +562,56 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair) noexcept nogil:
     else:
         if rx_deliver(q, dst, f, 2 * (pair % dst.npairs)) == DELIVER_NO_ROOM:
             stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
-        rxq_flush(q)
+        if q.pending_used:
+            seen = False
+            for k in range(fw.ndirty):
+                if fw.dirty[k] == q:
+                    seen = True
+                    break
+            if not seen:
+                if fw.ndirty < MAX_DIRTY:
+                    fw.dirty[fw.ndirty] = q
+                    fw.ndirty += 1
+                else:
+                    rxq_flush(q)
     pthread_mutex_unlock(&q.lock)
 
 
-cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair) noexcept nogil:
+cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
     cdef uint8_t dmac[6]
     cdef uint8_t smac[6]
     cdef int dst, k
     cdef port_t *p
+    cdef uint64_t t
     if f.len < ETH_HLEN or not frame_mac(f, 0, dmac) or not frame_mac(f, 6, smac):
         stat_add(&sw.ports[src].stats[ST_TX_DROPPED], 1)
         return
-    mac_learn(sw, smac, src)
-    dst = mac_lookup(sw, dmac)
+    t = now_ms()
+    if t - fw.learned_ms >= MAC_CACHE_MS or memcmp(fw.learned_mac, smac, 6) != 0:
+        mac_learn(sw, smac, src)
+        memcpy(fw.learned_mac, smac, 6)
+        fw.learned_ms = t
+    if fw.lookup_port >= 0 and t - fw.lookup_ms < MAC_CACHE_MS \
+            and memcmp(fw.lookup_mac, dmac, 6) == 0:
+        dst = fw.lookup_port
+    else:
+        dst = mac_lookup(sw, dmac)
+        if dst >= 0:                             # only known stations are cached
+            memcpy(fw.lookup_mac, dmac, 6)
+            fw.lookup_port = dst
+            fw.lookup_ms = t
     if dst == src:
         stat_add(&sw.ports[src].stats[ST_HAIRPIN], 1)        # no hairpin
         return
     if dst >= 0 and sw.ports[dst] != NULL and sw.ports[dst].used:
         stat_add(&sw.unicast, 1)
-        port_receive(sw.ports[dst], f, pair)
+        port_receive(sw.ports[dst], f, pair, fw)
         return
     stat_add(&sw.flooded, 1)
     for k in range(MAX_PORTS):
         p = sw.ports[k]
         if p != NULL and p.used and k != src:
-            port_receive(p, f, pair)
+            port_receive(p, f, pair, fw)
 
 
 # --- workers ----------------------------------------------------------------------------------------
@@ -578,6 +634,7 @@ ctypedef struct worker_t:
     port_t *port
     switch_t *sw
     int port_index
+    fwd_t fwd
 
 
 cdef int tx_pass(worker_t *w) noexcept nogil:
@@ -608,8 +665,10 @@ cdef int tx_pass(worker_t *w) noexcept nogil:
                 if wr < 0:
                     stat_add(&p.stats[ST_TX_DROPPED], 1)
             else:
-                switch_forward(w.sw, w.port_index, &f, w.pair)
+                switch_forward(w.sw, w.port_index, &f, w.pair, &w.fwd)
         vq_push(&w.tx, w.chain.head, 0)
+    if w.fwd.ndirty:
+        fwd_flush(&w.fwd)
     if n:
         vq_publish(&w.tx)
         vq_notify(&w.tx)
@@ -642,7 +701,7 @@ cdef int tap_rx_pass(worker_t *w) noexcept nogil:
         if w.mode == 3:
             stat_add(&p.stats[ST_TX_PACKETS], 1)
             stat_add(&p.stats[ST_TX_BYTES], f.len)
-            switch_forward(w.sw, w.port_index, &f, 0)
+            switch_forward(w.sw, w.port_index, &f, 0, &w.fwd)
             w.bounce_len = 0
             n += 1
             continue
@@ -657,6 +716,8 @@ cdef int tap_rx_pass(worker_t *w) noexcept nogil:
             break                            # held, not dropped: retried when buffers come
         w.bounce_len = 0
         n += 1
+    if w.fwd.ndirty:
+        fwd_flush(&w.fwd)
     if w.mode == 1:
         q = &p.rx[w.pair]
         pthread_mutex_lock(&q.lock)
@@ -901,6 +962,7 @@ cdef class NetWorker:
         w.sw = switch.sw if switch is not None else NULL
         w.tap_fd = tap_fd
         w.rx_kick = rx_kick
+        w.fwd.lookup_port = -1
         w.tx_kick = -1
         w.has_rx = w.mode == 3 or (w.mode == 1 and port.p.rx[pair].active)
         w.chain = <chain_t *>calloc(1, sizeof(chain_t))
