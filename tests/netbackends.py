@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from tests import netns as nsh
 from tests.backends import REPO_ROOT, BackendError, _stop, _tail, _wait_socket
 
 __all__ = ["NetBackend", "BackendError", "pyvhost_net"]
@@ -78,9 +79,10 @@ def pyvhost_net(socket_paths: str | os.PathLike | Sequence[str | os.PathLike], *
                 check_exit: bool = True) -> Iterator[NetBackend]:
     """Our net backend serving one ``--socket-path`` per entry of ``socket_paths`` (a path or a
     list of paths), on ``--tap TAP`` and/or ``--switch NAME``, with ``--queues N`` (passed when
-    N != 1). ``netns`` runs it inside that network namespace (``ip netns exec NS`` is put in
-    front of ``prefix``). Waits for all sockets; at the end sends SIGTERM and raises
-    BackendError unless it exits 0 within 10 s (``check_exit=False``: only a clean stop)."""
+    N != 1). ``netns`` runs it inside that network namespace (``tests.netns.prefix(NS)``:
+    ``ip netns exec NS`` or ``nsenter --net=...``, put in front of ``prefix``). Waits for all
+    sockets; at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s
+    (``check_exit=False``: only a clean stop)."""
     socks = _as_paths(socket_paths)
     for s in socks:
         with contextlib.suppress(FileNotFoundError):
@@ -88,7 +90,7 @@ def pyvhost_net(socket_paths: str | os.PathLike | Sequence[str | os.PathLike], *
     log_path = socks[0].parent / f"{socks[0].name}.pyvhost-net.log"
     cmd: list[str] = []
     if netns:
-        cmd += ["ip", "netns", "exec", netns]
+        cmd += nsh.prefix(netns)
     cmd += list(prefix)
     cmd += [sys.executable, "-m", "devices.net"]
     for s in socks:

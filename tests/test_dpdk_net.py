@@ -14,15 +14,13 @@ deleted at the end.  Skipped (with the reason) when DPDK or hugepages are not av
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import subprocess
 import sys
 import time
 
 import pytest
 
+from tests import netns as nsh
 from tests.backends import short_tmpdir
 from tests.dpdk import dpdk_available, measure, rates, vhost_backend, virtio_user
 from tests.netbackends import pyvhost_net
@@ -170,56 +168,31 @@ print(json.dumps({"sent": sent, "errors": errors}))
 """
 
 
-def _ns(ns: str, *cmd: str, timeout: float = 15.0, check: bool = True
-        ) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
-                          timeout=timeout, check=check)
-
-
-def _link(ns: str, ifname: str) -> dict | None:
-    r = subprocess.run(["ip", "-n", ns, "-j", "-s", "link", "show", "dev", ifname],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        return None
-    return json.loads(r.stdout)[0]
-
-
-def _tap_counters(ns: str, ifname: str) -> dict[str, int]:
+def _tap_counters(ns: str, ifname: str) -> nsh.LinkState:
     """rx_packets = frames written into the tap fd (by the backend); tx_packets = frames the
     tap fd's reader (the backend) has read (counted at read time)."""
-    link = _link(ns, ifname)
-    assert link is not None, f"{ifname} vanished from {ns}"
-    st = link["stats64"]
-    return {"rx_packets": st["rx"]["packets"], "rx_dropped": st["rx"]["dropped"],
-            "tx_packets": st["tx"]["packets"], "tx_dropped": st["tx"]["dropped"]}
+    link = nsh.link_state(ns, ifname)
+    assert link.exists, f"{ifname} vanished from {ns}"
+    return link
 
 
 def _wait_tap_up(ns: str, ifname: str, be, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    link = None
-    while time.monotonic() < deadline:
+    def alive():
         assert be.alive(), f"backend exited ({be.proc.returncode}):\n{be.log_tail()}"
-        link = _link(ns, ifname)
-        if link and "UP" in link["flags"] and "LOWER_UP" in link["flags"]:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{ifname} in {ns} not up within {timeout} s: {link}\n{be.log_tail()}")
+    if nsh.wait_link(ns, ifname, running=True, timeout=timeout, interval=0.1,
+                     check=alive) is None:
+        pytest.fail(f"{ifname} in {ns} not up within {timeout} s: {nsh.link_text(ns, ifname)}"
+                    f"\n{be.log_tail()}")
 
 
 @pytest.fixture
 def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces")
-    name = f"pvh-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10, capture_output=True)
-    try:
-        _ns(name, "ip", "link", "set", "lo", "up")
-        # no IPv6 autoconfiguration chatter (RS/MLD) on the tap: only our frames are counted
-        _ns(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1")
+    ok, why = nsh.available()
+    if not ok:
+        pytest.skip(f"needs network namespaces: {why}")
+    # no IPv6 autoconfiguration chatter (RS/MLD) on the tap: only our frames are counted
+    with nsh.namespace(no_ipv6=True) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], timeout=10, capture_output=True)
 
 
 def test_pyvhost_tap_in_netns(dpdk, workdir, netns):
@@ -235,20 +208,20 @@ def test_pyvhost_tap_in_netns(dpdk, workdir, netns):
         sent = g.stop()[0]["tx_packets"]
         time.sleep(DRAIN_SECONDS)
         c1 = _tap_counters(netns, TAP)
-        written = c1["rx_packets"] - c0["rx_packets"]
+        written = c1.rx_packets - c0.rx_packets
         assert sent > 0, g.tail()
         assert 0 < written <= sent, f"guest sent {sent}, tap got {written}\n{be.log_tail()}"
 
         # tap -> guest: frames injected into the interface from inside the namespace
         g.set_fwd("rxonly")
         g.start()
-        r = _ns(netns, sys.executable, "-c", INJECT, TAP, MAC_G, "20000", "64", "10",
-                timeout=30)
+        r = nsh.run(netns, sys.executable, "-c", INJECT, TAP, MAC_G, "20000", "64", "10",
+                    timeout=30)
         injected = json.loads(r.stdout)["sent"]
         time.sleep(DRAIN_SECONDS + 0.5)
         got = g.stop()[0]["rx_packets"]
         c2 = _tap_counters(netns, TAP)
-        pulled = c2["tx_packets"] - c1["tx_packets"]   # read from the tap by the backend
+        pulled = c2.tx_packets - c1.tx_packets   # read from the tap by the backend
         assert injected > 0, r.stderr
         assert 0 < got, f"injected {injected}, backend read {pulled}, guest got 0\n" \
                         f"{be.log_tail()}"

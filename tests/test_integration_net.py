@@ -1,9 +1,9 @@
 """Integration: pyvhost-net (`python -m devices.net`) as a subprocess, driven by
 vhost/frontend.py's NetFrontend over real Unix sockets.
 
-- tap mode: the backend runs inside a network namespace this test creates (`ip netns add
-  pvh-<random>`, removed at the end) and owns a tap there; a small stdlib-only helper, run with
-  `ip netns exec`, captures what comes out of the tap with a raw AF_PACKET socket (printing
+- tap mode: the backend runs inside a network namespace this test creates (`pvh-<random>`,
+  removed at the end; tests/netns.py) and owns a tap there; a small stdlib-only helper, run
+  inside it, captures what comes out of the tap with a raw AF_PACKET socket (printing
   JSON lines) or writes frames into it.  Sizes 60..1514, a 32 KiB TCP GSO frame from the guest,
   jumbo and 64 KiB GSO frames to the guest (mergeable buffers, num_buffers > 1), two queue pairs.
 - switch mode: NetFrontend ports joined by the backend's learning switch: flooding, learning,
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import select
 import shutil
 import struct
@@ -30,6 +28,7 @@ import pytest
 
 from protocols import virtio
 from protocols import virtio_net as vnet
+from tests import netns as nsh
 from tests.backends import short_tmpdir
 from tests.netbackends import pyvhost_net
 from vhost.frontend import (ETH_P_IP, ETH_P_TEST, NetFrontend, RxPacket, make_frame,
@@ -125,16 +124,6 @@ elif cmd == "inject":
 '''
 
 
-def ns_cmd(ns: str, *cmd: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, *cmd]
-
-
-def ns_run(ns: str, *cmd: str, timeout: float = 15.0, check: bool = True, **kw
-           ) -> subprocess.CompletedProcess:
-    return subprocess.run(ns_cmd(ns, *cmd), capture_output=True, text=True, timeout=timeout,
-                          check=check, **kw)
-
-
 class Capture:
     """A running capture on `iface` inside `ns`; `frames()` waits for it to end (after `count`
     frames or `seconds`) and returns [(vnet hdr fields or None, frame bytes)]."""
@@ -144,8 +133,8 @@ class Capture:
         self.seconds = seconds
         self.vnet = vnet
         self.proc = subprocess.Popen(
-            ns_cmd(ns, sys.executable, "-c", HELPER, "capture", iface, str(seconds), str(count),
-                   "vnet" if vnet else "plain", ",".join(hex(e) for e in ethertypes)),
+            nsh.cmd(ns, sys.executable, "-c", HELPER, "capture", iface, str(seconds), str(count),
+                    "vnet" if vnet else "plain", ",".join(hex(e) for e in ethertypes)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = select.select([self.proc.stdout], [], [], 15.0)[0]
         line = self.proc.stdout.readline() if ready else ""
@@ -201,8 +190,8 @@ def inject(ns: str, iface: str, frames: list, vnet: bool = False, gap: float = 0
             lines.append(json.dumps({"hex": f.hex(), "hdr": hdr.hex(), "gap": gap}))
         else:
             lines.append(json.dumps({"hex": f.hex(), "gap": gap}))
-    r = ns_run(ns, sys.executable, "-c", HELPER, "inject", iface, "vnet" if vnet else "plain",
-               input="\n".join(lines) + "\n", timeout=30 + gap * len(frames))
+    r = nsh.run(ns, sys.executable, "-c", HELPER, "inject", iface, "vnet" if vnet else "plain",
+                input="\n".join(lines) + "\n", timeout=30 + gap * len(frames))
     assert json.loads(r.stdout.splitlines()[-1])["sent"] == len(frames), r.stderr
 
 
@@ -222,40 +211,21 @@ def sockdir():
 
 @pytest.fixture
 def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces")
-    name = f"pvh-{secrets.token_hex(4)}"
-    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
-    try:
-        ns_run(name, "ip", "link", "set", "lo", "up")
-        # no IPv6 autoconfiguration chatter (RS, MLD, DAD) on the tap: only our frames
-        ns_run(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-               "net.ipv6.conf.default.disable_ipv6=1")
+    ok, why = nsh.available()
+    if not ok:
+        pytest.skip(f"needs network namespaces: {why}")
+    with nsh.namespace(no_ipv6=True) as name:   # no IPv6 chatter on the tap: only our frames
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
-def link_info(ns: str, ifname: str) -> dict | None:
-    r = subprocess.run(["ip", "-n", ns, "-j", "-d", "link", "show", "dev", ifname],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        return None
-    return json.loads(r.stdout)[0]
-
-
-def wait_tap_up(ns: str, be, ifname: str = TAP, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    link = None
-    while time.monotonic() < deadline:
+def wait_tap_up(ns: str, be, ifname: str = TAP, timeout: float = 15.0) -> nsh.LinkState:
+    def alive():
         assert be.alive(), f"backend exited ({be.proc.returncode}):\n{be.log_tail()}"
-        link = link_info(ns, ifname)
-        if link and "UP" in link["flags"] and "LOWER_UP" in link["flags"]:
-            return link
-        time.sleep(0.05)
-    pytest.fail(f"{ifname} in {ns} not up within {timeout} s: {link}\n{be.log_tail()}")
+    link = nsh.wait_link(ns, ifname, running=True, timeout=timeout, check=alive)
+    if link is None:
+        pytest.fail(f"{ifname} in {ns} not up within {timeout} s: {nsh.link_text(ns, ifname)}"
+                    f"\n{be.log_tail()}")
+    return link
 
 
 def exit_stats(be) -> dict:
@@ -417,7 +387,7 @@ def test_tap_host_to_guest_jumbo(netns, sockdir, mrg):
               for k, n in enumerate((9014, 60, 4000, 2037, 2036, 8999, 1514))]
     with pyvhost_net(sock, tap=TAP, netns=netns, extra=["--mtu", "9000"]) as be:
         link = wait_tap_up(netns, be)
-        assert link["mtu"] == 9000
+        assert link.mtu == 9000
         with NetFrontend(sock, mac=GUEST_MAC, timeout=TIMEOUT, mrg_rxbuf=mrg) as nf:
             assert nf.features & vnet.F_MTU and nf.config.mtu == 9000
             inject(netns, TAP, frames)

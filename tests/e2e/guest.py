@@ -19,8 +19,10 @@ This module owns everything the e2e tests need to run a script inside a VM:
   the process at the end, leaving nothing behind;
 - networking: ``netns()`` (a throw-away ``pvh-<random>`` network namespace), ``host_tap``,
   ``wait_link``, ``netns_exec`` (a command prefix, e.g. ``run_guest(..., qemu_prefix=...)`` to
-  run QEMU where its tap lives), QEMU argument builders ``tap_net_args`` (QEMU's own tap
-  backend) and ``vhost_user_net_args`` (INTx: ``vectors=0``, see DESIGN.md), and
+  run QEMU where its tap lives), all thin wrappers over ``tests/netns.py`` (which also works in
+  a chroot where ``ip netns exec`` cannot remount /sys); QEMU argument builders
+  ``tap_net_args`` (QEMU's own tap backend) and ``vhost_user_net_args`` (INTx: ``vectors=0``,
+  see DESIGN.md); and
   ``NET_SCRIPT_HELPERS``, busybox shell functions for guest scripts (``net_up``, ``wait_ping``,
   ``ping_check``, ``if_stats``, timing). The net backend itself is in ``tests/netbackends.py``.
 
@@ -40,17 +42,17 @@ import lzma
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+from tests import netns as nsh  # noqa: E402
 from tests.backends import (  # noqa: E402  (re-exported for the e2e tests)
     Backend, BackendError, blk_backend, pyvhost_blk, qsd_blk, short_tmpdir)
 
@@ -613,70 +615,38 @@ def blk_device_args(sock: str | os.PathLike, num_queues: int = 1, idx: int = 0,
 # --------------------------------------------------------------------------------------------
 # networking: namespaces, taps, QEMU net devices, guest-side shell helpers
 
-IP = "ip"
-
-
-def _ip(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
-    proc = subprocess.run([IP, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed ({proc.returncode}): "
-                           f"{proc.stderr.strip()}")
-    return proc
-
-
 def netns_exec(ns: str) -> list[str]:
-    """Command prefix running a program inside the network namespace ``ns``."""
-    return [IP, "netns", "exec", ns]
+    """Command prefix running a program inside the network namespace ``ns``
+    (``tests.netns.prefix``: ``ip netns exec NS`` or ``nsenter --net=/run/netns/NS``)."""
+    return nsh.prefix(ns)
 
 
 def have_netns() -> tuple[bool, str]:
     """(ok, reason) - whether this process may create network namespaces and taps (root with
     CAP_NET_ADMIN, iproute2, /dev/net/tun). Creates and deletes a probe namespace."""
-    if not shutil.which(IP):
-        return False, "iproute2 (ip) not installed"
-    if os.geteuid() != 0:
-        return False, "network namespaces need root"
+    ok, why = nsh.available()
+    if not ok:
+        return False, why
     if not os.path.exists("/dev/net/tun"):
         return False, "/dev/net/tun missing"
     try:
         with netns() as ns:
-            _ip("-n", ns, "tuntap", "add", "dev", "pvhprobe", "mode", "tap")
+            nsh.add_tap(ns, "pvhprobe")
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         return False, f"cannot create a namespace with a tap: {e}"
     return True, ""
 
 
-@contextlib.contextmanager
-def netns(prefix: str = "pvh-") -> Iterator[str]:
+def netns(prefix: str = "pvh-") -> contextlib.AbstractContextManager[str]:
     """A fresh network namespace ``pvh-<random>`` with ``lo`` up; deleted at the end, after
     killing (by pid) any process still running inside it (all of them were started in it by
-    the caller, as the namespace did not exist before)."""
-    name = f"{prefix}{os.urandom(4).hex()}"
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        try:
-            pids = _ip("netns", "pids", name, check=False).stdout.split()
-        except subprocess.TimeoutExpired:
-            pids = []
-        for pid in pids:
-            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-                os.kill(int(pid), signal.SIGKILL)
-        _ip("netns", "del", name, check=False)
+    the caller, as the namespace did not exist before). See ``tests.netns.namespace``."""
+    return nsh.namespace(prefix)
 
 
 def wait_link(ns: str | None, ifname: str, timeout: float = 10.0) -> bool:
     """Wait (bounded) until interface ``ifname`` exists (in namespace ``ns``)."""
-    deadline = time.monotonic() + timeout
-    ns_args = ["-n", ns] if ns else []
-    while time.monotonic() < deadline:
-        if _ip(*ns_args, "link", "show", "dev", ifname, check=False).returncode == 0:
-            return True
-        time.sleep(0.05)
-    return False
+    return nsh.wait_link(ns, ifname, timeout=timeout) is not None
 
 
 def host_tap(ns: str, ifname: str, addr: str, create: bool = True,
@@ -684,22 +654,14 @@ def host_tap(ns: str, ifname: str, addr: str, create: bool = True,
     """In namespace ``ns``: create tap ``ifname`` (persistent, unless ``create=False``: it must
     exist already, e.g. made by a backend), give it ``addr`` (CIDR) and bring it up."""
     if create:
-        args = ["-n", ns, "tuntap", "add", "dev", ifname, "mode", "tap"]
-        if multi_queue:
-            args.append("multi_queue")
-        _ip(*args)
-    _ip("-n", ns, "addr", "add", addr, "dev", ifname)
-    _ip("-n", ns, "link", "set", ifname, "up")
+        nsh.add_tap(ns, ifname, multi_queue=multi_queue)
+    nsh.add_addr(ns, ifname, addr)
+    nsh.set_up(ns, ifname)
 
 
 def link_info(ns: str | None, ifname: str) -> str:
     """``ip -d -s link show`` of an interface, for diagnostics (never raises)."""
-    ns_args = ["-n", ns] if ns else []
-    try:
-        p = _ip(*ns_args, "-d", "-s", "link", "show", "dev", ifname, check=False)
-        return (p.stdout + p.stderr).strip()
-    except Exception as e:  # noqa: BLE001
-        return f"(ip link show failed: {e})"
+    return nsh.link_text(ns, ifname)
 
 
 def mac_address(idx: int) -> str:
