@@ -23,10 +23,12 @@ macros = ([("CYTHON_TRACE_NOGIL", "1"), ("CYTHON_TRACE", "1"), ("PYVHOST_DEBUG",
 cflags = ["-O0", "-g3"] if DEBUG else ["-O2"]
 
 
-def ext(name):
-    return Extension(f"cython_ext.{name}", [f"cython_ext/{name}.pyx"], include_dirs=["cython_ext"],
+def ext(name, package="cython_ext"):
+    return Extension(f"{package}.{name}", [f"{package}/{name}.pyx"], include_dirs=["cython_ext"],
                      define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"])
 
 
-setup(ext_modules=cythonize([ext("ring"), ext("blk"), ext("net")], compiler_directives=directives,
-                            include_path=["cython_ext"]))
+# bench.loadgen: the benchmarks' compiled driver loop (not part of the product; it includes
+# cython_ext/vhost_compat.h for the barriers).
+setup(ext_modules=cythonize([ext("ring"), ext("blk"), ext("net"), ext("loadgen", "bench")],
+                            compiler_directives=directives, include_path=["cython_ext"]))
