@@ -1,0 +1,465 @@
+"""bench/net.py: pyvhost-net against DPDK's own vhost-user backend (``net_vhost``), both driven by
+the same DPDK frontend (testpmd ``net_virtio_user``), 64 B and 1500 B frames.
+
+    python -m bench.net [--quick] [--duration S] [--rounds N] [--size B ...] [--flood] [--json F]
+
+What is compared
+----------------
+One testpmd frontend instance with two virtio_user ports, P0 on socket A and P1 on socket B, and
+one forwarding lcore.  The backend under test joins A and B and moves every frame A -> B:
+
+- pyvhost-net: ``python -m devices.net --switch sw0 --socket-path A --socket-path B`` -- A's tx
+  worker thread pops the frame, learns the source and looks up the destination MAC (P1's, learned
+  at start: unicast to B) and copies it into B's rx buffers; B's worker sleeps (B sends nothing).
+- DPDK: ``dpdk-testpmd --vdev net_vhost0,iface=A --vdev net_vhost1,iface=B --forward-mode=io``
+  with one forwarding lcore: dequeue from A (copy into an mbuf), enqueue into B (copy out).
+
+Both do the same job -- one copy of each frame from one guest's tx ring into another guest's rx
+ring, with the ring bookkeeping and notifications around it -- on one thread, with no kernel
+device behind them (a tap as the backend's sink or source would make the kernel the bottleneck
+and measure it, not the backend).  The only extra work on our side is the switch's MAC learning
+and lookup, which is what a switch port costs; net_vhost io forwarding reads no header at all.
+The frontend, its mbuf pool, ring sizes (QUEUE_SIZE), window and frames are identical for both;
+runs are interleaved A B A B (pyvhost, DPDK, pyvhost, DPDK ...) with fresh processes each time,
+so a slow drift of the machine's load hits both alike.  ``--flood`` sends to an unknown MAC
+instead (the switch floods to every other port -- here only B), our worst case.
+
+How the traffic is generated, and why this way
+-----------------------------------------------
+The machine has 2 CPUs and every testpmd forwarding lcore busy-polls one.  The obvious open loop,
+a txonly testpmd on A and an rxonly testpmd on B, is three busy pollers with net_vhost (two plus
+our sleeping worker with pyvhost-net) on two CPUs: the result is then decided by the scheduler
+time-sharing a CPU (the receiver gets about one ring's worth per time slice, see bench/dpdk.py),
+and it favours the backend that sleeps.  So the source and the sink are one process with one
+poller: with net_vhost exactly two busy pollers, one per CPU; with pyvhost-net one poller plus
+our worker.
+
+testpmd cannot run txonly on one port and rxonly on another in one instance (a forwarding mode
+applies to every stream; virtio_user supports neither per-queue stop nor deferred start, which
+is how testpmd disables a stream), and flowgen on both ports makes the test bidirectional (two
+pyvhost workers plus the poller on two CPUs against one DPDK core serving both directions, and a
+generator that spends most of its time building frames the full ring refuses).  So the frontend
+is a one-way ring: ``set portlist 1`` + ``start tx_first 1`` sends one burst from P1 to its own
+MAC (the switch learns where P1 is and drops the burst, no hairpin; net_vhost hands it to P0,
+whose rx queue is flushed next); ``set portlist 0`` + ``start tx_first W/32`` puts a window of W
+txonly frames of the wanted length, to P1's MAC, on P0 only; the backend carries them to P1; and
+with ``set portlist 0,1``, ``set flush_rx off`` and io forwarding the frontend sends whatever P1
+receives out of P0 again.  The frontend is a pure source on P0 (tx only) and a pure sink on P1
+(rx only); the backend only ever forwards A -> B.  The frontend's per-frame work is the
+cheapest testpmd has (io: no frame built or touched, mbufs recycled); it carries 10-15 Mpps
+through net_vhost here, well above pyvhost-net.  Against net_vhost it does about the same work
+as the backend, so the DPDK figure may be frontend-bound: a lower bound for net_vhost, which
+makes the ratio an upper bound for us.
+
+In a closed ring the offered rate equals the delivered rate: "offered" is what P0 puts on A's tx
+ring per second, "Mpps" (delivered) what P1 takes off B's rx ring per second.  The window W
+(WINDOW) must keep the backend busy: pyvhost-net, which sleeps when its ring is empty and
+publishes used entries per batch of up to 256 frames, was latency-bound at W = 128 or 256
+(63-72 % of a core, 2.8-3.4 Mpps) and CPU-bound (99 %) from W = 512; net_vhost did not change
+with W (measured with 1024-entry rings, 64 B).  W + our 256-frame batch + one burst must fit in
+the ring, so no ring can overflow and nothing should be lost.  A frame lost anywhere (frontend
+tx refused, backend drop) shrinks the window for the rest of the run; it is reported ("lost"),
+and a run that lost more than a quarter of its window is flagged invalid.
+
+Measured per run: the frontend's NIC counters (``show port stats all``) before and after the
+interval (P1 rx Mpps and Gbit/s delivered, P0 tx Mpps offered); the CPU time (utime + stime from
+/proc/PID/stat, all threads) of the backend process -- pyvhost-net, or the net_vhost testpmd,
+~100 % of a core by construction -- and of the frontend; and how busy the rest of the machine
+was (/proc/stat minus those two, "others").  The frontend busy-polls, so if it got less than 90 %
+of a core it shared a CPU with someone else: the run is marked "CPU contention" (still counted;
+repeat in a quiet moment).  Even in quiet runs (others ~1 %) both backends' rates are bimodal
+from run to run, at the same CPU use (pyvhost-net 64 B about 3-4 or 6-8 Mpps, net_vhost about 7
+or 12-15 Mpps; 1500 B net_vhost 2.3 or 5-6 Mpps) -- presumably where the hypervisor puts the two
+vCPUs -- so use several rounds and read the medians and the per-round ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from bench.dpdk import (DpdkError, TestPmd, _child_setup, _is_socket, dpdk_available,
+                        vhost_backend, virtio_user)
+
+__all__ = ["run_net_bench", "summarize", "format_table", "main", "PKT_LENS", "QUEUE_SIZE", "WINDOW"]
+
+PKT_LENS = (64, 1500)
+QUEUE_SIZE = 1024        # ring size of every virtqueue (frontend's choice; both backends take it)
+BURST = 32               # testpmd's default burst: tx_first sends WINDOW / BURST bursts
+WINDOW = 704             # frames circulating in the one-way ring (see above)
+MEM_MB = 256             # hugepage memory per testpmd instance (-m)
+MAC_A = "02:00:00:00:0a:01"   # P0's MAC
+MAC_B = "02:00:00:00:0a:02"   # P1's MAC (virtio_user gives port i MAC_A + i)
+CONTENDED = 0.9          # a frontend poller below this share of a core was not alone on it
+WARMUP = 1.0             # seconds of traffic before the measured interval
+BACKENDS = ("pyvhost", "dpdk")
+NAMES = {"pyvhost": "pyvhost-net", "dpdk": "DPDK net_vhost"}
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class BenchError(RuntimeError):
+    """A run could not be set up or produced no traffic."""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy (all CPUs; /proc/stat), in seconds."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is inside user)
+    return (sum(v[:8]) - v[3] - v[4]) / _CLK_TCK
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+
+class _Backend:
+    def __init__(self, kind: str, pid: int, obj):
+        self.kind = kind
+        self.pid = pid
+        self.obj = obj
+        self.drops = 0          # frames the backend dropped (filled in after the run)
+        self.detail: dict = {}
+
+
+@contextlib.contextmanager
+def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backend]:
+    """``python -m devices.net --switch sw0 --socket-path A --socket-path B`` (pyvhost-net) from
+    this checkout; SIGTERM at the end (SIGKILL after 10 s), and PR_SET_PDEATHSIG so that it
+    dies with us even if we are SIGKILLed."""
+    for s in socks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(s)
+    cmd = [sys.executable, "-m", "devices.net", "--switch", "sw0"]
+    for s in socks:
+        cmd += ["--socket-path", str(s)]
+    cmd += ["--queue-size", str(queue_size), "--log-level", "info"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    log_path = workdir / "pyvhost-net.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                cwd=str(REPO_ROOT), close_fds=True, preexec_fn=_child_setup)
+
+    def log_tail() -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        return ""
+
+    b = _Backend("pyvhost", proc.pid, proc)
+    try:
+        deadline = time.monotonic() + 30.0
+        while not all(_is_socket(s) for s in socks):
+            if proc.poll() is not None:
+                raise BenchError(f"pyvhost-net exited ({proc.returncode}) before listening; "
+                                 f"command: {' '.join(cmd)}\n{log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"pyvhost-net did not listen within 30 s\n{log_tail()}")
+            time.sleep(0.02)
+        yield b
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10.0)
+        for s in socks:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s)
+    # its last log line (at SIGTERM) has the per-port counters
+    stats = _pyvhost_stats(log_path.read_text(errors="replace"))
+    b.detail = stats
+    if proc.returncode != 0 or not stats:
+        raise BenchError(f"pyvhost-net did not stop cleanly (exit {proc.returncode})\n"
+                         f"{log_tail()}")
+    port_b = stats.get("sw0:1", {})
+    port_a = stats.get("sw0:0", {})
+    b.drops = sum(v for k, v in port_b.items() if k.startswith("rx_dropped")) + \
+        port_a.get("tx_dropped", 0)
+
+
+def _pyvhost_stats(log: str) -> dict:
+    for line in reversed(log.splitlines()):
+        i = line.find("INFO: stats ")
+        if i >= 0:
+            with contextlib.suppress(ValueError):
+                return json.loads(line[i + len("INFO: stats "):])
+    return {}
+
+
+@contextlib.contextmanager
+def _dpdk(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backend]:
+    with vhost_backend(socks, fwd="io", name="net_vhost", mem_mb=MEM_MB,
+                       log_path=workdir / "net_vhost.log") as be:
+        b = _Backend("dpdk", be.proc.pid, be)
+        be.start()
+        yield b
+        f = be.stop()
+        b.detail = f
+        b.drops = f.get(1, {}).get("tx_dropped", 0) + f.get(0, {}).get("rx_dropped", 0)
+
+
+_BACKEND_CM = {"pyvhost": _pyvhost, "dpdk": _dpdk}
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+
+def _seed_ring(fe: TestPmd, window: int, flood: bool) -> None:
+    """Put ``window`` frames on P0 only, then forward P1 -> P0 (io) without flushing P1's rx.
+    Unless ``flood``, first one burst from P1 to its own MAC, so that a learning switch knows
+    where MAC_B is (and drops the burst: no hairpin); net_vhost forwards it to P0, whose rx
+    queue the next ``start`` flushes."""
+    if not flood:
+        fe.cmd("set portlist 1")
+        fe.cmd("start tx_first 1")
+        time.sleep(0.1)
+        fe.stop()
+    fe.cmd("set portlist 0")
+    fe.cmd("set flush_rx on")
+    fe.cmd(f"start tx_first {window // BURST}")
+    time.sleep(0.1)
+    f = fe.stop()
+    sent = f.get(0, {}).get("tx_packets", 0)
+    if sent != window:
+        raise BenchError(f"seeding the ring: P0 sent {sent} of {window} frames\n{fe.tail()}")
+    fe.cmd("set portlist 0,1")
+    fe.cmd("set flush_rx off")
+    fe.start()
+
+
+def _run_one(kind: str, pkt_len: int, duration: float, warmup: float, workdir: Path,
+             window: int, queue_size: int, flood: bool) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    socks = [workdir / "a.sock", workdir / "b.sock"]
+    row: dict = {"backend": kind, "pkt_len": pkt_len, "window": window,
+                 "dst": "flood" if flood else "unicast",
+                 "queue_size": queue_size, "loadavg_before": _loadavg()}
+    with _BACKEND_CM[kind](socks, workdir, queue_size) as be:
+        with virtio_user(socks, "io", pkt_len=pkt_len, mac=MAC_A, queue_size=queue_size,
+                         name="frontend", mem_mb=MEM_MB, log_path=workdir / "frontend.log",
+                         eth_peers=None if flood else {0: MAC_B, 1: MAC_B}) as fe:
+            _seed_ring(fe, window, flood)
+            time.sleep(warmup)
+            s0 = fe.port_stats()
+            c0, f0, m0 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
+            t0 = time.monotonic()
+            time.sleep(duration)
+            s1 = fe.port_stats()
+            c1, f1, m1 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
+            dt = time.monotonic() - t0
+            fwd = fe.stop()
+    d = {p: {k: s1[p].get(k, 0) - s0.get(p, {}).get(k, 0) for k in s1[p]} for p in s1}
+    rx = d.get(1, {}).get("rx_packets", 0)
+    tx = d.get(0, {}).get("tx_packets", 0)
+    lost = fwd.get(0, {}).get("tx_dropped", 0) + be.drops
+    row.update({
+        "mpps": rx / dt / 1e6,                                         # delivered at P1
+        "gbps": d.get(1, {}).get("rx_bytes", 0) * 8 / dt / 1e9,
+        "offered_mpps": tx / dt / 1e6,                                 # sent by P0
+        "backend_cpu": (c1 - c0) / dt,                                 # cores
+        "frontend_cpu": (f1 - f0) / dt,
+        # everything else the machine ran meanwhile (other benchmarks, this script), cores
+        "other_cpu": max(0.0, ((m1 - m0) - (c1 - c0) - (f1 - f0)) / dt),
+        "lost": lost,
+        "seconds": dt,
+        "loadavg_after": _loadavg(),
+    })
+    row["valid"] = rx > 0 and lost <= window // 4
+    notes = []
+    if rx == 0:
+        notes.append("no traffic")
+    elif not row["valid"]:
+        notes.append(f"lost {lost} of the {window}-frame window")
+    # the frontend busy-polls: less than ~a whole core means it shared a CPU with someone
+    if row["frontend_cpu"] < CONTENDED:
+        notes.append(f"CPU contention (frontend got {100 * row['frontend_cpu']:.0f}% of a core)")
+    row["contended"] = row["frontend_cpu"] < CONTENDED
+    if notes:
+        row["note"] = "; ".join(notes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the suite
+
+def run_net_bench(*, duration: float = 5.0, rounds: int = 2, quick: bool = False,
+                  pkt_lens: tuple[int, ...] = PKT_LENS, window: int = WINDOW,
+                  queue_size: int = QUEUE_SIZE, flood: bool = False,
+                  backends: tuple[str, ...] = BACKENDS, progress=None) -> list[dict]:
+    """Run the comparison; one dict per run: ``backend`` ("pyvhost" / "dpdk"), ``pkt_len``,
+    ``round``, ``mpps`` (delivered), ``gbps``, ``offered_mpps``, ``backend_cpu``,
+    ``frontend_cpu`` and ``other_cpu`` (cores), ``lost`` (frames), ``valid``, ``contended``,
+    ``note`` (if any), and on pyvhost rows ``ratio`` (its Mpps over the DPDK run of the same
+    round and size).  Per round and size: pyvhost then DPDK (A B A B ...), fresh processes
+    each.  ``quick``: 1 s per run, one round.  Raises DpdkError when DPDK or hugepages are
+    unavailable.  ``progress``: called with each row once its A B pair is measured."""
+    if quick:
+        duration, rounds = min(duration, 1.0), 1
+    if not (0 < duration <= 120) or not (1 <= rounds <= 20):
+        raise ValueError("duration must be in (0, 120] s and rounds in [1, 20]")
+    if window % BURST or not (BURST <= window <= queue_size - 256 - BURST):
+        raise ValueError(f"window must be a multiple of {BURST} in [{BURST}, "
+                         f"{queue_size - 256 - BURST}] (queue size {queue_size})")
+    warmup = 0.5 if quick else WARMUP
+    # two testpmd instances at once (frontend + net_vhost), MEM_MB each, plus slack
+    ok, why = dpdk_available(hugepages=2 * MEM_MB // 2 + 32)
+    if not ok:
+        raise DpdkError(why)
+    rows: list[dict] = []
+    top = Path(tempfile.mkdtemp(prefix="pvhnet", dir="/tmp"))   # short: sun_path is 108 bytes
+    try:
+        for rnd in range(rounds):
+            for pkt_len in pkt_lens:
+                by_kind = {}
+                for kind in backends:
+                    row = _run_one(kind, pkt_len, duration, warmup,
+                                   top / f"r{rnd}-{pkt_len}-{kind}", window, queue_size,
+                                   flood)
+                    row["round"] = rnd
+                    by_kind[kind] = row
+                    rows.append(row)
+                p, d = by_kind.get("pyvhost"), by_kind.get("dpdk")
+                if p and d and d["mpps"] > 0:
+                    p["ratio"] = p["mpps"] / d["mpps"]
+                if progress:
+                    for row in by_kind.values():
+                        progress(row)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per packet length: median Mpps of each backend over the valid runs, and their ratio."""
+    out = []
+    for pkt_len in sorted({r["pkt_len"] for r in rows}):
+        s: dict = {"pkt_len": pkt_len}
+        for kind in BACKENDS:
+            v = [r for r in rows if r["pkt_len"] == pkt_len and r["backend"] == kind
+                 and r["valid"]]
+            s[kind] = statistics.median(r["mpps"] for r in v) if v else None
+            s[f"{kind}_cpu"] = statistics.median(r["backend_cpu"] for r in v) if v else None
+            s[f"{kind}_runs"] = len(v)
+        ratios = [r["ratio"] for r in rows if r["pkt_len"] == pkt_len and "ratio" in r]
+        s["ratio"] = (s["pyvhost"] / s["dpdk"]) if s["pyvhost"] and s["dpdk"] else None
+        s["ratio_range"] = (min(ratios), max(ratios)) if ratios else None
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+HEADER = (f"{'size':>5}  {'backend':<15} {'rnd':>3}  {'Mpps':>7} {'Gbit/s':>7} "
+          f"{'offered':>7} {'lost':>5} {'be CPU':>7} {'Mpps/core':>9} {'fe CPU':>7} "
+          f"{'others':>6} {'ratio':>6}  note")
+LEGEND = ("Mpps: delivered at P1; offered: sent by P0; lost: frames refused or dropped (the "
+          "window shrinks); be/fe CPU: backend/frontend process CPU, % of one core; Mpps/core: "
+          "Mpps per backend core; others: the rest of the machine, cores %; ratio: pyvhost / "
+          "DPDK of the same round")
+
+
+def _fmt_row(r: dict) -> str:
+    per_core = r["mpps"] / r["backend_cpu"] if r["backend_cpu"] > 0.01 else float("nan")
+    ratio = f"{r['ratio']:6.2f}" if "ratio" in r else " " * 6
+    return (f"{r['pkt_len']:>5}  {NAMES[r['backend']]:<15} {r.get('round', 0):>3}  "
+            f"{r['mpps']:7.3f} {r['gbps']:7.2f} {r['offered_mpps']:7.3f} {r['lost']:>5} "
+            f"{100 * r['backend_cpu']:6.0f}% {per_core:9.3f} {100 * r['frontend_cpu']:6.0f}% "
+            f"{100 * r['other_cpu']:5.0f}% {ratio}  {r.get('note', '')}")
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'size':>5}  {'pyvhost Mpps':>12} {'DPDK Mpps':>10} {'ratio':>6} "
+             f"{'(per round)':>14}  {'pyvhost CPU':>11} {'DPDK CPU':>8}  (medians of valid runs)"]
+
+    def num(v, w, spec):
+        return f"{v:{w}{spec}}" if v is not None else f"{'-':>{w}}"
+
+    def pct(v):
+        return f"{100 * v:.0f}%" if v is not None else "-"
+
+    for s in summarize(rows):
+        rr = s["ratio_range"]
+        rng = f"{rr[0]:.2f}..{rr[1]:.2f}" if rr else "-"
+        lines.append(f"{s['pkt_len']:>5}  {num(s['pyvhost'], 12, '.3f')} "
+                     f"{num(s['dpdk'], 10, '.3f')} {num(s['ratio'], 6, '.2f')} {rng:>14}  "
+                     f"{pct(s['pyvhost_cpu']):>11} {pct(s['dpdk_cpu']):>8}")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Every run, then the per-size summary (bench/run.py prints this)."""
+    return "\n".join([HEADER] + [_fmt_row(r) for r in rows] + ["", format_summary(rows), "",
+                                                                LEGEND])
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)   # unwind: every with-block stops its processes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.net", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 s per run, one round")
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    ap.add_argument("--rounds", type=int, default=2, help="A B rounds per packet size")
+    ap.add_argument("--window", type=int, default=WINDOW, help="frames in the ring")
+    ap.add_argument("--size", type=int, action="append", help="packet length (repeatable)")
+    ap.add_argument("--flood", action="store_true",
+                    help="send to an unknown MAC (the switch floods) instead of P1's MAC")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    t0 = time.monotonic()
+    print(f"pyvhost-net vs DPDK net_vhost: testpmd virtio_user one-way ring P0 -> backend -> P1,"
+          f" {'flooded' if args.flood else 'unicast'}, window {args.window} frames, rings "
+          f"{QUEUE_SIZE}, one forwarding core each; "
+          f"{os.cpu_count()} CPUs, load {_loadavg()}", flush=True)
+    print(HEADER, flush=True)
+    try:
+        rows = run_net_bench(duration=args.duration, rounds=args.rounds, quick=args.quick,
+                             pkt_lens=tuple(args.size or PKT_LENS), window=args.window,
+                             flood=args.flood,
+                             progress=lambda r: print(_fmt_row(r), flush=True))
+    except DpdkError as e:
+        print(f"bench.net: cannot run: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_summary(rows))
+    print(LEGEND)
+    print(f"\n{len(rows)} runs in {time.monotonic() - t0:.0f} s; load now {_loadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["valid"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
