@@ -165,6 +165,7 @@ class NetDevice(Device):
         self._handles: dict[int, QueueHandle] = {}
         self._workers: dict[int, tuple[NetWorker, threading.Thread]] = {}
         self._lock = threading.RLock()
+        self._done_stats: dict[str, int] = {}     # tx-side counters of stopped workers
 
     # -- Device interface ------------------------------------------------------------------------
 
@@ -263,6 +264,8 @@ class NetDevice(Device):
         tx = self._handles.get(2 * pair + 1)
         if tx is not None and w.tx_last_avail is not None:   # the worker served this tx queue
             tx.last_avail_idx = w.tx_last_avail
+        for k, v in w.stats().items():
+            self._done_stats[k] = self._done_stats.get(k, 0) + v
         faults = w.tx_faults()
         if faults:
             log.info("%s: pair %d tx faults: %s", self.name, pair, faults)
@@ -296,7 +299,13 @@ class NetDevice(Device):
         t.start()
 
     def stats(self) -> dict:
-        return self.port.stats()
+        out = self.port.stats()
+        for k, v in self._done_stats.items():
+            out[k] += v
+        for w, _ in list(self._workers.values()):
+            for k, v in w.stats().items():
+                out[k] += v
+        return out
 
 
 class Uplink:
@@ -318,6 +327,12 @@ class Uplink:
         self.worker.stop()
         self.thread.join()
         self.port.detach()
+
+    def stats(self) -> dict:
+        out = self.port.stats()
+        for k, v in self.worker.stats().items():
+            out[k] += v
+        return out
 
 
 def main(argv=None) -> int:
@@ -381,7 +396,7 @@ def main(argv=None) -> int:
             uplink.stop()
         stats = {dev.name: dev.stats() for dev in devices}
         if uplink is not None:
-            stats["uplink:" + uplink.tap.name] = uplink.port.stats()
+            stats["uplink:" + uplink.tap.name] = uplink.stats()
         if switch is not None:
             stats["switch"] = switch.stats()
         log.info("stats %s", json.dumps(stats, sort_keys=True))
