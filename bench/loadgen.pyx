@@ -37,6 +37,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from libc.errno cimport errno, EINTR
 from posix.unistd cimport read, write
+from cython_ext.posix_io cimport *
 
 cdef extern from "vhost_compat.h" nogil:
     void vq_mb()
@@ -59,19 +60,6 @@ cdef extern from *:
     """
     uint64_t lg_thread_cpu_ns() nogil
     int lg_log2(uint64_t v) nogil
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-        POLLHUP
-        POLLERR
-        POLLNVAL
-        POLLRDHUP
 
 # virtio constants (protocols/virtio.py, protocols/virtio_blk.py; repeated here as C constants)
 cdef enum:

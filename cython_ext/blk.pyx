@@ -22,12 +22,9 @@ from posix.uio cimport iovec
 from cpython.bytes cimport PyBytes_AS_STRING
 
 from cython_ext.ring cimport *
+from cython_ext.posix_io cimport *
 
 log = logging.getLogger("pyvhost.blk")
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t preadv(int fd, const iovec *iov, int iovcnt, long offset)
-    ssize_t pwritev(int fd, const iovec *iov, int iovcnt, long offset)
 
 cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, long offset, long len)
@@ -36,21 +33,6 @@ cdef extern from "<fcntl.h>" nogil:
         FALLOC_FL_KEEP_SIZE
         FALLOC_FL_PUNCH_HOLE
         FALLOC_FL_ZERO_RANGE
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
 
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)

@@ -27,29 +27,12 @@ from posix.uio cimport iovec
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from cython_ext.ring cimport *
+from cython_ext.posix_io cimport *
 
 log = logging.getLogger("pyvhost.net")
 
 cdef extern from "vhost_compat.h" nogil:
     void stat_add(uint64_t *counter, uint64_t n)
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t writev(int fd, const iovec *iov, int iovcnt)
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_mutex_t:
