@@ -55,6 +55,8 @@ cdef enum:
     BATCH = 256                    # frames per pass before publishing used entries
     PORT_VHOST = 1
     PORT_TAP = 2
+    # virtio_net_hdr values (protocols/virtio_net.py has the same numbers; nogil code needs
+    # them as C constants)
     GSO_NONE = 0
     GSO_TCPV4 = 1
     GSO_UDP = 3

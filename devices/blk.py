@@ -224,13 +224,11 @@ def main(argv=None) -> int:
     from vhost import cli, server
 
     args = cli.parse_blk(argv)
-    if args.print_capabilities:
-        cli.print_capabilities(cli.BLK_CAPABILITIES)
+    if cli.prologue(args, cli.BLK_CAPABILITIES):
         return 0
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(name)s: %(levelname)s: %(message)s")
     try:
-        dev = BlkDevice.open(None if args.null else args.blk_file, create_size=args.size, read_only=args.read_only,
+        dev = BlkDevice.open(None if args.null else args.blk_file, create_size=args.size,
+                             read_only=args.read_only,
                              num_queues=args.num_queues, max_queue_size=args.queue_size,
                              serial=args.serial, use_io_uring=not args.no_io_uring,
                              direct=not args.buffered, poll_us=args.poll_us)

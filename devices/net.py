@@ -339,11 +339,8 @@ def main(argv=None) -> int:
     from vhost import cli, server
 
     args = cli.parse_net(argv)
-    if args.print_capabilities:
-        cli.print_capabilities(cli.NET_CAPABILITIES)
+    if cli.prologue(args, cli.NET_CAPABILITIES):
         return 0
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(name)s: %(levelname)s: %(message)s")
     sockets = args.socket_path or [None]
     devices, taps, uplink, switch = [], [], None, None
     try:

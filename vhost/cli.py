@@ -159,3 +159,15 @@ def parse_net(argv=None) -> argparse.Namespace:
 
 def print_capabilities(caps: dict) -> None:
     print(json.dumps(caps))
+
+
+def prologue(args: argparse.Namespace, caps: dict) -> bool:
+    """What every backend program does first: answer --print-capabilities (True: exit 0 now),
+    else send logging to stderr at --log-level, one line per event."""
+    if args.print_capabilities:
+        print_capabilities(caps)
+        return True
+    import logging
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(name)s: %(levelname)s: %(message)s")
+    return False
