@@ -3,6 +3,7 @@
 PYVHOST_DEBUG_BUILD=1 builds with bounds/wraparound checks, line tracing (CYTHON_TRACE_NOGIL) and
 -O0 -g, the way the test suite runs it at least once in CI.
 """
+import glob
 import os
 
 from Cython.Build import cythonize
@@ -28,7 +29,15 @@ def ext(name, package="cython_ext"):
                      define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"])
 
 
+# QEMU's vhost-user backend descriptors (docs/interop/vhost-user.json) go to
+# <prefix>/share/qemu/vhost-user/NN-name.json, the directory libvirt searches when the prefix is
+# /usr (else copy or link them to /etc/qemu/vhost-user/).  They also ship as vhost package data.
+HERE = os.path.dirname(os.path.abspath(__file__))
+VHOST_USER_JSON = sorted(os.path.relpath(p, HERE) for p in
+                         glob.glob(os.path.join(HERE, "vhost/data/qemu/vhost-user/*.json")))
+
 # bench.loadgen: the benchmarks' compiled driver loop (not part of the product; it includes
 # cython_ext/vhost_compat.h for the barriers).
 setup(ext_modules=cythonize([ext("ring"), ext("blk"), ext("net"), ext("loadgen", "bench")],
-                            compiler_directives=directives, include_path=["cython_ext"]))
+                            compiler_directives=directives, include_path=["cython_ext"]),
+      data_files=[("share/qemu/vhost-user", VHOST_USER_JSON)])

@@ -170,6 +170,7 @@ ctypedef struct blk_ctx_t:
     int max_inflight             # high-water mark of requests in the io_uring at once
     uint64_t pending_used        # pushed but not yet published
     uint64_t requests
+    uint64_t failed              # requests completed with a status other than S_OK
     uint64_t bytes_read
     uint64_t bytes_written
     uint64_t uring_enters
@@ -189,7 +190,8 @@ cdef void note_fault(blk_ctx_t *ctx, int code) noexcept nogil:
     """Count a fault; log it the first time and then at every power of two from 1024 so a
     hostile guest cannot flood the log."""
     cdef uint64_t n
-    ctx.vq.faults[code] += 1
+    if code != F_AVAIL:          # vq_pop already counted a corrupt avail ring
+        ctx.vq.faults[code] += 1
     n = ctx.vq.faults[code]
     if n == 1 or (n >= 1024 and (n & (n - 1)) == 0):
         with gil:
@@ -309,6 +311,8 @@ cdef int uring_submit(uring_t *u, unsigned min_complete) noexcept nogil:
 cdef inline void complete(blk_ctx_t *ctx, slot_t *s, uint8_t status) noexcept nogil:
     if s.status != NULL:
         s.status[0] = status
+    if status != S_OK:
+        ctx.failed += 1
     vq_push(&ctx.vq, s.chain.head, s.used_len if status == S_OK else
             (1 if s.status != NULL else 0))
     ctx.pending_used += 1
@@ -840,10 +844,16 @@ cdef class BlkQueueWorker:
         return bool(self.ctx.vq.broken)
 
     def stats(self):
+        """The worker's counters since it was built (plain integers the worker thread writes
+        without locks; read from another thread a value may be one request stale).
+        completed: requests returned in the used ring; failed: of those, with a status other
+        than OK (or no usable status byte); avail_corrupt: 1 once the avail ring was found
+        corrupt (then broken)."""
         from cython_ext.ring import FAULT_NAMES
         c = self.ctx
         return dict(
-            requests=c.requests, completed=c.vq.completed, bytes_read=c.bytes_read,
+            requests=c.requests, completed=c.vq.completed, failed=c.failed,
+            avail_corrupt=c.vq.faults[F_AVAIL], bytes_read=c.bytes_read,
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
             uring_enters=c.uring_enters, buffered_fallbacks=c.buffered_fallbacks,
             poll_hits=c.poll_hits, sleeps=c.sleeps,

@@ -158,7 +158,8 @@ cdef inline uint64_t now_ms() noexcept nogil:
 
 cdef void note_fault(vq_t *vq, int qindex, int code) noexcept nogil:
     cdef uint64_t n
-    vq.faults[code] += 1
+    if code != F_AVAIL:          # vq_pop already counted a corrupt avail ring
+        vq.faults[code] += 1
     n = vq.faults[code]
     if n == 1 or (n >= 1024 and (n & (n - 1)) == 0):
         with gil:
@@ -803,6 +804,8 @@ cdef void worker_loop(worker_t *w) noexcept nogil:
             w.tx.kicks += 1
         if rxk_idx >= 0 and fds[rxk_idx].revents:
             drain_eventfd(w.rx_kick)
+            if q != NULL:
+                q.vq.kicks += 1          # only this worker writes it (tap mode: q is ours)
         if w.has_tx:
             vq_disable_kick(&w.tx)
 
@@ -932,6 +935,26 @@ cdef class Port:
                 out[k] += self.p.rx[j].stats[k]
         return {STAT_NAMES[k]: out[k] for k in range(NUM_STATS)}
 
+    def rx_counters(self, int pair):
+        """One rx queue's counters: its STAT_NAMES counters (kept for the Port's lifetime:
+        attaching a queue does not clear them) and, under kicks / notifies / faults (the sum
+        over fault kinds) / broken, those of the current attachment's virtqueue (cleared when
+        the queue is attached again; still readable after detach_rx).  `active` says whether
+        the queue is attached now.  Read without the queue's lock: a value may be one frame
+        stale."""
+        cdef rxq_t *q
+        cdef int k
+        cdef uint64_t faults = 0
+        if pair < 0 or pair >= MAX_PAIRS:
+            raise ValueError("pair out of range")
+        q = &self.p.rx[pair]
+        out = {STAT_NAMES[k]: q.stats[k] for k in range(NUM_STATS)}
+        for k in range(1, NUM_FAULTS):
+            faults += q.vq.faults[k]
+        out.update(kicks=q.vq.kicks, notifies=q.vq.notifies, faults=faults,
+                   broken=bool(q.vq.broken), active=bool(q.active))
+        return out
+
     def rx_faults(self, int pair):
         from cython_ext.ring import FAULT_NAMES
         q = &self.p.rx[pair]
@@ -1012,6 +1035,19 @@ cdef class NetWorker:
     def stats(self):
         """This worker's own counters (frames it sent, dropped, filtered)."""
         return {STAT_NAMES[k]: self.w.fwd.stats[k] for k in range(NUM_STATS)}
+
+    def tx_counters(self):
+        """This worker's tx virtqueue: kicks, notifies, faults (the sum over fault kinds),
+        broken, for the worker's lifetime (a new worker starts from zero); all zero without a
+        tx queue.  Frames and bytes are in stats()."""
+        cdef int k
+        cdef uint64_t faults = 0
+        if not self.w.has_tx:
+            return dict(kicks=0, notifies=0, faults=0, broken=False)
+        for k in range(1, NUM_FAULTS):
+            faults += self.w.tx.faults[k]
+        return dict(kicks=self.w.tx.kicks, notifies=self.w.tx.notifies, faults=faults,
+                    broken=bool(self.w.tx.broken))
 
     @property
     def tx_last_avail(self):

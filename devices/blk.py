@@ -18,7 +18,7 @@ import threading
 from protocols import virtio
 from protocols import virtio_blk as vb
 from protocols.vhost_user import ProtocolFeature
-from vhost.device import Device, QueueHandle
+from vhost.device import CounterTotals, Device, QueueHandle, WorkerStuck, join_worker
 
 from cython_ext.blk import BlkQueueWorker, io_uring_available
 
@@ -59,7 +59,11 @@ class BlkDevice(Device):
         self.writeback = 1
         self.poll_us = poll_us
         self._workers: dict[int, tuple[BlkQueueWorker, threading.Thread]] = {}
+        self._stuck: list = []        # abandoned (worker, thread): never freed
+        # guards _workers and _totals: the event loop starts/stops workers while a metrics
+        # thread reads queue_counters
         self._lock = threading.Lock()
+        self._totals = CounterTotals(num_queues)
         self._acked = 0
         if path is None:
             # --null: no backing store (benchmarks of the queue machinery, like QSD's null-co)
@@ -181,20 +185,36 @@ class BlkDevice(Device):
                 max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us)
             t = threading.Thread(target=w.run, name=f"pyvhost-blk-q{index}", daemon=True)
             self._workers[index] = (w, t)
+            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
             t.start()
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)
 
     def stop_queue(self, index: int) -> int:
         with self._lock:
-            entry = self._workers.pop(index, None)
+            entry = self._workers.get(index)
         if entry is None:
             raise KeyError(index)
         w, t = entry
         w.stop()
-        t.join()
+        try:
+            join_worker(t, self.stop_timeout, f"queue {index}")
+        except WorkerStuck as e:
+            # keep the worker (its C context, io_uring and iovecs) alive forever: it may still
+            # complete requests into guest memory
+            with self._lock:
+                del self._workers[index]
+                self._stuck.append(entry)
+                self.abandoned += 1
+            log.error("%s", e)
+            raise
         last = w.last_avail
         self._last_stats = w.stats()
+        # The worker stays listed until its final counters are in the totals, both under the
+        # lock, so a scrape never sees the queue's counters dip.
+        with self._lock:
+            self._totals.retire(index, self._counters_of(self._last_stats))
+            del self._workers[index]
         w.close()
         log.debug("queue %d stopped at avail %d: %s", index, last, self._last_stats)
         return last
@@ -203,16 +223,51 @@ class BlkDevice(Device):
         entry = self._workers.get(index)
         return entry[0].stats() if entry else {}
 
+    @staticmethod
+    def _counters_of(st: dict) -> dict[str, int]:
+        return dict(requests=st["completed"], bytes_read=st["bytes_read"],
+                    bytes_written=st["bytes_written"],
+                    errors=st["failed"] + st["avail_corrupt"], inflight=st["inflight"],
+                    kicks=st["kicks"], notifications=st["notifies"], dropped=0,
+                    broken=int(st["broken"]))
+
+    def queue_counters(self) -> dict[int, dict[str, int]]:
+        """Device.queue_counters for virtio-blk, per virtqueue:
+        requests = requests completed (used-ring entries, failed ones included);
+        bytes_read = bytes read from the backing store into guest memory (IN);
+        bytes_written = bytes written to the backing store (OUT; not discard/write-zeroes);
+        errors = requests completed with IOERR or UNSUPP or returned without a usable status
+        byte (bad chains), plus 1 per corrupt avail ring; inflight = requests in the io_uring
+        now; dropped = 0; broken = the queue's ring was found corrupt (kept while the queue is
+        stopped; cleared when it is started again or the device is reset)."""
+        with self._lock:
+            live = dict(self._workers)
+            out = {}
+            # The C structs are read while we hold both the lock (no worker is retired under
+            # us) and a reference to each worker (its struct is never freed while read).
+            for index in range(self.num_queues):
+                entry = live.get(index)
+                out[index] = self._totals.view(
+                    index, self._counters_of(entry[0].stats()) if entry else None)
+        return out
+
     def running_queues(self) -> list[int]:
         return sorted(self._workers)
 
     def reset(self) -> None:
         for index in list(self._workers):
-            self.stop_queue(index)
+            try:
+                self.stop_queue(index)
+            except WorkerStuck:
+                pass                            # logged; the other queues still stop
+        with self._lock:
+            self._totals.clear_broken()
         self.writeback = 1
 
     def close(self) -> None:
         self.reset()
+        if self._stuck:
+            return              # abandoned workers may still use the image fds: leave them open
         if self.fd_direct != self.fd_buffered and self.fd_direct >= 0:
             os.close(self.fd_direct)
         if self.fd_buffered >= 0:
@@ -221,37 +276,22 @@ class BlkDevice(Device):
 
 
 def main(argv=None) -> int:
-    from vhost import cli, server
+    """pyvhost-blk: QEMU's backend program conventions; the command line becomes a one-device
+    configuration run by vhost/service.py (the same runtime as `pyvhost serve`)."""
+    from vhost import cli, config, service
 
     args = cli.parse_blk(argv)
     if cli.prologue(args, cli.BLK_CAPABILITIES):
         return 0
-    try:
-        dev = BlkDevice.open(None if args.null else args.blk_file, create_size=args.size,
-                             read_only=args.read_only,
-                             num_queues=args.num_queues, max_queue_size=args.queue_size,
-                             serial=args.serial, use_io_uring=not args.no_io_uring,
-                             direct=not args.buffered, poll_us=args.poll_us)
-    except (OSError, ValueError) as e:
-        sys.stderr.write(f"pyvhost-blk: error: {e}\n")
-        return 1
-    where = args.socket_path if args.socket_path else f"fd {args.fd}"
-
-    def ready(_server):
-        log.info("serving %s (%d sectors%s, %d queue%s) on %s", args.blk_file, dev.capacity,
-                 ", read-only" if args.read_only else "", args.num_queues,
-                 "s" if args.num_queues > 1 else "", where)
-
-    try:
-        server.run(lambda: server.serve(dev, socket_path=args.socket_path, listen_fd=args.fd,
-                                        on_ready=ready),
-                   loop_name=args.loop)
-    except (server.ServerError, OSError) as e:
-        sys.stderr.write(f"pyvhost-blk: error: {e}\n")
-        return 1
-    finally:
-        dev.close()
-    return 0
+    name = "null" if args.null else (os.path.basename(args.blk_file) or "blk")
+    spec = config.BlockSpec(
+        name=name, socket=args.socket_path, listen_fd=args.fd, blk_file=args.blk_file,
+        read_only=args.read_only, num_queues=args.num_queues, queue_size=args.queue_size,
+        size=args.size, serial=args.serial, buffered=args.buffered,
+        no_io_uring=args.no_io_uring, null=args.null, poll_us=args.poll_us)
+    conf = config.Config(path=None, devices=(spec,), service=config.ServiceSpec(
+        metrics_address=args.metrics_address, log_level=args.log_level, loop=args.loop))
+    return service.run_single(conf, "pyvhost-blk", args.loop)
 
 
 if __name__ == "__main__":

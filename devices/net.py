@@ -10,10 +10,8 @@ CLI to one server per socket and stays thin.
 """
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -24,7 +22,8 @@ import threading
 from protocols import virtio
 from protocols import virtio_net as vn
 from protocols.vhost_user import ProtocolFeature
-from vhost.device import Device, QueueHandle
+from vhost.device import (CounterTotals, Device, QueueHandle, WorkerStuck, join_worker,
+                          zero_counters)
 
 from cython_ext.net import NetWorker, Port, Switch
 
@@ -42,6 +41,9 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04,
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFMTU = 0x8913, 0x8914, 0x8922
 IFF_UP = 0x1
 MAX_PAIRS = 16
+# Port counters that are frames the backend could not deliver into a guest's rx queue.
+RX_DROP_STATS = ("rx_dropped_no_room", "rx_dropped_offload", "rx_dropped_too_small",
+                 "rx_dropped_fault")
 
 
 def _ifreq(name: str, fmt: str, *values) -> bytes:
@@ -164,8 +166,12 @@ class NetDevice(Device):
         self._acked = 0
         self._handles: dict[int, QueueHandle] = {}
         self._workers: dict[int, tuple[NetWorker, threading.Thread]] = {}
+        self._stuck: list = []                  # abandoned (worker, thread): never freed
+        # guards _handles, _workers and _totals: the event loop starts/stops queues while a
+        # metrics thread reads queue_counters
         self._lock = threading.RLock()
         self._done_stats: dict[str, int] = {}     # tx-side counters of stopped workers
+        self._totals = CounterTotals(self.num_queues)
 
     # -- Device interface ------------------------------------------------------------------------
 
@@ -231,6 +237,7 @@ class NetDevice(Device):
             if index in self._handles:
                 raise RuntimeError(f"queue {index} already running")
             self._handles[index] = queue
+            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
             self._restart_pair(index // 2)
 
     def stop_queue(self, index: int) -> int:
@@ -242,6 +249,12 @@ class NetDevice(Device):
             h = self._handles.pop(index)
             if index % 2 == 0:
                 last = self.port.detach_rx(pair)
+                # the rx virtqueue's own counters restart at the next attach; its frame
+                # counters live on in the Port
+                rc = self.port.rx_counters(pair)
+                self._totals.retire(index, dict(kicks=rc["kicks"],
+                                                notifications=rc["notifies"],
+                                                errors=rc["faults"], broken=rc["broken"]))
             else:
                 last = h.last_avail_idx
             self._restart_pair(pair)
@@ -250,7 +263,11 @@ class NetDevice(Device):
     def reset(self) -> None:
         with self._lock:
             for index in sorted(self._handles):
-                self.stop_queue(index)
+                try:
+                    self.stop_queue(index)
+                except WorkerStuck:
+                    self._handles.pop(index, None)      # logged; go on with the others
+            self._totals.clear_broken()
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -260,7 +277,15 @@ class NetDevice(Device):
             return
         w, t = entry
         w.stop()
-        t.join()
+        try:
+            join_worker(t, self.stop_timeout, f"{self.name}: pair {pair}")
+        except WorkerStuck as e:
+            self._stuck.append(entry)           # never freed: it may still touch the rings
+            self.abandoned += 1
+            log.error("%s", e)
+            raise
+        # every worker starts from zero: its tx queue's final counters go to the totals
+        self._totals.retire(2 * pair + 1, self._tx_counters(w))
         tx = self._handles.get(2 * pair + 1)
         if tx is not None and w.tx_last_avail is not None:   # the worker served this tx queue
             tx.last_avail_idx = w.tx_last_avail
@@ -298,6 +323,47 @@ class NetDevice(Device):
         self._workers[pair] = (w, t)
         t.start()
 
+    @staticmethod
+    def _tx_counters(w: NetWorker) -> dict[str, int]:
+        st, tc = w.stats(), w.tx_counters()
+        return dict(requests=st["tx_packets"], bytes_read=st["tx_bytes"],
+                    dropped=st["tx_dropped"], errors=tc["faults"], kicks=tc["kicks"],
+                    notifications=tc["notifies"], broken=int(tc["broken"]))
+
+    def _rx_counters(self, pair: int) -> dict[str, int]:
+        rc = self.port.rx_counters(pair)
+        out = dict(requests=rc["rx_packets"], bytes_written=rc["rx_bytes"],
+                   dropped=sum(rc[k] for k in RX_DROP_STATS))
+        if rc["active"]:        # a detached queue's virtqueue counters are already retired
+            out.update(kicks=rc["kicks"], notifications=rc["notifies"], errors=rc["faults"],
+                       broken=int(rc["broken"]))
+        return out
+
+    def queue_counters(self) -> dict[int, dict[str, int]]:
+        """Device.queue_counters for virtio-net; virtqueue 2p is the rx queue of pair p, 2p+1
+        its tx queue.  Frame sizes exclude the virtio_net_hdr.
+        rx: requests = frames delivered into the guest; bytes_written = their bytes;
+        dropped = frames meant for this queue that were lost: no rx buffers (or the queue not
+        running), a GSO frame the guest cannot take, buffers too small without MRG_RXBUF, bad
+        rx buffers or a broken ring; errors = bad rx buffers the guest posted, plus 1 per
+        corrupt avail ring; kicks = rx kicks consumed (tap mode, only while a frame waits for
+        buffers; the switch never waits for them: 0); notifications = interrupts for rx.
+        tx: requests = frames taken from the guest; bytes_read = their bytes; dropped = tx
+        frames not sent (bad chains, too short to switch, tap write failures); errors = bad tx
+        chains, plus 1 per corrupt avail ring; kicks / notifications of the tx queue.
+        inflight is always 0 (a frame is handled synchronously).  broken: as for every device
+        (kept while the queue is stopped, cleared when it starts again or at reset)."""
+        with self._lock:
+            live = dict(self._workers)
+            out = {}
+            for pair in range(self.pairs):
+                out[2 * pair] = self._totals.view(2 * pair, self._rx_counters(pair))
+                entry = live.get(pair)
+                # holding the lock and the worker object: its struct stays alive while read
+                out[2 * pair + 1] = self._totals.view(
+                    2 * pair + 1, self._tx_counters(entry[0]) if entry else None)
+        return out
+
     def stats(self) -> dict:
         out = self.port.stats()
         for k, v in self._done_stats.items():
@@ -334,72 +400,54 @@ class Uplink:
             out[k] += v
         return out
 
+    def queue_counters(self) -> dict[int, dict[str, int]]:
+        """The uplink in the vocabulary of Device.queue_counters, seen from the switch as a
+        guest port is: 0 = towards the host (requests / bytes_written = frames written to the
+        tap; dropped = tap writes that failed), 1 = from the host (requests / bytes_read =
+        frames read from the tap; dropped = frames the switch could not take).  No virtqueues:
+        kicks, notifications, errors, inflight and broken are 0.  The reader thread lives as
+        long as the Uplink, so the values are cumulative without bookkeeping."""
+        port, tx = self.port.stats(), self.worker.stats()
+        to_host, from_host = zero_counters(), zero_counters()
+        to_host.update(requests=port["rx_packets"], bytes_written=port["rx_bytes"],
+                       dropped=sum(port[k] for k in RX_DROP_STATS))
+        from_host.update(requests=tx["tx_packets"], bytes_read=tx["tx_bytes"],
+                         dropped=tx["tx_dropped"])
+        return {0: to_host, 1: from_host}
+
 
 def main(argv=None) -> int:
-    from vhost import cli, server
+    """pyvhost-net: one tap device, or several sockets joined by a switch (with an optional
+    uplink tap); the command line becomes a configuration run by vhost/service.py.  At exit
+    every port logs one `stats` line with its counters."""
+    from vhost import cli, config, service
 
     args = cli.parse_net(argv)
     if cli.prologue(args, cli.NET_CAPABILITIES):
         return 0
     sockets = args.socket_path or [None]
-    devices, taps, uplink, switch = [], [], None, None
     try:
         mac = parse_mac(args.mac) if args.mac else None
-        if args.switch:
-            switch = Switch(args.switch, args.mac_ageing)
-            for k, path in enumerate(sockets):
-                m = mac[:5] + bytes([(mac[5] + k) & 0xFF]) if mac else \
-                    default_mac(f"{args.switch}:{path or args.fd}")
-                devices.append(NetDevice(pairs=args.queues, mac=m, mtu=args.mtu, switch=switch,
-                                         port_index=k, max_queue_size=args.queue_size,
-                                         name=f"{args.switch}:{k}"))
-            if args.tap:
-                tap = Tap(args.tap, 1, args.mtu if args.mtu != vn.DEFAULT_MTU else None)
-                taps.append(tap)
-                uplink = Uplink(tap, switch, len(sockets))
-        else:
-            tap = Tap(args.tap, args.queues, args.mtu if args.mtu != vn.DEFAULT_MTU else None)
-            taps.append(tap)
-            devices.append(NetDevice(pairs=args.queues, mac=mac or default_mac(args.tap),
-                                     mtu=args.mtu, tap=tap, max_queue_size=args.queue_size,
-                                     name=args.tap))
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         sys.stderr.write(f"pyvhost-net: error: {e}\n")
-        for t in taps:
-            t.close()
         return 1
-
-    def ready(path):
-        def cb(_server):
-            log.info("serving %s on %s", "switch " + args.switch if args.switch else
-                     "tap " + args.tap, path or f"fd {args.fd}")
-        return cb
-
-    async def serve_all():
-        await asyncio.gather(*(server.serve(dev, socket_path=path, listen_fd=args.fd,
-                                            on_ready=ready(path))
-                               for dev, path in zip(devices, sockets)))
-
-    rc = 0
-    try:
-        server.run(serve_all, loop_name=args.loop)
-    except (server.ServerError, OSError) as e:
-        sys.stderr.write(f"pyvhost-net: error: {e}\n")
-        rc = 1
-    finally:
-        for dev in devices:
-            dev.reset()
-        if uplink is not None:
-            uplink.stop()
-        stats = {dev.name: dev.stats() for dev in devices}
-        if uplink is not None:
-            stats["uplink:" + uplink.tap.name] = uplink.stats()
-        if switch is not None:
-            stats["switch"] = switch.stats()
-        log.info("stats %s", json.dumps(stats, sort_keys=True))
-        for t in taps:
-            t.close()
-    return rc
+    common = dict(queues=args.queues, mtu=args.mtu, queue_size=args.queue_size, listen_fd=args.fd)
+    switches = {}
+    if args.switch:
+        devices = tuple(
+            config.NetSpec(name=f"{args.switch}:{k}", socket=path, switch=args.switch,
+                           mac=(mac[:5] + bytes([(mac[5] + k) & 0xFF])).hex(":") if mac else
+                           None, **common)
+            for k, path in enumerate(sockets))
+        switches[args.switch] = config.SwitchSpec(name=args.switch, tap=args.tap,
+                                                  mac_ageing=args.mac_ageing, mtu=args.mtu)
+    else:
+        devices = (config.NetSpec(name=args.tap, socket=sockets[0], tap=args.tap,
+                                  mac=args.mac, **common),)
+    conf = config.Config(path=None, devices=devices, switches=switches,
+                         service=config.ServiceSpec(metrics_address=args.metrics_address,
+                                                    log_level=args.log_level, loop=args.loop))
+    return service.run_single(conf, "pyvhost-net", args.loop)
 
 
 if __name__ == "__main__":

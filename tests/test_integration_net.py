@@ -11,7 +11,8 @@ vhost/frontend.py's NetFrontend over real Unix sockets.
   (tx never blocks, drops counted), hostile tx chains dropped and counted.
 
 Only TEST-NET-1 (192.0.2.0/24) addresses and locally administered MACs; every loop is bounded in
-count and time.  The backend's exit line `pyvhost.net: INFO: stats {json}` is checked too.
+count and time.  The backend's exit lines (`msg=stats device=NAME tx_packets=...`, one logfmt line
+per port) are checked too.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from protocols import virtio_net as vnet
 from tests import netns as nsh
 from tests.backends import short_tmpdir
 from tests.netbackends import pyvhost_net
+from vhost import logfmt
 from vhost.frontend import (ETH_P_IP, ETH_P_TEST, NetFrontend, RxPacket, make_frame,
                             tcp4_csum_ok, tcp4_frame, tcp4_gso_hdr)
 
@@ -43,7 +45,6 @@ MAC_C = bytes.fromhex("020c00000003")
 IP_GUEST, IP_HOST = "192.0.2.2", "192.0.2.1"
 SIZES = (60, 61, 64, 100, 127, 128, 255, 256, 512, 777, 1000, 1024, 1280, 1500, 1513, 1514)
 TIMEOUT = 10.0
-STATS_PREFIX = "pyvhost.net: INFO: stats "
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +230,16 @@ def wait_tap_up(ns: str, be, ifname: str = TAP, timeout: float = 15.0) -> nsh.Li
 
 
 def exit_stats(be) -> dict:
-    """The JSON of the backend's last `stats` log line (after it exited)."""
-    lines = [ln for ln in be.log_text().splitlines() if STATS_PREFIX in ln]
-    assert lines, f"no stats line in the backend log:\n{be.log_tail()}"
-    return json.loads(lines[-1].split(STATS_PREFIX, 1)[1])
+    """{device: {counter: value}} from the backend's `stats` log lines (after it exited)."""
+    out = {}
+    for ln in be.log_text().splitlines():
+        f = logfmt.parse_line(ln)
+        if f.get("msg") == "stats" and f.get("logger") == "pyvhost.net":
+            name = f["device"]
+            out[name] = {k: int(v) for k, v in f.items()
+                         if k not in ("ts", "level", "logger", "msg", "device")}
+    assert out, f"no stats line in the backend log:\n{be.log_tail()}"
+    return out
 
 
 def is_test_frame(frame: bytes) -> bool:

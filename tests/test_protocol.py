@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from protocols import virtio
 from protocols import vhost_user as vu
 from protocols.vhost_user import FrontendReq as R, ProtocolFeature as PF
-from vhost.device import Device, QueueHandle
+from vhost.device import Device, QueueHandle, WorkerStuck
 from vhost.protocol import MAX_MEM_SLOTS, SUPPORTED_PROTOCOL_FEATURES, BackendProtocol, \
     ProtocolClosed
 
@@ -911,6 +911,60 @@ def test_protocol_closed_then_connection_lost_releases_fds():
         p.proto.receive(b"\xff" * 12, [eventfd()])
     p.proto.connection_lost()
     assert fd_count() == before and not p.device.running
+
+
+class StuckDevice(FakeDevice):
+    """stop_queue of queue 0 gives up on its worker, as BlkDevice does after stop-timeout."""
+
+    def stop_queue(self, index):
+        if index == 0:
+            self.running.pop(index)
+            raise WorkerStuck("queue 0: the worker did not finish its in-flight I/O within "
+                              "0.1 s; abandoning it")
+        return super().stop_queue(index)
+
+
+def test_stuck_worker_keeps_memory_and_fds_and_ends_the_connection():
+    """A worker that did not stop may still write guest memory and signal its eventfds: the
+    protocol answers the current message, then ends the connection, and neither unmaps the
+    memory nor closes (and so frees for reuse) any fd the worker could touch."""
+    before = fd_count()
+    p = Peer(device=StuckDevice())
+    p.negotiate()
+    p.add_memory()
+    fds = p.setup_ring(0)
+    p.setup_ring(1)
+    p.enable(0)
+    p.enable(1)
+    region_ = p.proto.memory.regions[0]
+    body = p.get(R.GET_VRING_BASE, state(0, 0))         # still answered
+    assert vu.VringState.parse(body).index == 0
+    with pytest.raises(ProtocolClosed, match="abandoning"):
+        p.send(R.GET_VRING_BASE, state(1, 0))
+    p.proto.connection_lost()
+    assert region_.map_base != 0, "guest memory unmapped under a live worker"
+    assert is_open(fds["kick"]) and is_open(fds["call"])
+    assert p.device.stops(1) == [0]                     # the healthy queue still stopped
+    leaked = [x for x in p.proto._leaked if isinstance(x, int)]
+    assert fd_count() == before + len(leaked) and len(leaked) == 4     # both queues' kick+call
+    for fd in leaked:
+        os.close(fd)
+    region_.unmap()
+
+
+def test_join_worker_is_bounded():
+    import threading
+    import time
+    from vhost.device import join_worker
+    release = threading.Event()
+    t = threading.Thread(target=release.wait, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStuck, match="within 0.2 s"):
+        join_worker(t, 0.2, "queue 3")
+    assert 0.2 <= time.monotonic() - t0 < 2
+    release.set()
+    join_worker(t, 5, "queue 3")                        # a thread that ends joins quietly
 
 
 # --- fuzz: nothing but ProtocolClosed ever escapes -------------------------------------------

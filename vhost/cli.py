@@ -1,4 +1,5 @@
-"""cli.py: argument parsing only, following QEMU's vhost-user "Backend program conventions"
+"""cli.py: argument parsing only (pyvhost-blk, pyvhost-net, pyvhost serve|check), following
+QEMU's vhost-user "Backend program conventions"
 (docs/interop/vhost-user.rst): --socket-path or --fd (mutually exclusive), --print-capabilities,
 no daemonizing.  Errors are one line on stderr and a non-zero exit.  Nothing here opens files
 or sockets; devices/*.main wire the parsed options to the device and the server.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_USAGE = 2
@@ -51,11 +53,39 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="event loop (default: uvloop when installed; env PYVHOST_LOOP)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
+
+
+def _socket_activation(args) -> None:
+    """Under systemd socket activation (LISTEN_FDS): with neither --socket-path nor --fd, serve
+    the one inherited socket, as `--fd 3` would.  Either way the LISTEN_* variables are consumed
+    (unset, fds made close-on-exec), as sd_listen_fds(3) does."""
+    if "LISTEN_FDS" not in os.environ:
+        return
+    from .sdnotify import listen_fds
+    try:
+        fds = listen_fds()
+    except ValueError:
+        return
+    if not args.socket_path and args.fd is None and len(fds) == 1:
+        args.fd = fds[0][0]
+
+
+def _check_metrics(p, args) -> None:
+    if args.metrics_address is not None:
+        from .metrics import parse_address
+        try:
+            parse_address(args.metrics_address)
+        except ValueError as e:
+            p.error(str(e))
 
 
 def _check_listen(p, args) -> None:
     if args.print_capabilities:
         return
+    _socket_activation(args)
+    _check_metrics(p, args)
     if (args.socket_path is None) == (args.fd is None):
         p.error("exactly one of --socket-path and --fd is required")
     if args.fd is not None and args.fd < 0:
@@ -118,6 +148,8 @@ def net_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
     p.add_argument("--tap", metavar="NAME", help="tap device (created if missing); with "
                    "--switch: an uplink port of the switch")
     p.add_argument("--switch", metavar="NAME", help="join the sockets by an in-process "
@@ -139,6 +171,8 @@ def parse_net(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.print_capabilities:
         return args
+    _socket_activation(args)
+    _check_metrics(p, args)
     if (not args.socket_path) == (args.fd is None):
         p.error("exactly one of --socket-path and --fd is required")
     if not args.tap and not args.switch:
@@ -157,17 +191,32 @@ def parse_net(argv=None) -> argparse.Namespace:
     return args
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    """`pyvhost serve|check --config FILE` (vhost/service.py)."""
+    p = _Parser(prog="pyvhost", description="vhost-user device backends as a service")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    s = sub.add_parser("serve", help="serve the devices of a configuration file")
+    c = sub.add_parser("check", help="validate a configuration file and exit")
+    for q in (s, c):
+        q.add_argument("--config", required=True, metavar="FILE", help="TOML configuration")
+    s.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+                   help="overrides [service] log-level")
+    s.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                   help="overrides [service] metrics-address")
+    s.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
+    return p
+
+
 def print_capabilities(caps: dict) -> None:
     print(json.dumps(caps))
 
 
 def prologue(args: argparse.Namespace, caps: dict) -> bool:
     """What every backend program does first: answer --print-capabilities (True: exit 0 now),
-    else send logging to stderr at --log-level, one line per event."""
+    else send logging to stderr at --log-level, one logfmt line per event (vhost/logfmt.py)."""
     if args.print_capabilities:
         print_capabilities(caps)
         return True
-    import logging
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(name)s: %(levelname)s: %(message)s")
+    from . import logfmt
+    logfmt.setup(args.log_level)
     return False

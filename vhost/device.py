@@ -3,7 +3,9 @@ protocol hands a device when a virtqueue starts.
 
 Modelled on rust-vmm's VhostUserBackend and libvhost-user's VuDevIface: small, with defaults.
 Owns no I/O and no protocol state; the protocol (vhost/protocol.py) decides *when* queues start
-and stop, the device decides *how* (its Cython worker threads).
+and stop, the device decides *how* (its Cython worker threads).  Also owns the per-queue counter
+vocabulary (COUNTER_KEYS, what each means: Device.queue_counters) and `CounterTotals`, which
+keeps those counters cumulative across worker restarts; vhost/metrics.py only reads them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,57 @@ from protocols.vhost_user import ProtocolFeature
 from protocols import virtio
 
 from .memory import GuestMemory
+
+# The per-queue counters every device reports (Device.queue_counters says what they mean).
+COUNTER_KEYS = ("requests", "bytes_read", "bytes_written", "errors", "inflight", "kicks",
+                "notifications", "dropped", "broken")
+# Values "now" rather than running totals: never summed over stopped workers.
+GAUGE_KEYS = frozenset({"inflight", "broken"})
+
+
+def zero_counters() -> dict[str, int]:
+    return dict.fromkeys(COUNTER_KEYS, 0)
+
+
+class CounterTotals:
+    """What the stopped workers of each queue counted, so that a device's counters are cumulative
+    for the device object's lifetime: a Cython worker's counters start from zero, and workers
+    are replaced at every GET_VRING_BASE, memory-table change, reset and reconnect, but a
+    Prometheus counter must never go backwards.
+
+    `retire(index, final)` adds a stopped worker's final running totals and latches `broken`
+    (the ring is still broken while the queue is stopped); `clear_broken(index)` forgets the
+    latch (the frontend set the ring up again, or the device was reset); `view(index, live)`
+    is the retired totals plus the live worker's counters (None: no worker now).
+    Not thread-safe by itself: the device calls it under its own lock."""
+
+    def __init__(self, num_queues: int):
+        self._totals = {i: zero_counters() for i in range(num_queues)}
+
+    def retire(self, index: int, final: dict[str, int]) -> None:
+        t = self._totals.setdefault(index, zero_counters())
+        for k, v in final.items():
+            if k == "broken":
+                t[k] = int(bool(t[k] or v))
+            elif k not in GAUGE_KEYS:
+                t[k] += int(v)
+
+    def clear_broken(self, index: int | None = None) -> None:
+        for i in (list(self._totals) if index is None else (index,)):
+            self._totals.setdefault(i, zero_counters())["broken"] = 0
+
+    def view(self, index: int, live: dict[str, int] | None = None) -> dict[str, int]:
+        out = dict(self._totals.get(index) or zero_counters())
+        out["inflight"] = 0
+        if live:
+            for k, v in live.items():
+                if k == "broken":
+                    out[k] = int(bool(out[k] or v))
+                elif k == "inflight":
+                    out[k] = int(v)
+                else:
+                    out[k] += int(v)
+        return out
 
 
 @dataclass
@@ -41,10 +94,32 @@ class QueueHandle:
         return bool(self.features & virtio.F_RING_INDIRECT_DESC)
 
 
+# How long stop_queue waits for a worker to finish its in-flight requests before giving up on it
+# (config stop-timeout).  A worker blocked on storage that never answers (a hung NFS server, a
+# dead multipath device) must not hang the control plane, SIGTERM included, forever.
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+class WorkerStuck(RuntimeError):
+    """A queue worker did not stop within the stop timeout and was abandoned.  It may still read
+    and write guest memory and signal its eventfds, so whoever raised this keeps the worker's
+    state alive, and the protocol keeps the memory mapped and the fds open (leaked, not reused)."""
+
+
+def join_worker(thread, timeout: float | None, what: str) -> None:
+    """Join a stopped worker thread, waiting at most `timeout` seconds (None: forever)."""
+    thread.join(timeout)
+    if thread.is_alive():
+        raise WorkerStuck(f"{what}: the worker did not finish its in-flight I/O within "
+                          f"{timeout:g} s; abandoning it")
+
+
 class Device(abc.ABC):
     """A virtio device served over vhost-user."""
 
     num_queues: int = 1
+    stop_timeout: float | None = DEFAULT_STOP_TIMEOUT
+    abandoned: int = 0          # workers given up on (WorkerStuck)
     max_queue_size: int = 1024
     device_type: str = "unknown"
 
@@ -85,6 +160,29 @@ class Device(abc.ABC):
 
     def queue_stats(self, index: int) -> dict:
         return {}
+
+    def queue_counters(self) -> dict[int, dict[str, int]]:
+        """Per-virtqueue counters for monitoring: for every queue index 0..num_queues-1, started
+        or not, a dict with exactly the COUNTER_KEYS, all ints:
+
+        requests       requests (blk) or frames (net) the queue completed
+        bytes_read     bytes the device read: blk from the backing store into guest memory
+                       (virtio IN), net from guest memory (tx frames)
+        bytes_written  bytes the device wrote: blk to the backing store (OUT), net into guest
+                       memory (rx frames)
+        errors         requests or buffers that failed on this queue, plus corrupt avail rings
+        inflight       requests submitted to the backing store and not yet completed (gauge)
+        kicks          kick eventfd wake-ups the queue's worker consumed
+        notifications  call eventfd signals the queue's worker sent to the frontend
+        dropped        frames dropped (net); 0 for blk
+        broken         1 while the queue's ring is marked broken (corrupt avail ring) (gauge)
+
+        Everything but the two gauges is cumulative for the lifetime of the device object
+        (across worker restarts and frontend reconnects).  Devices spell out the details in
+        their own queue_counters.  Called from a monitoring thread while the event loop starts
+        and stops workers: implementations must not race with that (take the device's lock).
+        This default reports zeros."""
+        return {i: zero_counters() for i in range(self.num_queues)}
 
     def reset(self) -> None:
         """Device reset (RESET_DEVICE / RESET_OWNER / disconnect); queues are already stopped."""

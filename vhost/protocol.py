@@ -59,7 +59,7 @@ from protocols.vhost_user import (
     u64,
 )
 
-from .device import Device, QueueHandle
+from .device import Device, QueueHandle, WorkerStuck
 from .memory import GuestMemory, GuestMemoryError, MappedRegion
 
 log = logging.getLogger("pyvhost.protocol")
@@ -196,6 +196,11 @@ class BackendProtocol:
         self._pending_fds: list[int] = []
         self._dead = False
         self._failed = ""            # why the connection must close (set with ProtocolClosed)
+        # A worker that did not stop (WorkerStuck) may still use guest memory and its eventfds:
+        # from then on nothing is unmapped or closed (kept here, leaked on purpose) and the
+        # connection ends after the current message.
+        self._stuck = False
+        self._leaked: list = []
 
         self._features = 0
         self._protocol_features = ProtocolFeature(0)
@@ -340,6 +345,24 @@ class BackendProtocol:
                                                    msg_fds)))
         return replies
 
+    def _release_fd(self, fd: int) -> None:
+        if self._stuck:
+            if fd >= 0:
+                self._leaked.append(fd)
+        else:
+            _close(fd)
+
+    def _release_queue_fds(self, q) -> None:
+        for attr in ("kick_fd", "call_fd", "err_fd"):
+            self._release_fd(getattr(q, attr))
+            setattr(q, attr, -1)
+
+    def _release_region(self, r: MappedRegion) -> None:
+        if self._stuck:
+            self._leaked.append(r)
+        else:
+            r.unmap()
+
     def _broken(self, reason: str):
         for fd in self._pending_fds:
             _close(fd)
@@ -466,6 +489,11 @@ class BackendProtocol:
             q.running = False
             try:
                 base = self.device.stop_queue(q.index)
+            except WorkerStuck as e:
+                self._stuck = True
+                self._failed = str(e)
+                log.error("%s%s; its guest memory and fds stay mapped and open",
+                          self._prefix, e)
             except Exception as e:
                 self._log_once(f"queue {q.index} failed to stop cleanly: "
                                f"{type(e).__name__}: {e}")
@@ -500,7 +528,7 @@ class BackendProtocol:
         except Exception as e:
             self._log_once(f"device reset failed: {type(e).__name__}: {e}")
         for q in self._queues:
-            q.close_fds()
+            self._release_queue_fds(q)
         self._queues = [_Queue(i) for i in range(len(self._queues))]
         self._features = 0
         self._status = 0
@@ -530,7 +558,7 @@ class BackendProtocol:
         keep = {id(r) for r in new.regions}
         for r in old.regions:
             if id(r) not in keep:
-                r.unmap()
+                self._release_region(r)
         if errors:
             raise RequestError("; ".join(errors))
 
@@ -641,7 +669,7 @@ class BackendProtocol:
                 FrontendReq.SET_VRING_ERR: "err_fd"}[msg.request]
         if q.running:          # the worker polls the old fd: stop it before closing that
             self._stop(q)
-        _close(getattr(q, attr))
+        self._release_fd(getattr(q, attr))
         setattr(q, attr, fd)
         if msg.request == FrontendReq.SET_VRING_KICK:
             q.started = True
@@ -770,9 +798,14 @@ class BackendProtocol:
                 log.warning("%sdevice reset failed: %s: %s", self._prefix, type(e).__name__, e)
         finally:
             for q in self._queues:
-                q.close_fds()
+                self._release_queue_fds(q)
                 q.host = None
-            self._memory.unmap_all()
+            if self._stuck:
+                self._leaked.extend(self._memory.regions)
+                log.error("%sleaving guest memory mapped and %d fds open for a stuck worker",
+                          self._prefix, sum(1 for x in self._leaked if isinstance(x, int)))
+            else:
+                self._memory.unmap_all()
             self._memory = GuestMemory()
             _close(self._backend_req_fd)
             self._backend_req_fd = -1

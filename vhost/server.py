@@ -67,9 +67,11 @@ def _send_all(conn: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """Listen at `path` (mode 0600).  A stale socket file is replaced; a socket someone still
-    listens on, or any other kind of file, is refused."""
+def _bind_unix(path: str, mode: int = 0o600,
+               group: str | None = None) -> tuple[socket.socket, tuple[int, int]]:
+    """Listen at `path` (mode 0600 unless `mode`; group `group` if given, so that QEMU running
+    as another user in that group can connect).  A stale socket file is replaced; a socket
+    someone still listens on, or any other kind of file, is refused."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -105,6 +107,17 @@ def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
         raise ServerError(f"cannot bind {path}: {e}") from None
     finally:
         os.umask(old_umask)
+    try:
+        # bound 0600 by the umask first, widened only now: never briefly open to everyone
+        if group is not None:
+            import grp
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        if mode != 0o600:
+            os.chmod(path, mode)
+    except (OSError, KeyError) as e:
+        sock.close()
+        os.unlink(path)
+        raise ServerError(f"cannot set group/mode of {path}: {e}") from None
     sock.listen(LISTEN_BACKLOG)
     st = os.stat(path)
     return sock, (st.st_dev, st.st_ino)
@@ -134,20 +147,32 @@ class Server:
 
     `device_factory_or_device` is either a Device (reused across connections; the protocol
     resets it at every disconnect) or a zero-argument callable returning a Device per
-    connection.  `on_ready(server)` (plain or async) is called once the socket listens.
+    connection.  `on_ready(server)` (plain or async) is called once the socket listens;
+    `on_connection(server, connected)` when a frontend connects (True) and after it is gone
+    (False).  `name` labels the log lines (the device name).
     """
 
     def __init__(self, device_factory_or_device, *, socket_path: str | None = None,
-                 listen_fd: int | None = None, on_ready=None):
+                 listen_fd: int | None = None, on_ready=None, on_connection=None,
+                 socket_mode: int = 0o600, socket_group: str | None = None,
+                 name: str | None = None):
         if (socket_path is None) == (listen_fd is None):
             raise ValueError("exactly one of socket_path and listen_fd is required")
         self._device_source = device_factory_or_device
         self.socket_path = socket_path
         self.listen_fd = listen_fd
         self._on_ready = on_ready
+        self._on_connection = on_connection
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.name = name
+        self._log_fields = {"device": name} if name else {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._listener: socket.socket | None = None
+        self._identity = None
+        self._where = ""
         self.connections = 0            # connections accepted so far
         self.protocol: BackendProtocol | None = None    # the current connection's, if any
 
@@ -156,28 +181,53 @@ class Server:
         return src if _is_device(src) else src()
 
     def stop(self) -> None:
-        """Stop serving (thread-safe): the current connection is dropped, serve returns."""
+        """Stop serving (thread-safe): stop accepting at once (while a frontend is connected the
+        listening socket is closed and its file removed before the connection is torn down,
+        so nobody connects to a backend that is going away), drop the current connection,
+        serve_forever returns."""
         self._stopping = True
         loop, task = self._loop, self._task
         if loop is None or task is None:
             return
+
+        def stop_in_loop():
+            if self.protocol is not None:   # no accept is pending on the listener now
+                self._close_listener()
+            task.cancel()
+
         try:
-            loop.call_soon_threadsafe(task.cancel)
+            loop.call_soon_threadsafe(stop_in_loop)
         except RuntimeError:        # loop already closed: nothing left to stop
             pass
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        if self._identity is not None:
+            try:
+                st = os.stat(self.socket_path)
+                if (st.st_dev, st.st_ino) == self._identity:
+                    os.unlink(self.socket_path)     # only the socket we bound, never another's
+            except OSError:
+                pass
+        log.info("stopped listening on %s", self._where, extra={"fields": self._log_fields})
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop, self._task = loop, asyncio.current_task()
-        identity = None
+        self._identity = None
         if self.socket_path is not None:
-            listener, identity = _bind_unix(self.socket_path)
-            where = self.socket_path
+            listener, self._identity = _bind_unix(self.socket_path, self.socket_mode,
+                                                  self.socket_group)
+            self._where = self.socket_path
         else:
             listener = _adopt_listen_fd(self.listen_fd)
-            where = f"fd {self.listen_fd}"
+            self._where = f"fd {self.listen_fd}"
         listener.setblocking(False)
-        log.info("listening on %s", where)
+        self._listener = listener
+        log.info("listening on %s", self._where, extra={"fields": self._log_fields})
         try:
             if self._stopping:
                 return
@@ -192,15 +242,7 @@ class Server:
             if not self._stopping:
                 raise
         finally:
-            listener.close()
-            if identity is not None:
-                try:
-                    st = os.stat(self.socket_path)
-                    if (st.st_dev, st.st_ino) == identity:
-                        os.unlink(self.socket_path)
-                except OSError:
-                    pass
-            log.info("stopped listening on %s", where)
+            self._close_listener()
 
     async def _serve_connection(self, loop, conn: socket.socket) -> None:
         self.connections += 1
@@ -211,7 +253,8 @@ class Server:
         try:
             protocol = BackendProtocol(self._device(), name=f"connection {self.connections}")
             self.protocol = protocol
-            log.info("frontend connected (%s)", peer)
+            log.info("frontend connected (%s)", peer, extra={"fields": self._log_fields})
+            self._notify_connection(True)
             done = loop.create_future()
             loop.add_reader(conn.fileno(), self._on_readable, conn, protocol, done)
             try:
@@ -224,9 +267,19 @@ class Server:
                     protocol.connection_lost()
                 except Exception:
                     log.exception("connection cleanup failed")
-                log.info("frontend disconnected (%s): %s", peer, reason)
+                log.info("frontend disconnected (%s): %s", peer, reason,
+                         extra={"fields": self._log_fields})
             self.protocol = None
             conn.close()
+            if protocol is not None:
+                self._notify_connection(False)
+
+    def _notify_connection(self, connected: bool) -> None:
+        if self._on_connection is not None:
+            try:
+                self._on_connection(self, connected)
+            except Exception:
+                log.exception("connection callback failed")
 
     @staticmethod
     def _on_readable(conn: socket.socket, protocol: BackendProtocol, done) -> None:
@@ -264,11 +317,12 @@ class Server:
 
 
 async def serve(device_factory_or_device, *, socket_path: str | None = None,
-                listen_fd: int | None = None, on_ready=None) -> None:
+                listen_fd: int | None = None, on_ready=None, **kw) -> None:
     """Serve frontends until stopped (`server.stop()`, task cancellation, SIGTERM via run).
-    `on_ready(server)` is called with the Server once the socket listens."""
+    `on_ready(server)` is called with the Server once the socket listens; other keywords as
+    Server."""
     server = Server(device_factory_or_device, socket_path=socket_path, listen_fd=listen_fd,
-                    on_ready=on_ready)
+                    on_ready=on_ready, **kw)
     await server.serve_forever()
 
 

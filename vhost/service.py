@@ -1,0 +1,619 @@
+"""service.py: one process serving many devices: `pyvhost serve --config FILE`, and the runtime
+behind the single-device programs pyvhost-blk / pyvhost-net (their command lines become a
+one-device configuration).
+
+Owns the lifecycle of a set of devices: build each from its spec (vhost/config.py), give each its
+own Server (its own socket, its own queue workers), switches and their uplinks, systemd
+integration (READY/STATUS/WATCHDOG/STOPPING/RELOADING notifications, socket activation by
+LISTEN_FDNAMES = device name), the metrics endpoint, signals (SIGTERM/SIGINT: stop accepting,
+let in-flight I/O complete within stop-timeout, close sockets, exit 0; SIGHUP: re-read the file,
+start added devices, stop removed ones, restart changed ones, leave the rest untouched).
+
+Must not: parse TOML (config.py), speak vhost-user (protocol.py), touch a ring (cython_ext).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from . import config as cfg
+from . import logfmt
+from .sdnotify import Notifier, listen_fds, socket_path_of
+from .server import Server, ServerError, new_event_loop, default_loop_name
+
+log = logging.getLogger("pyvhost.service")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class StartError(Exception):
+    """A device could not be built or its socket could not listen; str() is the one line."""
+
+
+@dataclass
+class DeviceRuntime:
+    spec: object
+    device: object
+    server: Server
+    task: asyncio.Task | None = None
+    ready: asyncio.Future | None = None
+    port_index: int | None = None
+    tap: object = None                  # tap-mode net device: the Tap we opened
+
+
+@dataclass
+class SwitchRuntime:
+    spec: cfg.SwitchSpec
+    switch: object
+    uplink: object = None
+    uplink_tap: object = None
+    ports: dict = field(default_factory=dict)      # device name -> port index
+    # Ports of removed devices stay allocated: another sender may still hold a pointer to them
+    # in the middle of a batch (cython_ext/net.pyx forwards without the switch lock), so a
+    # port_t is only freed with the whole switch, once none of its workers runs.
+    retired: list = field(default_factory=list)
+
+    def free_index(self) -> int:
+        used = set(self.ports.values()) | {p.index for p in self.retired}
+        if self.uplink is not None:
+            used.add(self.uplink.port.index)
+        for k in range(cfg.MAX_SWITCH_PORTS):
+            if k not in used:
+                return k
+        raise ValueError(f"switch {self.spec.name} has no free port left (ports of removed "
+                         f"devices are reclaimed when the service restarts)")
+
+
+def _fields(**kw):
+    return {"fields": kw}
+
+
+class Service:
+    """The devices of one configuration, served until stop()."""
+
+    def __init__(self, config: cfg.Config, *, notifier: Notifier | None = None,
+                 activation: dict[str, int] | None = None, reloadable: bool = True):
+        self.config = config
+        self.notifier = notifier if notifier is not None else Notifier.from_env()
+        # socket activation: device name -> inherited listening fd (kept open for the life of
+        # the process; each Server gets a dup, so a device removed and re-added by a reload
+        # serves the same socket again)
+        self.activation = dict(activation or {})
+        self.reloadable = reloadable
+        self.devices: dict[str, DeviceRuntime] = {}
+        self.switches: dict[str, SwitchRuntime] = {}
+        self.metrics = None
+        self.stop_timeout = config.service.stop_timeout
+        self.abandoned = 0               # queues whose worker outlived stop-timeout
+        self._stopping: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._reload_tasks: set = set()
+        self.loop_name = "?"
+
+    # -- naming and status ---------------------------------------------------------------------
+
+    def where(self, spec) -> str:
+        """Error prefix naming the file and device ('' for a command-line device)."""
+        if self.config.path is None:
+            return ""
+        return f"{self.config.path}: device \"{spec.name}\": "
+
+    def status_text(self) -> str:
+        n = len(self.devices)
+        connected = sorted(name for name, rt in self.devices.items()
+                           if rt.server.protocol is not None)
+        text = f"serving {n} device{'s' if n != 1 else ''}; {len(connected)} frontend" \
+               f"{'s' if len(connected) != 1 else ''} connected"
+        if connected:
+            text += " (" + ", ".join(connected) + ")"
+        return text
+
+    def samples(self):
+        """Metrics: one DeviceSample per running device (called from the metrics thread)."""
+        from .metrics import DeviceSample
+        out = []
+        for name, rt in list(self.devices.items()):
+            try:
+                queues = rt.device.queue_counters()
+            except Exception:
+                log.exception("reading the counters of %s failed", name)
+                queues = {}
+            out.append(DeviceSample(name=name, type=rt.spec.type,
+                                    connected=rt.server.protocol is not None,
+                                    queues=queues, socket=rt.spec.socket))
+        return out
+
+    # -- building devices ----------------------------------------------------------------------
+
+    def _switch_for(self, name: str) -> SwitchRuntime:
+        sr = self.switches.get(name)
+        if sr is not None:
+            return sr
+        from cython_ext.net import Switch
+        from devices.net import Tap, Uplink
+        spec = self.config.switches[name]
+        sr = SwitchRuntime(spec=spec, switch=Switch(spec.name, spec.mac_ageing))
+        if spec.tap:
+            tap = Tap(spec.tap, 1, spec.mtu if spec.mtu != 1500 else None)
+            try:
+                sr.uplink = Uplink(tap, sr.switch, 0)
+            except BaseException:
+                tap.close()
+                raise
+            sr.uplink_tap = tap
+            log.info("switch %s: uplink tap %s", name, spec.tap, extra=_fields(switch=name))
+        self.switches[name] = sr
+        return sr
+
+    def _drop_switch_if_unused(self, name: str) -> None:
+        sr = self.switches.get(name)
+        if sr is None or sr.ports:
+            return
+        if sr.uplink is not None:
+            sr.uplink.stop()
+            sr.uplink_tap.close()
+        del self.switches[name]
+        log.info("switch %s removed", name, extra=_fields(switch=name))
+
+    def _build(self, spec) -> DeviceRuntime:
+        """Open the backing store / tap / switch port of one device (no socket yet)."""
+        tap = None
+        port_index = None
+        if spec.type == "block":
+            from devices.blk import BlkDevice
+            dev = BlkDevice.open(None if spec.null else spec.blk_file, create_size=spec.size,
+                                 read_only=spec.read_only, num_queues=spec.num_queues,
+                                 max_queue_size=spec.queue_size, serial=spec.serial,
+                                 use_io_uring=not spec.no_io_uring, direct=not spec.buffered,
+                                 poll_us=spec.poll_us)
+        else:
+            from devices.net import NetDevice, Tap, default_mac, parse_mac
+            if spec.tap:
+                mac = parse_mac(spec.mac) if spec.mac else default_mac(spec.tap)
+                tap = Tap(spec.tap, spec.queues, spec.mtu if spec.mtu != 1500 else None)
+                try:
+                    dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, tap=tap,
+                                    max_queue_size=spec.queue_size, name=spec.name)
+                except BaseException:
+                    tap.close()
+                    raise
+            else:
+                mac = parse_mac(spec.mac) if spec.mac else \
+                    default_mac(f"{spec.switch}:{spec.socket}")
+                sr = self._switch_for(spec.switch)
+                port_index = sr.free_index()
+                dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, switch=sr.switch,
+                                port_index=port_index, max_queue_size=spec.queue_size,
+                                name=spec.name)
+                sr.ports[spec.name] = port_index
+        if hasattr(dev, "stop_timeout"):
+            dev.stop_timeout = self.stop_timeout
+        listen_fd = spec.listen_fd
+        socket_path = spec.socket
+        if spec.name in self.activation:
+            listen_fd = os.dup(self.activation[spec.name])
+            bound = socket_path_of(self.activation[spec.name])
+            if spec.socket and bound and os.path.realpath(bound) != os.path.realpath(spec.socket):
+                log.warning("%s: the socket-activated socket is %s, not the configured %s; "
+                            "serving the inherited one", spec.name, bound, spec.socket,
+                            extra=_fields(device=spec.name))
+        if listen_fd is not None:
+            socket_path = None
+        svc = self.config.service
+        server = Server(dev, socket_path=socket_path, listen_fd=listen_fd, name=spec.name,
+                        socket_mode=svc.socket_mode, socket_group=svc.socket_group,
+                        on_connection=self._on_connection)
+        return DeviceRuntime(spec=spec, device=dev, server=server, port_index=port_index,
+                             tap=tap)
+
+    def _close_device(self, rt: DeviceRuntime, log_stats: bool = True) -> None:
+        dev = rt.device
+        try:
+            dev.reset()
+        except Exception:
+            log.exception("%s: reset failed", rt.spec.name)
+        if log_stats:
+            self._log_stats(rt)
+        if hasattr(dev, "close"):
+            dev.close()
+        if rt.tap is not None:
+            rt.tap.close()
+        if rt.port_index is not None:
+            sr = self.switches.get(rt.spec.switch)
+            if sr is not None:
+                sr.ports.pop(rt.spec.name, None)
+                dev.port.detach()
+                sr.retired.append(dev.port)
+        self.abandoned += getattr(dev, "abandoned", 0)
+
+    def _log_stats(self, rt: DeviceRuntime) -> None:
+        stats = getattr(rt.device, "stats", None)
+        try:
+            counters = stats() if callable(stats) else None
+        except Exception:
+            counters = None
+        if counters is None:
+            try:
+                per_queue = rt.device.queue_counters()
+            except Exception:
+                return
+            counters = {}
+            for q in per_queue.values():
+                for k, v in q.items():
+                    counters[k] = counters.get(k, 0) + v
+        logger = logging.getLogger(f"pyvhost.{'net' if rt.spec.type == 'net' else 'blk'}")
+        logger.info("stats", extra=_fields(device=rt.spec.name, **counters))
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _on_connection(self, server: Server, connected: bool) -> None:
+        self.notifier.status(self.status_text())
+
+    async def _start(self, rt: DeviceRuntime) -> None:
+        loop = asyncio.get_running_loop()
+        rt.ready = loop.create_future()
+
+        def on_ready(_server):
+            if not rt.ready.done():
+                rt.ready.set_result(True)
+
+        rt.server._on_ready = on_ready
+        rt.task = loop.create_task(rt.server.serve_forever(), name=f"serve {rt.spec.name}")
+        await asyncio.wait([rt.ready, rt.task], return_when=asyncio.FIRST_COMPLETED)
+        if not rt.ready.done():
+            exc = rt.task.exception() if not rt.task.cancelled() else None
+            raise StartError(f"{self.where(rt.spec)}{exc or 'server stopped'}")
+        self.devices[rt.spec.name] = rt
+        rt.task.add_done_callback(lambda t, name=rt.spec.name: self._server_ended(name, t))
+        log.info("serving %s", _describe(rt.spec), extra=_fields(device=rt.spec.name))
+
+    def _server_ended(self, name: str, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stopping is None or self._stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None and self.devices.get(name) is not None \
+                and self.devices[name].task is task:
+            log.error("%s stopped serving: %s", name, exc, extra=_fields(device=name))
+
+    async def _stop(self, name: str, log_stats: bool = True) -> None:
+        rt = self.devices.pop(name)
+        rt.server.stop()
+        if rt.task is not None:
+            try:
+                await rt.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._close_device(rt, log_stats)
+        log.info("device %s stopped", name, extra=_fields(device=name))
+
+    async def start_all(self) -> None:
+        """Build every device, then listen on every socket; any failure stops what started and
+        raises StartError (one line)."""
+        built: list[DeviceRuntime] = []
+        try:
+            for spec in self.config.devices:
+                try:
+                    built.append(self._build(spec))
+                except (OSError, ValueError) as e:
+                    raise StartError(f"{self.where(spec)}{e}") from None
+            for rt in built:
+                await self._start(rt)
+        except BaseException:
+            # start-up failed: undo quietly (the caller prints the one error line)
+            for rt in built:
+                if rt.spec.name in self.devices:
+                    await self._stop(rt.spec.name, log_stats=False)
+                else:
+                    if rt.task is not None and not rt.task.done():
+                        rt.task.cancel()
+                    self._close_device(rt, log_stats=False)
+            for name in list(self.switches):
+                self._drop_switch_if_unused(name)
+            raise
+
+    def _start_metrics(self, address: str | None) -> None:
+        if address is None:
+            return
+        from .metrics import start_metrics_server
+        try:
+            self.metrics = start_metrics_server(address, self.samples)
+        except (OSError, ValueError) as e:
+            raise StartError(f"{self.config.path or 'metrics'}: metrics-address {address}: {e}") \
+                from None
+        log.info("metrics on http://%s/metrics", self.metrics.address,
+                 extra=_fields(metrics=self.metrics.address))
+
+    async def run(self) -> None:
+        """Start everything, tell systemd READY=1, serve until stop(), then shut down."""
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._start_metrics(self.config.service.metrics_address)
+        try:
+            await self.start_all()
+        except BaseException:
+            self._close_metrics()
+            raise
+        n = len(self.devices)
+        log.info("ready: %d device%s", n, "s" if n != 1 else "",
+                 extra=_fields(loop=self.loop_name, config=self.config.path or "-",
+                               pid=os.getpid()))
+        self.notifier.ready(self.status_text())
+        try:
+            interval = self.notifier.watchdog_interval()
+        except ValueError as e:
+            log.warning("ignoring the watchdog: %s", e)
+            interval = None
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(interval))
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # Pinged from the event loop itself: a wedged control plane stops the pings and systemd
+        # restarts the service (WatchdogSec=).
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping("stopping")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for t in list(self._reload_tasks):
+            t.cancel()
+        inflight = 0
+        for rt in self.devices.values():
+            try:
+                inflight += sum(q.get("inflight", 0) for q in rt.device.queue_counters().values())
+            except Exception:
+                pass
+        log.info("stopping %d device%s", len(self.devices), "s" if len(self.devices) != 1 else "",
+                 extra=_fields(inflight=inflight))
+        # stop accepting everywhere first, then wait for each device's teardown (in-flight I/O
+        # completes inside the device's stop_queue, bounded by stop-timeout)
+        for rt in self.devices.values():
+            rt.server.stop()
+        for name in list(self.devices):
+            await self._stop(name)
+        for name in list(self.switches):
+            sr = self.switches.pop(name)
+            if sr.uplink is not None:
+                sr.uplink.stop()
+                logging.getLogger("pyvhost.net").info(
+                    "stats", extra=_fields(device=f"uplink:{sr.uplink_tap.name}",
+                                           **sr.uplink.stats()))
+                sr.uplink_tap.close()
+            logging.getLogger("pyvhost.net").info(
+                "stats", extra=_fields(device=f"switch:{name}", **sr.switch.stats()))
+        self._close_metrics()
+        for fd in self.activation.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.activation.clear()
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    # -- SIGHUP --------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        loop = asyncio.get_running_loop()
+        t = loop.create_task(self.reload())
+        self._reload_tasks.add(t)
+        t.add_done_callback(self._reload_tasks.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and apply the difference.  Returns False (and keeps
+        running the old configuration) when the new file is invalid."""
+        async with self._reload_lock:
+            if self._stopping is not None and self._stopping.is_set():
+                return False
+            if not self.reloadable or self.config.path is None:
+                log.warning("SIGHUP: no configuration file to reload")
+                return False
+            self.notifier.reloading()
+            try:
+                new = cfg.load(self.config.path)
+            except cfg.ConfigError as e:
+                log.error("reload failed, keeping the running configuration: %s", e)
+                self.notifier.ready(self.status_text())
+                return False
+            old = self.config
+            changed_switches = {n for n, s in old.switches.items() if new.switches.get(n) != s}
+            stop, start = [], []
+            for name, rt in self.devices.items():
+                spec = _find(new, name)
+                if spec is None or spec != rt.spec or \
+                        (spec.type == "net" and spec.switch in changed_switches):
+                    stop.append(name)
+            for spec in new.devices:
+                if spec.name not in self.devices or spec.name in stop:
+                    start.append(spec)
+            for name in stop:
+                await self._stop(name)
+            self.config = new
+            for name in list(self.switches):
+                if name in changed_switches:
+                    # its ports were all stopped above; a changed switch is rebuilt from scratch
+                    self.switches[name].ports.clear()
+                    sr = self.switches.pop(name)
+                    if sr.uplink is not None:
+                        sr.uplink.stop()
+                        sr.uplink_tap.close()
+                else:
+                    self._drop_switch_if_unused(name)
+            failed = []
+            for spec in start:
+                try:
+                    rt = self._build(spec)
+                except (OSError, ValueError) as e:
+                    failed.append(spec.name)
+                    log.error("%s%s", self.where(spec), e, extra=_fields(device=spec.name))
+                    continue
+                try:
+                    await self._start(rt)
+                except StartError as e:
+                    failed.append(spec.name)
+                    log.error("%s", e, extra=_fields(device=spec.name))
+                    self._close_device(rt)
+            self._apply_service(old.service, new.service)
+            unchanged = len(self.devices) - len(start) + len(failed)
+            log.info("reloaded %s: %d started, %d stopped, %d unchanged, %d failed",
+                     new.path, len(start) - len(failed), len(stop), unchanged, len(failed),
+                     extra=_fields(started=",".join(s.name for s in start
+                                                    if s.name not in failed) or "-",
+                                   stopped=",".join(stop) or "-",
+                                   failed=",".join(failed) or "-"))
+            self.notifier.ready(self.status_text())
+            return not failed
+
+    def _apply_service(self, old: cfg.ServiceSpec, new: cfg.ServiceSpec) -> None:
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+        self.stop_timeout = new.stop_timeout
+        if new.metrics_address != old.metrics_address:
+            self._close_metrics()
+            try:
+                self._start_metrics(new.metrics_address)
+            except StartError as e:
+                log.error("%s", e)
+        if (new.socket_mode, new.socket_group) != (old.socket_mode, old.socket_group):
+            log.info("socket-mode/socket-group apply to sockets bound from now on")
+        if new.loop != old.loop:
+            log.warning("loop is only read at start; restart the service to change it")
+
+
+def _find(config: cfg.Config, name: str):
+    try:
+        return config.device(name)
+    except KeyError:
+        return None
+
+
+def _describe(spec) -> str:
+    where = spec.socket if spec.listen_fd is None else f"fd {spec.listen_fd}"
+    if spec.type == "block":
+        what = "null device" if spec.null else spec.blk_file
+        ro = ", read-only" if spec.read_only else ""
+        return f"block {what}{ro} ({spec.num_queues} queue{'s' if spec.num_queues > 1 else ''})" \
+               f" on {where}"
+    what = f"tap {spec.tap}" if spec.tap else f"switch {spec.switch}"
+    return f"net {what} ({spec.queues} pair{'s' if spec.queues > 1 else ''}) on {where}"
+
+
+# -- running a Service as a program ---------------------------------------------------------------
+
+def run_service(service: Service, loop_name: str | None = None, prog: str = "pyvhost") -> int:
+    """Run `service` on the selected event loop with the signal handling systemd expects.
+    Returns the exit status: 0 after SIGTERM/SIGINT, 1 when start-up failed (one line on stderr)
+    or when a queue's in-flight I/O did not complete within stop-timeout."""
+    name = loop_name or service.config.service.loop or default_loop_name()
+    loop = new_event_loop(name)
+    asyncio.set_event_loop(loop)
+    service.loop_name = name
+    installed = []
+    try:
+        def on_stop(signum):
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            service.stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop, signum)
+            installed.append(signum)
+        loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+        installed.append(signal.SIGHUP)
+        try:
+            loop.run_until_complete(service.run())
+        except (StartError, ServerError) as e:
+            sys.stderr.write(f"{prog}: error: {e}\n")
+            return EXIT_FAIL
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+    if service.abandoned:
+        log.error("%d queue%s did not finish in-flight I/O within %.0f s", service.abandoned,
+                  "s" if service.abandoned != 1 else "", service.stop_timeout)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def activation_map(prog: str) -> dict[str, int]:
+    """Socket activation: LISTEN_FDNAMES -> {device name: fd}.  Unnamed fds ('unknown') and
+    names no device uses are reported and closed by the caller's Service via the config."""
+    out = {}
+    for fd, name in listen_fds():
+        if name in out:
+            log.warning("socket activation: two sockets named %s; using the first", name)
+            os.close(fd)
+            continue
+        out[name] = fd
+    return out
+
+
+def main(argv=None) -> int:
+    from .cli import serve_parser
+    p = serve_parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.error("a command is required: serve or check")
+    try:
+        config = cfg.load(args.config)
+    except cfg.ConfigError as e:
+        sys.stderr.write(f"pyvhost: error: {e}\n")
+        return EXIT_FAIL
+    if args.command == "check":
+        print(f"{args.config}: {len(config.devices)} device"
+              f"{'s' if len(config.devices) != 1 else ''} OK")
+        return EXIT_OK
+    svc = config.service
+    overrides = {}
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if args.metrics_address:
+        from .metrics import parse_address
+        try:
+            parse_address(args.metrics_address)
+        except ValueError as e:
+            p.error(str(e))
+        overrides["metrics_address"] = args.metrics_address
+    if overrides:
+        import dataclasses
+        config = dataclasses.replace(config, service=dataclasses.replace(svc, **overrides))
+    logfmt.setup(config.service.log_level)
+    activation = activation_map("pyvhost")
+    names = {d.name for d in config.devices}
+    for name in sorted(set(activation) - names):
+        log.warning("socket activation: no device named %s in %s; closing that socket",
+                    name, args.config)
+        os.close(activation.pop(name))
+    service = Service(config, activation=activation)
+    return run_service(service, args.loop, prog="pyvhost")
+
+
+def run_single(config: cfg.Config, prog: str, loop_name: str | None) -> int:
+    """pyvhost-blk / pyvhost-net: a one-configuration service built from the command line."""
+    return run_service(Service(config, reloadable=False), loop_name, prog=prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
