@@ -209,19 +209,15 @@ class BlkDevice(Device):
             log.error("%s", e)
             raise
         last = w.last_avail
-        self._last_stats = w.stats()
+        final = w.stats()
         # The worker stays listed until its final counters are in the totals, both under the
         # lock, so a scrape never sees the queue's counters dip.
         with self._lock:
-            self._totals.retire(index, self._counters_of(self._last_stats))
+            self._totals.retire(index, self._counters_of(final))
             del self._workers[index]
         w.close()
-        log.debug("queue %d stopped at avail %d: %s", index, last, self._last_stats)
+        log.debug("queue %d stopped at avail %d: %s", index, last, final)
         return last
-
-    def queue_stats(self, index: int) -> dict:
-        entry = self._workers.get(index)
-        return entry[0].stats() if entry else {}
 
     @staticmethod
     def _counters_of(st: dict) -> dict[str, int]:

@@ -216,6 +216,16 @@ def test_example_config_serves_everything(tmp):
                 a.send_many(frames)
                 got = [p.frame for p in b.recv_packets(10, TIMEOUT)]
                 assert got == frames                    # flooded (B unknown) but in order
+                text = _scrape(url, ns)
+                sent = sum(len(f) for f in frames)
+                assert _metric(text, "pyvhost_requests_total", device="sw0-a", queue=1) == 10
+                assert _metric(text, "pyvhost_read_bytes_total", device="sw0-a",
+                               queue=1) == sent          # frame bytes, no virtio_net_hdr
+                assert _metric(text, "pyvhost_requests_total", device="sw0-b", queue=0) == 10
+                # the flood reached the uplink tap too (a port like the others)
+                up = _metric(text, "pyvhost_requests_total", device="sw0:uplink", queue=0) + \
+                    _metric(text, "pyvhost_dropped_packets_total", device="sw0:uplink", queue=0)
+                assert up == 10
         finally:
             rc = sv.stop()
         assert rc == 0, sv.log_text()

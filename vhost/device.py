@@ -158,18 +158,16 @@ class Device(abc.ABC):
         """SEND_RARP: announce `mac` on the device's network (net devices, protocol feature RARP)."""
         raise ValueError("this device cannot send RARP")
 
-    def queue_stats(self, index: int) -> dict:
-        return {}
-
     def queue_counters(self) -> dict[int, dict[str, int]]:
         """Per-virtqueue counters for monitoring: for every queue index 0..num_queues-1, started
         or not, a dict with exactly the COUNTER_KEYS, all ints:
 
         requests       requests (blk) or frames (net) the queue completed
         bytes_read     bytes the device read: blk from the backing store into guest memory
-                       (virtio IN), net from guest memory (tx frames)
+                       (virtio IN), net from guest memory (tx frames: Ethernet frame bytes,
+                       the virtio_net_hdr not counted)
         bytes_written  bytes the device wrote: blk to the backing store (OUT), net into guest
-                       memory (rx frames)
+                       memory (rx frames, likewise without the header)
         errors         requests or buffers that failed on this queue, plus corrupt avail rings
         inflight       requests submitted to the backing store and not yet completed (gauge)
         kicks          kick eventfd wake-ups the queue's worker consumed

@@ -14,6 +14,7 @@ SIGINT into a clean, quick exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -347,36 +348,24 @@ def new_event_loop(loop_name: str | None = None) -> asyncio.AbstractEventLoop:
     raise ValueError(f"unknown event loop {name!r} (expected 'uvloop' or 'asyncio')")
 
 
-def run(coro_factory, loop_name: str | None = None):
-    """Run `coro_factory()` to completion on the selected loop (PYVHOST_LOOP, else uvloop when
-    importable, else asyncio).  SIGTERM/SIGINT cancel it and run returns None (exit 0); signal
-    handlers are only installed when called from the main thread."""
+@contextlib.contextmanager
+def running_loop(loop_name: str | None = None, signals=None):
+    """A fresh event loop (PYVHOST_LOOP, else uvloop when importable, else asyncio) set as the
+    current one, with `signals` ({signum: callback(signum)}) installed as loop signal handlers
+    where possible (only from the main thread); everything undone and the loop closed at exit."""
     name = loop_name or default_loop_name()
     loop = new_event_loop(name)
     log.debug("event loop: %s", name)
-    signalled = []
     installed = []
     try:
         asyncio.set_event_loop(loop)
-        task = loop.create_task(coro_factory())
-
-        def on_signal(signum):
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            signalled.append(signum)
-            task.cancel()
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum, callback in (signals or {}).items():
             try:
-                loop.add_signal_handler(signum, on_signal, signum)
+                loop.add_signal_handler(signum, callback, signum)
                 installed.append(signum)
             except (ValueError, RuntimeError, NotImplementedError):
                 pass
-        try:
-            return loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            if signalled:
-                return None
-            raise
+        yield loop
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -385,3 +374,24 @@ def run(coro_factory, loop_name: str | None = None):
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def run(coro_factory, loop_name: str | None = None):
+    """Run `coro_factory()` to completion on the selected loop (see running_loop).  SIGTERM/
+    SIGINT cancel it and run returns None (exit 0)."""
+    signalled = []
+    task = None
+
+    def on_signal(signum):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        signalled.append(signum)
+        task.cancel()
+
+    with running_loop(loop_name, {signal.SIGTERM: on_signal, signal.SIGINT: on_signal}) as loop:
+        task = loop.create_task(coro_factory())
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if signalled:
+                return None
+            raise

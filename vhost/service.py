@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from . import config as cfg
 from . import logfmt
 from .sdnotify import Notifier, listen_fds, socket_path_of
-from .server import Server, ServerError, new_event_loop, default_loop_name
+from .server import Server, ServerError, default_loop_name, running_loop
 
 log = logging.getLogger("pyvhost.service")
 
@@ -124,8 +124,13 @@ class Service:
                 log.exception("reading the counters of %s failed", name)
                 queues = {}
             out.append(DeviceSample(name=name, type=rt.spec.type,
-                                    connected=rt.server.protocol is not None,
-                                    queues=queues, socket=rt.spec.socket))
+                                    connected=rt.server.protocol is not None, queues=queues,
+                                    socket=rt.spec.socket or f"fd {rt.spec.listen_fd}"))
+        for name, sr in list(self.switches.items()):
+            if sr.uplink is not None:       # the uplink tap is a port too (always "connected")
+                out.append(DeviceSample(name=f"{name}:uplink", type="net", connected=True,
+                                        queues=sr.uplink.queue_counters(),
+                                        socket=f"tap {sr.uplink_tap.name}"))
         return out
 
     # -- building devices ----------------------------------------------------------------------
@@ -523,33 +528,20 @@ def run_service(service: Service, loop_name: str | None = None, prog: str = "pyv
     Returns the exit status: 0 after SIGTERM/SIGINT, 1 when start-up failed (one line on stderr)
     or when a queue's in-flight I/O did not complete within stop-timeout."""
     name = loop_name or service.config.service.loop or default_loop_name()
-    loop = new_event_loop(name)
-    asyncio.set_event_loop(loop)
     service.loop_name = name
-    installed = []
-    try:
-        def on_stop(signum):
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            service.stop()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_stop, signum)
-            installed.append(signum)
-        loop.add_signal_handler(signal.SIGHUP, service.request_reload)
-        installed.append(signal.SIGHUP)
+    def on_stop(signum):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        service.stop()
+
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop,
+                signal.SIGHUP: lambda _signum: service.request_reload()}
+    with running_loop(name, handlers) as loop:
         try:
             loop.run_until_complete(service.run())
         except (StartError, ServerError) as e:
             sys.stderr.write(f"{prog}: error: {e}\n")
             return EXIT_FAIL
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-        try:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
     if service.abandoned:
         log.error("%d queue%s did not finish in-flight I/O within %.0f s", service.abandoned,
                   "s" if service.abandoned != 1 else "", service.stop_timeout)
@@ -557,7 +549,7 @@ def run_service(service: Service, loop_name: str | None = None, prog: str = "pyv
     return EXIT_OK
 
 
-def activation_map(prog: str) -> dict[str, int]:
+def activation_map() -> dict[str, int]:
     """Socket activation: LISTEN_FDNAMES -> {device name: fd}.  Unnamed fds ('unknown') and
     names no device uses are reported and closed by the caller's Service via the config."""
     out = {}
@@ -600,7 +592,7 @@ def main(argv=None) -> int:
         import dataclasses
         config = dataclasses.replace(config, service=dataclasses.replace(svc, **overrides))
     logfmt.setup(config.service.log_level)
-    activation = activation_map("pyvhost")
+    activation = activation_map()
     names = {d.name for d in config.devices}
     for name in sorted(set(activation) - names):
         log.warning("socket activation: no device named %s in %s; closing that socket",
