@@ -29,6 +29,11 @@ log = logging.getLogger("pyvhost.blk")
 cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, long offset, long len)
     int fdatasync(int fd)
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
+    enum:
+        RWF_DSYNC       # per-write O_DSYNC (Linux 4.7; io_uring rw_flags from 5.1)
     enum:
         FALLOC_FL_KEEP_SIZE
         FALLOC_FL_PUNCH_HOLE
@@ -180,6 +185,11 @@ ctypedef struct blk_ctx_t:
     uint64_t poll_hits           # work found while polling (a sleep + wakeup saved)
     uint64_t sleeps              # poll(2) calls
     int stop_flag                # set by stop(): ends a polling window at once
+    # virtio-blk CONFIG_WCE (§5.2.6.2): the driver chose write-through (writeback = 0), so a
+    # write completes only once it is stable (RWF_DSYNC); set from the event-loop thread while
+    # the worker runs (a plain int read once per write: one request may see the old mode)
+    int write_through
+    uint64_t dsync_writes        # writes issued with RWF_DSYNC
 
 
 cdef object _worker_name(int index):
@@ -487,6 +497,9 @@ cdef int queue_sqe(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
         sqe.addr = <uint64_t>&s.chain.segs[s.first_iov]
         sqe.len = s.niov
         sqe.off = s.offset
+        if s.op == OP_WRITE and load_flag(&ctx.write_through):
+            sqe.rw_flags = RWF_DSYNC
+            ctx.dsync_writes += 1
     elif s.op == OP_FLUSH:
         sqe.opcode = IORING_OP_FSYNC
         sqe.fsync_flags = IORING_FSYNC_DATASYNC
@@ -539,7 +552,11 @@ cdef long sync_io(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
     if s.op == OP_READ:
         r = preadv(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset)
     elif s.op == OP_WRITE:
-        r = pwritev(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset)
+        if load_flag(&ctx.write_through):
+            ctx.dsync_writes += 1
+            r = pwritev2(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset, RWF_DSYNC)
+        else:
+            r = pwritev(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset)
     elif s.op == OP_FLUSH:
         r = fdatasync(s.fd)
     else:
@@ -737,7 +754,7 @@ cdef class BlkQueueWorker:
                   bytes serial, bint event_idx=False, bint indirect=True,
                   bint signal_call=False, bint use_io_uring=True,
                   uint64_t max_discard_sectors=0, uint64_t max_write_zeroes_sectors=0,
-                  int slots=0, double poll_us=0):
+                  int slots=0, double poll_us=0, bint write_through=False):
         cdef const unsigned char *t = region_table
         cdef int k, r
         if len(region_table) % sizeof(mem_region_t):
@@ -762,6 +779,7 @@ cdef class BlkQueueWorker:
         ctx.max_wz_sectors = max_write_zeroes_sectors
         ctx.signal_call = signal_call
         ctx.poll_ns = <uint64_t>(poll_us * 1000) if poll_us > 0 else 0
+        ctx.write_through = write_through
         serial = serial[:ID_BYTES].ljust(ID_BYTES, b"\0")
         memcpy(ctx.serial, PyBytes_AS_STRING(serial), ID_BYTES)
         # In-flight slots: as many as the ring holds, capped (each slot is a ~2.6 KiB chain);
@@ -835,6 +853,10 @@ cdef class BlkQueueWorker:
             close(self.ctx.stop_fd)
             self.ctx.stop_fd = -1
 
+    def set_write_through(self, bint on):
+        """The guest changed CONFIG_WCE: from the next write on, writes are (not) RWF_DSYNC."""
+        self.ctx.write_through = on
+
     @property
     def last_avail(self):
         return self.ctx.vq.last_avail
@@ -856,7 +878,7 @@ cdef class BlkQueueWorker:
             avail_corrupt=c.vq.faults[F_AVAIL], bytes_read=c.bytes_read,
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
             uring_enters=c.uring_enters, buffered_fallbacks=c.buffered_fallbacks,
-            poll_hits=c.poll_hits, sleeps=c.sleeps,
+            poll_hits=c.poll_hits, sleeps=c.sleeps, dsync_writes=c.dsync_writes,
             broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
             max_inflight=c.max_inflight,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)

@@ -166,8 +166,11 @@ class BlkDevice(Device):
         # Only the writeback byte is driver-writable (§5.2.5, VIRTIO_BLK_F_CONFIG_WCE).
         if offset == vb.WRITEBACK_OFFSET and len(data) == 1 and data[0] in (0, 1):
             self.writeback = data[0]
+            with self._lock:
+                for w, _ in self._workers.values():
+                    w.set_write_through(not self.writeback)
             log.info("guest set the write cache to %s",
-                     "writeback" if self.writeback else "writethrough")
+                     "writeback" if self.writeback else "writethrough (every write O_DSYNC)")
             return
         raise ValueError(f"config write {offset}+{len(data)} is not allowed")
 
@@ -182,7 +185,8 @@ class BlkDevice(Device):
                 event_idx=queue.event_idx, indirect=queue.indirect,
                 signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
                 max_discard_sectors=MAX_DISCARD_SECTORS,
-                max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us)
+                max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
+                write_through=not self.writeback)
             t = threading.Thread(target=w.run, name=f"pyvhost-blk-q{index}", daemon=True)
             self._workers[index] = (w, t)
             self._totals.clear_broken(index)     # a new ring: the old one's state is gone
@@ -258,7 +262,9 @@ class BlkDevice(Device):
                 pass                            # logged; the other queues still stop
         with self._lock:
             self._totals.clear_broken()
-        self.writeback = 1
+        # writeback is NOT reset: QEMU does not repeat the guest's CONFIG_WCE choice when it
+        # reconnects, and the guest keeps the value it set; forgetting a write-through choice
+        # would silently drop its durability.  A new guest reads the value with GET_CONFIG.
 
     def close(self) -> None:
         self.reset()

@@ -56,6 +56,7 @@ class NotifyListener:
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
+        os.chmod(self.path, 0o777)      # as systemd's /run/systemd/notify: any service user
         self.messages: list[dict] = []
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = TIMEOUT) -> dict:
