@@ -86,18 +86,19 @@ class Serve:
     """A `pyvhost serve` process with its notify listener and log."""
 
     def __init__(self, tmp: Path, config: Path, ns: str | None = None, argv_prefix=(),
-                 pass_fds=(), env=None, loop: str | None = None):
+                 pass_fds=(), env=None, loop: str | None = None, python: str = sys.executable,
+                 cwd=REPO_ROOT):
         self.log_path = tmp / "serve.log"
         self.notify = NotifyListener(tmp / "notify.sock")
         e = dict(os.environ, NOTIFY_SOCKET=self.notify.path, PYTHONPATH=str(REPO_ROOT))
         e.update(env or {})
-        argv = [*argv_prefix, *SERVE, "--config", str(config)]
+        argv = [*argv_prefix, python, *SERVE[1:], "--config", str(config)]
         if loop is not None:
             argv += ["--loop", loop]
         if ns is not None:
             argv = nsh.cmd(ns, *argv)
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=self.log, stderr=self.log,
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=self.log, stderr=self.log,
                                      env=e, pass_fds=pass_fds)
 
     def ready(self) -> dict:
