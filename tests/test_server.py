@@ -347,3 +347,59 @@ def test_sigterm_exits_cleanly(loop_name, sock_path):
     assert "clean exit" in out
     assert "frontend connected" in err and "frontend disconnected" in err
     assert not os.path.exists(sock_path)
+
+
+class SlowResetDevice(FakeDevice):
+    """reset() (run at every disconnect) blocks until released: a device whose queues take
+    long to stop, e.g. in-flight I/O on storage that does not answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def reset(self):
+        self.entered.set()
+        assert self.release.wait(30)
+        super().reset()
+
+
+def test_a_slow_teardown_does_not_stall_other_devices(loop_name, tmp_path):
+    """Two devices served by one event loop (as `pyvhost serve` does): while device A's
+    disconnect is stuck in its teardown, device B still accepts a frontend and answers it, and
+    A's server still stops cleanly once A's teardown finishes."""
+    import asyncio
+    slow, fast = SlowResetDevice(), FakeDevice()
+    pa, pb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    servers = [Server(slow, socket_path=pa), Server(fast, socket_path=pb)]
+    ready = []
+    listening = threading.Event()
+
+    def on_ready(server):
+        ready.append(server)
+        if len(ready) == len(servers):
+            listening.set()
+
+    async def main():
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    for s in servers:
+        s._on_ready = on_ready
+    t = threading.Thread(target=run, args=(main, loop_name), daemon=True)
+    t.start()
+    assert listening.wait(10)
+    try:
+        with connect(pa) as a:
+            assert get_u64(a, R.GET_FEATURES) & FEATURES == FEATURES
+        assert slow.entered.wait(10), "A's teardown did not start"
+        with connect(pb) as b:                     # 5 s socket timeout
+            assert get_u64(b, R.GET_FEATURES) & FEATURES == FEATURES
+            assert get_u64(b, R.GET_PROTOCOL_FEATURES) != 0
+        assert not slow.release.is_set() and slow.resets == 0    # A is still stuck meanwhile
+    finally:
+        slow.release.set()
+        for s in servers:
+            s.stop()
+        t.join(15)
+    assert not t.is_alive()
+    assert slow.resets == 1 and fast.resets == 1

@@ -1,12 +1,20 @@
 """server.py: asyncio glue only; the only module that touches sockets or the event loop.
 
-Listens on a Unix stream socket (`--socket-path`, created 0600, a stale socket file replaced) or
-an inherited listening socket (`--fd`), serves one frontend connection at a time (vhost-user is
-1:1), and for each connection runs a fresh `BackendProtocol`: the connection socket is
-non-blocking and read in a `loop.add_reader` callback with `socket.recv_fds`, exactly one header
-and then exactly one payload at a time so that SCM_RIGHTS fds attach to the right message; the
-protocol's replies are written back on the same socket.  EOF, a read/write error or
-`ProtocolClosed` ends the connection (`protocol.connection_lost()`) and the next one is accepted.
+Listens on a Unix stream socket (`--socket-path`, created 0600 unless told otherwise, a stale
+socket file replaced) or an inherited listening socket (`--fd`, socket activation), accepts on
+the event loop and serves one frontend connection at a time (vhost-user is 1:1), each with a
+fresh `BackendProtocol`.
+
+The conversation with a frontend runs in a control thread of its own, not on the event loop:
+the protocol is synchronous and some messages (GET_VRING_BASE, SET_MEM_TABLE, the disconnect
+itself) stop queue workers, which waits for their in-flight I/O -- up to the device's
+stop-timeout when storage does not answer.  On the loop that would stall every other device of
+the process, signals, reloads and the systemd watchdog.  The thread polls the non-blocking
+socket and a stop eventfd, reads with `socket.recv_fds` exactly one header and then exactly one
+payload at a time so that SCM_RIGHTS fds attach to the right message, and writes the protocol's
+replies back.  EOF, a read/write error, `ProtocolClosed` or a stop request ends the conversation;
+the thread then tears the connection down (`protocol.connection_lost()`: queues stopped,
+in-flight I/O completed, memory unmapped, fds closed) and the loop accepts the next frontend.
 
 `run(coro_factory)` runs a coroutine on uvloop (when importable) or asyncio and turns SIGTERM /
 SIGINT into a clean, quick exit.
@@ -23,6 +31,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 
 from protocols.vhost_user import MAX_FDS
 
@@ -32,8 +41,8 @@ log = logging.getLogger("pyvhost.server")
 
 # A frontend that stops reading its replies for this long is dropped.
 SEND_TIMEOUT = 10.0
-# Reads handled per readiness callback before yielding to the loop.
-READS_PER_CALLBACK = 64
+# Reads handled per wake-up before checking for a stop request again.
+READS_PER_WAKEUP = 64
 LISTEN_BACKLOG = 4
 
 
@@ -57,15 +66,43 @@ def _peer_description(conn: socket.socket) -> str:
 def _send_all(conn: socket.socket, data: bytes) -> None:
     """sendall for a non-blocking socket: replies are tiny, but never spin or drop them."""
     view = memoryview(data)
+    poller = None
     while view:
         try:
             sent = conn.send(view)
         except (BlockingIOError, InterruptedError):
-            _, writable, _ = select.select([], [conn], [], SEND_TIMEOUT)
-            if not writable:
+            if poller is None:                  # poll, not select: fds may be >= 1024
+                poller = select.poll()
+                poller.register(conn.fileno(), select.POLLOUT)
+            if not poller.poll(SEND_TIMEOUT * 1000):
                 raise TimeoutError("the frontend does not read its replies") from None
             continue
         view = view[sent:]
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, name: str, fn, *args) -> asyncio.Future:
+    """Run fn(*args) in a new daemon thread; its result (or exception) resolves the future on
+    `loop`.  A daemon thread, unlike an executor's, never holds up the process exit."""
+    fut = loop.create_future()
+
+    def settle(method, value):
+        if not fut.done():
+            getattr(fut, method)(value)
+
+    def body():
+        try:
+            result = fn(*args)
+        except BaseException as e:          # noqa: BLE001 - handed to the awaiting task
+            outcome = ("set_exception", e)
+        else:
+            outcome = ("set_result", result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:                # the loop is gone (process exiting)
+            pass
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return fut
 
 
 def _bind_unix(path: str, mode: int = 0o600,
@@ -246,34 +283,44 @@ class Server:
             self._close_listener()
 
     async def _serve_connection(self, loop, conn: socket.socket) -> None:
+        """One frontend: its conversation runs in a control thread of its own (see the module
+        docstring); the event loop only waits for it, so a device whose queues take long to
+        stop (storage that does not answer) never stalls accepting, signals, reloads or the
+        other devices' frontends."""
         self.connections += 1
         peer = _peer_description(conn)
         conn.setblocking(False)
         protocol = None
-        reason = "stopped"
         try:
             protocol = BackendProtocol(self._device(), name=f"connection {self.connections}")
-            self.protocol = protocol
-            log.info("frontend connected (%s)", peer, extra={"fields": self._log_fields})
-            self._notify_connection(True)
-            done = loop.create_future()
-            loop.add_reader(conn.fileno(), self._on_readable, conn, protocol, done)
+        except BaseException:
+            conn.close()
+            raise
+        self.protocol = protocol
+        log.info("frontend connected (%s)", peer, extra={"fields": self._log_fields})
+        self._notify_connection(True)
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        name = f"pyvhost-ctl-{self.name or 'dev'}"[:15]
+        done = _in_thread(loop, name, self._conversation, conn, protocol, stop_fd)
+        try:
             try:
-                reason = await done
-            finally:
-                loop.remove_reader(conn.fileno())
-        finally:
-            if protocol is not None:
+                reason = await asyncio.shield(done)
+            except asyncio.CancelledError:
+                os.eventfd_write(stop_fd, 1)        # the thread ends the conversation, tears down
                 try:
-                    protocol.connection_lost()
-                except Exception:
-                    log.exception("connection cleanup failed")
+                    reason = await done             # in-flight I/O completes (bounded)
+                except asyncio.CancelledError:
+                    pass                            # cancelled again: stop waiting
+                raise
+        finally:
+            if done.done() and not done.cancelled():
+                reason = done.result() if done.exception() is None else \
+                    f"internal error: {done.exception()}"
                 log.info("frontend disconnected (%s): %s", peer, reason,
                          extra={"fields": self._log_fields})
+                os.close(stop_fd)
             self.protocol = None
-            conn.close()
-            if protocol is not None:
-                self._notify_connection(False)
+            self._notify_connection(False)
 
     def _notify_connection(self, connected: bool) -> None:
         if self._on_connection is not None:
@@ -283,38 +330,55 @@ class Server:
                 log.exception("connection callback failed")
 
     @staticmethod
-    def _on_readable(conn: socket.socket, protocol: BackendProtocol, done) -> None:
-        if done.done():
-            return
-        for _ in range(READS_PER_CALLBACK):
-            try:
-                data, fds, flags, _ = socket.recv_fds(conn, protocol.next_read_size, MAX_FDS,
-                                                      socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                done.set_result(f"read error: {e}")
-                return
-            if flags & socket.MSG_CTRUNC or not data:
-                for fd in fds:
-                    os.close(fd)
-                done.set_result("file descriptors were truncated" if data else "EOF")
-                return
-            try:
-                replies = protocol.receive(data, fds)
-            except ProtocolClosed as e:
-                done.set_result(f"protocol error: {e}")
-                return
-            except Exception as e:     # BackendProtocol promises not to; never kill the loop
-                log.exception("protocol failure")
-                done.set_result(f"internal error: {type(e).__name__}: {e}")
-                return
-            try:
-                for reply in replies:
-                    _send_all(conn, reply)
-            except OSError as e:
-                done.set_result(f"write error: {e}")
-                return
+    def _conversation(conn: socket.socket, protocol: BackendProtocol, stop_fd: int) -> str:
+        """Control thread body: read exactly one header then one payload at a time (so fds
+        attach to the right message), feed the protocol, send its replies; then tear down
+        (stop the queues: in-flight I/O completes) and close the connection."""
+        try:
+            reason = Server._converse(conn, protocol, stop_fd)
+        except Exception as e:                  # never lose the teardown below
+            log.exception("connection failure")
+            reason = f"internal error: {type(e).__name__}: {e}"
+        try:
+            protocol.connection_lost()
+        except Exception:
+            log.exception("connection cleanup failed")
+        conn.close()
+        return reason
+
+    @staticmethod
+    def _converse(conn: socket.socket, protocol: BackendProtocol, stop_fd: int) -> str:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == stop_fd:
+                    return "stopped"
+            for _ in range(READS_PER_WAKEUP):
+                try:
+                    data, fds, flags, _ = socket.recv_fds(conn, protocol.next_read_size, MAX_FDS,
+                                                          socket.MSG_CMSG_CLOEXEC)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    return f"read error: {e}"
+                if flags & socket.MSG_CTRUNC or not data:
+                    for fd in fds:
+                        os.close(fd)
+                    return "file descriptors were truncated" if data else "EOF"
+                try:
+                    replies = protocol.receive(data, fds)
+                except ProtocolClosed as e:
+                    return f"protocol error: {e}"
+                except Exception as e:     # BackendProtocol promises not to; never hang
+                    log.exception("protocol failure")
+                    return f"internal error: {type(e).__name__}: {e}"
+                try:
+                    for reply in replies:
+                        _send_all(conn, reply)
+                except OSError as e:
+                    return f"write error: {e}"
 
 
 async def serve(device_factory_or_device, *, socket_path: str | None = None,
