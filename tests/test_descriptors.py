@@ -79,3 +79,28 @@ def test_binary_reports_the_descriptor_type(descriptor):
     # the debugging tag names the same features (kept in step with the program)
     feature_tags = [t for t in d.get("tags", []) if t.startswith("features=")]
     assert feature_tags == ["features=" + ",".join(caps.get("features", []))]
+
+
+def test_pip_installs_them_under_share_qemu_vhost_user(tmp_path):
+    """A (non-editable) install carries the descriptors as data files to
+    <prefix>/share/qemu/vhost-user/, byte for byte.  The wheel is built from a copy of the
+    checkout (the build writes build/ and compiles the Cython extensions); editable installs
+    cannot carry data files (PEP 660), which is why the README copies them to
+    /etc/qemu/vhost-user."""
+    import shutil
+    import zipfile
+    src = tmp_path / "src"
+    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.so", "*.c", "__pycache__", "*.egg-info", ".pytest_cache",
+        ".hypothesis", "results"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("pyvhost-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        data = {Path(n).name: z.read(n) for n in z.namelist()
+                if re.match(r"pyvhost-[^/]+\.data/data/share/qemu/vhost-user/[^/]+$", n)}
+    assert sorted(data) == sorted(EXPECTED)
+    for name, content in data.items():
+        assert content == (DESCRIPTOR_DIR / name).read_bytes()
