@@ -186,7 +186,7 @@ ctypedef struct blk_ctx_t:
     uint64_t sleeps              # poll(2) calls
     int stop_flag                # set by stop(): ends a polling window at once
     # virtio-blk CONFIG_WCE (§5.2.6.2): the driver chose write-through (writeback = 0), so a
-    # write completes only once it is stable (RWF_DSYNC); set from the event-loop thread while
+    # write completes only once it is stable (RWF_DSYNC); set from the control thread while
     # the worker runs (a plain int read once per write: one request may see the old mode)
     int write_through
     uint64_t dsync_writes        # writes issued with RWF_DSYNC

@@ -120,11 +120,6 @@ class _Queue:
     signal_call: bool = False           # write the call fd once on the next start
     run_features: int = 0               # features the running worker was started with
 
-    def close_fds(self) -> None:
-        for attr in ("kick_fd", "call_fd", "err_fd"):
-            _close(getattr(self, attr))
-            setattr(self, attr, -1)
-
 
 @dataclass(frozen=True)
 class QueueInfo:
@@ -451,7 +446,11 @@ class BackendProtocol:
     def _reconcile(self, q: _Queue) -> None:
         """Start or stop q so that it runs iff started, enabled and its rings translate."""
         want = q.started and q.size > 0 and q.host is not None and self._ring_enabled(q)
-        if want and not q.running:
+        if want and not q.running and self._stuck:
+            # an abandoned worker may still be on some ring: never start a second one there
+            # (the connection ends after this message anyway)
+            log.error("%squeue %d not started: a worker is stuck", self._prefix, q.index)
+        elif want and not q.running:
             self._start(q)
         elif q.running and not want:
             self._stop(q)

@@ -1,4 +1,6 @@
-"""server.py: asyncio glue only; the only module that touches sockets or the event loop.
+"""server.py: the vhost-user sockets: listening and accepting on the event loop, and each
+frontend's conversation in a control thread.  Speaks no protocol itself (protocol.py does) and
+knows no device (it is handed one); the service layer above it is vhost/service.py.
 
 Listens on a Unix stream socket (`--socket-path`, created 0600 unless told otherwise, a stale
 socket file replaced) or an inherited listening socket (`--fd`, socket activation), accepts on

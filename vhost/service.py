@@ -196,8 +196,7 @@ class Service:
                                 port_index=port_index, max_queue_size=spec.queue_size,
                                 name=spec.name)
                 sr.ports[spec.name] = port_index
-        if hasattr(dev, "stop_timeout"):
-            dev.stop_timeout = self.stop_timeout
+        dev.stop_timeout = self.stop_timeout
         listen_fd = spec.listen_fd
         socket_path = spec.socket
         if spec.name in self.activation:
