@@ -244,7 +244,7 @@ class BackendProc:
 def pyvhost_backend(medium: Medium, workdir: Path, extra: Sequence[str] = (),
                     cpus: frozenset | None = None) -> BackendProc:
     sock = workdir / f"pyvhost-{medium.name}.sock"
-    cmd = [sys.executable, "-m", "devices.blk", "--socket-path", str(sock),
+    cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-blk", "--socket-path", str(sock),
            "--num-queues", str(NUM_QUEUES)]
     if medium.path is None:
         cmd += ["--null", "--size", str(medium.size)]

@@ -156,7 +156,7 @@ def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Bac
     for s in socks:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(s)
-    cmd = [sys.executable, "-m", "devices.net", "--switch", "sw0"]
+    cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-net", "--switch", "sw0"]
     for s in socks:
         cmd += ["--socket-path", str(s)]
     cmd += ["--queue-size", str(queue_size), "--log-level", "info"]

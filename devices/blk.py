@@ -1,9 +1,11 @@
-"""blk.py: the virtio-blk device (virtio 1.2 §5.2) on a raw image file or block device.
+"""blk.py: the virtio-blk device type (virtio 1.2 §5.2) on a raw image file or block device.
 
-Owns: opening the backing store (O_DIRECT when the file system allows, buffered otherwise, with
-a log line), the feature set and config space, and one BlkQueueWorker thread per started queue.
-Request semantics run in cython_ext/blk.pyx; this module never sees a request.  `main` wires the
-CLI to the server and stays thin.
+Owns: its option table (the `pyvhost-blk` options and the `type = "block"` TOML keys), opening
+the backing store (O_DIRECT when the file system allows, buffered otherwise, with a log line),
+the feature set and config space, and one BlkQueueWorker per started queue (through the
+framework's QueueWorkers).  Request semantics run in cython_ext/blk.pyx; this module never sees
+a request.  Must not: import the server, the service or the command line (the framework turns
+the option table into those).
 """
 from __future__ import annotations
 
@@ -12,15 +14,12 @@ import hashlib
 import logging
 import os
 import stat
-import sys
-import threading
 
 from protocols import virtio
 from protocols import virtio_blk as vb
 from protocols.vhost_user import ProtocolFeature
-from vhost.device import CounterTotals, Device, QueueHandle, WorkerStuck, join_worker
-
-from cython_ext.blk import BlkQueueWorker, io_uring_available
+from vhost.device import Device, QueueHandle, QueueWorkers
+from vhost.devtype import DeviceType, Option, OptionProblem
 
 log = logging.getLogger("pyvhost.blk")
 
@@ -58,12 +57,7 @@ class BlkDevice(Device):
         self.max_queue_size = max_queue_size
         self.writeback = 1
         self.poll_us = poll_us
-        self._workers: dict[int, tuple[BlkQueueWorker, threading.Thread]] = {}
-        self._stuck: list = []        # abandoned (worker, thread): never freed
-        # guards _workers and _totals: the event loop starts/stops workers while a metrics
-        # thread reads queue_counters
-        self._lock = threading.Lock()
-        self._totals = CounterTotals(num_queues)
+        self.queues = QueueWorkers(self, "pyvhost-blk")
         self._acked = 0
         if path is None:
             # --null: no backing store (benchmarks of the queue machinery, like QSD's null-co)
@@ -105,6 +99,7 @@ class BlkDevice(Device):
         self.serial = serial.encode()[:vb.ID_BYTES]
         self.use_io_uring = use_io_uring
         if use_io_uring:
+            from cython_ext.blk import io_uring_available
             ok, why = io_uring_available()
             if not ok:
                 log.error("io_uring is not available (%s): every queue falls back to "
@@ -166,70 +161,28 @@ class BlkDevice(Device):
         # Only the writeback byte is driver-writable (§5.2.5, VIRTIO_BLK_F_CONFIG_WCE).
         if offset == vb.WRITEBACK_OFFSET and len(data) == 1 and data[0] in (0, 1):
             self.writeback = data[0]
-            with self._lock:
-                for w, _ in self._workers.values():
-                    w.set_write_through(not self.writeback)
+            self.queues.for_each(lambda w: w.set_write_through(not self.writeback))
             log.info("guest set the write cache to %s",
                      "writeback" if self.writeback else "writethrough (every write O_DSYNC)")
             return
         raise ValueError(f"config write {offset}+{len(data)} is not allowed")
 
     def start_queue(self, index: int, queue: QueueHandle) -> None:
-        with self._lock:
-            if index in self._workers:
-                raise RuntimeError(f"queue {index} already running")
-            w = BlkQueueWorker(
-                index, queue.size, queue.desc, queue.avail, queue.used, queue.last_avail_idx,
-                queue.memory.table_bytes(), queue.kick_fd, queue.call_fd,
-                self.fd_direct, self.fd_buffered, self.read_only, self.capacity, self.serial,
-                event_idx=queue.event_idx, indirect=queue.indirect,
-                signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
-                max_discard_sectors=MAX_DISCARD_SECTORS,
-                max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
-                write_through=not self.writeback)
-            t = threading.Thread(target=w.run, name=f"pyvhost-blk-q{index}", daemon=True)
-            self._workers[index] = (w, t)
-            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
-            t.start()
+        w = _worker_class()(
+            index, queue.size, queue.desc, queue.avail, queue.used, queue.last_avail_idx,
+            queue.memory.table_bytes(), queue.kick_fd, queue.call_fd,
+            self.fd_direct, self.fd_buffered, self.read_only, self.capacity, self.serial,
+            event_idx=queue.event_idx, indirect=queue.indirect,
+            signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
+            write_through=not self.writeback)
+        self.queues.start(index, w)
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)
 
     def stop_queue(self, index: int) -> int:
-        with self._lock:
-            entry = self._workers.get(index)
-        if entry is None:
-            raise KeyError(index)
-        w, t = entry
-        w.stop()
-        try:
-            join_worker(t, self.stop_timeout, f"queue {index}")
-        except WorkerStuck as e:
-            # keep the worker (its C context, io_uring and iovecs) alive forever: it may still
-            # complete requests into guest memory
-            with self._lock:
-                del self._workers[index]
-                self._stuck.append(entry)
-                self.abandoned += 1
-            log.error("%s", e)
-            raise
-        last = w.last_avail
-        final = w.stats()
-        # The worker stays listed until its final counters are in the totals, both under the
-        # lock, so a scrape never sees the queue's counters dip.
-        with self._lock:
-            self._totals.retire(index, self._counters_of(final))
-            del self._workers[index]
-        w.close()
-        log.debug("queue %d stopped at avail %d: %s", index, last, final)
-        return last
-
-    @staticmethod
-    def _counters_of(st: dict) -> dict[str, int]:
-        return dict(requests=st["completed"], bytes_read=st["bytes_read"],
-                    bytes_written=st["bytes_written"],
-                    errors=st["failed"] + st["avail_corrupt"], inflight=st["inflight"],
-                    kicks=st["kicks"], notifications=st["notifies"], dropped=0,
-                    broken=int(st["broken"]))
+        return self.queues.stop(index)
 
     def queue_counters(self) -> dict[int, dict[str, int]]:
         """Device.queue_counters for virtio-blk, per virtqueue:
@@ -240,35 +193,20 @@ class BlkDevice(Device):
         byte (bad chains), plus 1 per corrupt avail ring; inflight = requests in the io_uring
         now; dropped = 0; broken = the queue's ring was found corrupt (kept while the queue is
         stopped; cleared when it is started again or the device is reset)."""
-        with self._lock:
-            live = dict(self._workers)
-            out = {}
-            # The C structs are read while we hold both the lock (no worker is retired under
-            # us) and a reference to each worker (its struct is never freed while read).
-            for index in range(self.num_queues):
-                entry = live.get(index)
-                out[index] = self._totals.view(
-                    index, self._counters_of(entry[0].stats()) if entry else None)
-        return out
+        return self.queues.counters()
 
     def running_queues(self) -> list[int]:
-        return sorted(self._workers)
+        return self.queues.running()
 
     def reset(self) -> None:
-        for index in list(self._workers):
-            try:
-                self.stop_queue(index)
-            except WorkerStuck:
-                pass                            # logged; the other queues still stop
-        with self._lock:
-            self._totals.clear_broken()
+        self.queues.stop_all()
         # writeback is NOT reset: QEMU does not repeat the guest's CONFIG_WCE choice when it
         # reconnects, and the guest keeps the value it set; forgetting a write-through choice
         # would silently drop its durability.  A new guest reads the value with GET_CONFIG.
 
     def close(self) -> None:
         self.reset()
-        if self._stuck:
+        if self.queues.stuck:
             return              # abandoned workers may still use the image fds: leave them open
         if self.fd_direct != self.fd_buffered and self.fd_direct >= 0:
             os.close(self.fd_direct)
@@ -277,24 +215,111 @@ class BlkDevice(Device):
         self.fd_direct = self.fd_buffered = -1
 
 
-def main(argv=None) -> int:
-    """pyvhost-blk: QEMU's backend program conventions; the command line becomes a one-device
-    configuration run by vhost/service.py (the same runtime as `pyvhost serve`)."""
-    from vhost import cli, config, service
+def _worker_class():
+    from cython_ext.blk import BlkQueueWorker
+    if hasattr(BlkQueueWorker, "counters"):
+        return BlkQueueWorker
 
-    args = cli.parse_blk(argv)
-    if cli.prologue(args, cli.BLK_CAPABILITIES):
-        return 0
-    name = "null" if args.null else (os.path.basename(args.blk_file) or "blk")
-    spec = config.BlockSpec(
-        name=name, socket=args.socket_path, listen_fd=args.fd, blk_file=args.blk_file,
-        read_only=args.read_only, num_queues=args.num_queues, queue_size=args.queue_size,
-        size=args.size, serial=args.serial, buffered=args.buffered,
-        no_io_uring=args.no_io_uring, null=args.null, poll_us=args.poll_us)
-    conf = config.Config(path=None, devices=(spec,), service=config.ServiceSpec(
-        metrics_address=args.metrics_address, log_level=args.log_level, loop=args.loop))
-    return service.run_single(conf, "pyvhost-blk", args.loop)
+    class W(BlkQueueWorker):      # TEMPORARY until the worker runtime lands
+        def counters(self):
+            st = self.stats()
+            return dict(requests=st["completed"], bytes_read=st["bytes_read"],
+                        bytes_written=st["bytes_written"],
+                        errors=st["failed"] + st["avail_corrupt"], inflight=st["inflight"],
+                        kicks=st["kicks"], notifications=st["notifies"], dropped=0,
+                        broken=int(st["broken"]))
+    return W
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _check_serial(value: str) -> None:
+    if len(value.encode()) > vb.ID_BYTES:
+        raise OptionProblem(f"is at most {vb.ID_BYTES} bytes")
+
+
+# One table: the pyvhost-blk options and the [[device]] type = "block" keys.
+OPTIONS = (
+    Option("blk-file", "str", metavar="IMG", help="raw image file or block device"),
+    Option("read-only", "bool", False, help="export read-only"),
+    # QEMU 7.2's vhost-user-blk-pci asks for one queue per vCPU when num-queues is not given
+    # and refuses a backend that offers fewer ("The maximum number of queues supported by the
+    # backend is 1"); it tells the guest its own count (it overrides config.num_queues).
+    # Queues the guest never starts cost no thread and no io_uring, so offer 16 by default:
+    # a plain `-device vhost-user-blk-pci,chardev=c0` works up to -smp 16.
+    Option("num-queues", "int", 16, range=(1, 256), metavar="N",
+           help="queues offered (default 16; QEMU asks for one per vCPU)"),
+    Option("queue-size", "int", 1024, pow2=True, metavar="N",
+           help="largest virtqueue size accepted (power of two, default 1024)"),
+    Option("size", "size", metavar="SIZE",
+           help="create a sparse image of this size if the image is missing"),
+    Option("serial", "str", check=_check_serial, help="GET_ID serial (20 bytes max)"),
+    Option("buffered", "bool", False, help="do not use O_DIRECT"),
+    Option("no-io-uring", "bool", False,
+           help="use the synchronous preadv/pwritev path (debugging)"),
+    Option("poll-us", "float", 0.0, range=(0, 1e6), metavar="US",
+           help="busy-poll the ring this long after work before sleeping (0: off)"),
+    Option("null", "bool", False, help="no backing store: a --size device whose I/O "
+           "completes at once (benchmarks, like QEMU's null-co)"),
+)
+
+
+class BlockType(DeviceType):
+    name = "block"
+    program = "pyvhost-blk"
+    description = "vhost-user-blk backend"
+    capabilities = {"type": "block", "features": ["read-only", "blk-file"]}
+    options = OPTIONS
+    logger = "pyvhost.blk"
+
+    def check(self, spec, names, check_files):
+        if spec.null:
+            if spec.blk_file or not spec.size:
+                raise ValueError(f"{names('null')} takes {names('size')} and no "
+                                 f"{names('blk-file')}")
+            return
+        if not spec.blk_file:
+            raise ValueError(f"{names('blk-file')} is required"
+                             + ("" if names.cli else " (or null = true with a size)"))
+        if names.cli:
+            return                     # a missing image is reported when it is opened
+        if not os.path.isabs(spec.blk_file):
+            raise ValueError(f"blk-file must be an absolute path, not {spec.blk_file!r}")
+        if check_files:
+            f = spec.blk_file
+            if not os.path.exists(f):
+                if spec.size is None:
+                    raise ValueError(f"blk-file {f} does not exist (set size to create it)")
+                if not os.path.isdir(os.path.dirname(f)):
+                    raise ValueError(f"blk-file directory {os.path.dirname(f)} does not exist")
+            elif not os.access(f, os.R_OK if spec.read_only else os.R_OK | os.W_OK):
+                raise ValueError(f"blk-file {f} is not "
+                                 f"{'readable' if spec.read_only else 'readable and writable'}")
+
+    def check_all(self, specs, tables, names):
+        for d in specs:
+            for other in specs:
+                if other is not d and d.blk_file and other.blk_file == d.blk_file \
+                        and not (d.read_only and other.read_only):
+                    raise ValueError(f"device \"{d.name}\": blk-file {d.blk_file} is also used "
+                                     f"by device \"{other.name}\" (only read-only devices may "
+                                     f"share an image)")
+        return tables
+
+    def from_command_line(self, values, sockets):
+        name = "null" if values["null"] else (os.path.basename(values["blk_file"] or "")
+                                               or "blk")
+        return [dict(values, name=name, socket=sockets[0] if sockets else None)], {}
+
+    def build(self, spec, env):
+        return BlkDevice.open(None if spec.null else spec.blk_file, create_size=spec.size,
+                              read_only=spec.read_only, num_queues=spec.num_queues,
+                              max_queue_size=spec.queue_size, serial=spec.serial,
+                              use_io_uring=not spec.no_io_uring, direct=not spec.buffered,
+                              poll_us=spec.poll_us)
+
+    def describe(self, spec):
+        what = "null device" if spec.null else spec.blk_file
+        ro = ", read-only" if spec.read_only else ""
+        return f"block {what}{ro} ({spec.num_queues} queue{'s' if spec.num_queues > 1 else ''})"
+
+
+DEVICE = BlockType()

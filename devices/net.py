@@ -1,12 +1,14 @@
-"""net.py: the virtio-net device (virtio 1.2 §5.1) on a tap device or a port of the in-process
-L2 switch.
+"""net.py: the virtio-net device type (virtio 1.2 §5.1) on a tap device or a port of the
+in-process L2 switch.
 
-Owns: the feature set and config space, opening and configuring taps (IFF_TAP|IFF_NO_PI|
+Owns: its option table (`pyvhost-net` options, `type = "net"` keys) and the `[[switch]]` table,
+the feature set and config space, opening and configuring taps (IFF_TAP|IFF_NO_PI|
 IFF_VNET_HDR, IFF_MULTI_QUEUE for several pairs, TUNSETVNETHDRSZ to the negotiated header size,
-TUNSETOFFLOAD to the offloads the guest acked), and which worker thread serves which queue: one
-per queue pair (tap mode: tx + rx of the pair; switch mode: the pair's tx, its rx being written by
-the senders).  Packets never pass through here; cython_ext/net.pyx moves them.  `main` wires the
-CLI to one server per socket and stays thin.
+TUNSETOFFLOAD to the offloads the guest acked), the switches of one process and their uplink
+taps (NetEnv), and which worker thread serves which queue: one per queue pair (tap mode: tx +
+rx of the pair; switch mode: the pair's tx, its rx being written by the senders).  Packets never
+pass through here; cython_ext/net.pyx moves them.  Must not: import the server, the service or
+the command line.
 """
 from __future__ import annotations
 
@@ -14,18 +16,18 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import socket
 import struct
-import sys
 import threading
+from dataclasses import dataclass, field
 
 from protocols import virtio
 from protocols import virtio_net as vn
 from protocols.vhost_user import ProtocolFeature
 from vhost.device import (CounterTotals, Device, QueueHandle, WorkerStuck, join_worker,
                           zero_counters)
-
-from cython_ext.net import NetWorker, Port, Switch
+from vhost.devtype import DeviceEnv, DeviceType, Option, OptionProblem
 
 log = logging.getLogger("pyvhost.net")
 
@@ -40,10 +42,16 @@ IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFMTU = 0x8913, 0x8914, 0x8922
 IFF_UP = 0x1
-MAX_PAIRS = 16
+MAX_PAIRS = 16                  # cython_ext/net.pyx MAX_PAIRS
+MAX_SWITCH_PORTS = 64           # cython_ext/net.pyx MAX_PORTS (uplink included)
 # Port counters that are frames the backend could not deliver into a guest's rx queue.
 RX_DROP_STATS = ("rx_dropped_no_room", "rx_dropped_offload", "rx_dropped_too_small",
                  "rx_dropped_fault")
+
+
+def check_tap_name(name: str) -> None:
+    if not name or len(name.encode()) > 15 or "/" in name or any(c.isspace() for c in name):
+        raise ValueError(f"bad tap name {name!r} (1..15 bytes, no '/' or whitespace)")
 
 
 def _ifreq(name: str, fmt: str, *values) -> bytes:
@@ -54,8 +62,7 @@ class Tap:
     """A tap interface opened once per queue pair (IFF_MULTI_QUEUE when more than one)."""
 
     def __init__(self, name: str, pairs: int = 1, mtu: int | None = None):
-        if not name or len(name.encode()) > 15:
-            raise ValueError(f"bad tap name {name!r} (1..15 bytes)")
+        check_tap_name(name)
         self.name = name
         try:        # asks the kernel in this process's network namespace (sysfs may not)
             socket.if_nametoindex(name)
@@ -161,8 +168,10 @@ class NetDevice(Device):
         self.tap = tap
         self.switch = switch
         self.name = name
+        from cython_ext.net import Port
         self.port = Port("vhost", pairs, switch, port_index) if switch is not None else \
             Port("vhost", pairs)
+        self._release = None                    # set by NetType.build: give back tap / port
         self._acked = 0
         self._handles: dict[int, QueueHandle] = {}
         self._workers: dict[int, tuple[NetWorker, threading.Thread]] = {}
@@ -310,6 +319,7 @@ class NetDevice(Device):
                        tx.call_fd, tx.event_idx, tx.indirect, tx.signal_call)
             tx.signal_call = False
             table = tx.memory.table_bytes()
+        from cython_ext.net import NetWorker
         if self.tap is not None:
             if rx is None and tx is None:
                 return
@@ -364,6 +374,12 @@ class NetDevice(Device):
                     2 * pair + 1, self._tx_counters(entry[0]) if entry else None)
         return out
 
+    def close(self) -> None:
+        """Queues are stopped (reset): give back the tap or the switch port."""
+        if self._release is not None:
+            self._release(self)
+            self._release = None
+
     def stats(self) -> dict:
         out = self.port.stats()
         for k, v in self._done_stats.items():
@@ -377,7 +393,8 @@ class NetDevice(Device):
 class Uplink:
     """A tap joined to a switch as a port: a reader thread forwards what the host sends."""
 
-    def __init__(self, tap: Tap, switch: Switch, index: int):
+    def __init__(self, tap: Tap, switch, index: int):
+        from cython_ext.net import NetWorker, Port
         self.tap = tap
         self.port = Port("tap", 1, switch, index, tap.fds[0])
         # The switch passes guests' frames through with their virtio_net_hdr; the tap takes them.
@@ -416,39 +433,223 @@ class Uplink:
         return {0: to_host, 1: from_host}
 
 
-def main(argv=None) -> int:
-    """pyvhost-net: one tap device, or several sockets joined by a switch (with an optional
-    uplink tap); the command line becomes a configuration run by vhost/service.py.  At exit
-    every port logs one `stats` line with its counters."""
-    from vhost import cli, config, service
+# -- the device type --------------------------------------------------------------------------------
 
-    args = cli.parse_net(argv)
-    if cli.prologue(args, cli.NET_CAPABILITIES):
-        return 0
-    sockets = args.socket_path or [None]
-    try:
-        mac = parse_mac(args.mac) if args.mac else None
-    except ValueError as e:
-        sys.stderr.write(f"pyvhost-net: error: {e}\n")
-        return 1
-    common = dict(queues=args.queues, mtu=args.mtu, queue_size=args.queue_size, listen_fd=args.fd)
-    switches = {}
-    if args.switch:
-        devices = tuple(
-            config.NetSpec(name=f"{args.switch}:{k}", socket=path, switch=args.switch,
-                           mac=(mac[:5] + bytes([(mac[5] + k) & 0xFF])).hex(":") if mac else
-                           None, **common)
-            for k, path in enumerate(sockets))
-        switches[args.switch] = config.SwitchSpec(name=args.switch, tap=args.tap,
-                                                  mac_ageing=args.mac_ageing, mtu=args.mtu)
-    else:
-        devices = (config.NetSpec(name=args.tap, socket=sockets[0], tap=args.tap,
-                                  mac=args.mac, **common),)
-    conf = config.Config(path=None, devices=devices, switches=switches,
-                         service=config.ServiceSpec(metrics_address=args.metrics_address,
-                                                    log_level=args.log_level, loop=args.loop))
-    return service.run_single(conf, "pyvhost-net", args.loop)
+# Switch names are metric labels and LISTEN_FDNAMES-safe, as device names are (vhost/config.py).
+SWITCH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _check_switch_name(value: str) -> None:
+    if not SWITCH_NAME_RE.match(value):
+        raise ValueError(f"switch name {value!r} must match {SWITCH_NAME_RE.pattern}")
+
+
+def _check_positive(value: float) -> None:
+    if not value > 0:
+        raise OptionProblem("must be positive")
+
+
+MTU = Option("mtu", "int", vn.DEFAULT_MTU, range=(vn.MIN_MTU, vn.MAX_MTU), metavar="N")
+MAC_AGEING = Option("mac-ageing", "float", 300.0, check=_check_positive, metavar="SECONDS",
+                    help="forget learned MACs after this long (default 300, as Linux bridges)")
+
+OPTIONS = (
+    Option("tap", "str", check=check_tap_name, metavar="NAME",
+           help="tap device (created if missing); with --switch: an uplink port of the switch"),
+    Option("switch", "str", check=_check_switch_name, metavar="NAME",
+           help="join the sockets by an in-process learning L2 switch"),
+    Option("mac", "str", check=lambda v: parse_mac(v), metavar="MAC",
+           help="MAC offered to the guest (config space)"),
+    Option("queues", "int", 1, range=(1, MAX_PAIRS), metavar="N", help="queue pairs"),
+    MTU,
+    Option("queue-size", "int", 1024, pow2=True, metavar="N"),
+    # On the command line the switch is implicit, so its ageing is the program's option; in a
+    # file it is a [[switch]] key.
+    Option(MAC_AGEING.name, "float", MAC_AGEING.default, MAC_AGEING.help,
+           check=MAC_AGEING.check, metavar=MAC_AGEING.metavar, where="cli"),
+)
+
+SWITCH_OPTIONS = (
+    Option("tap", "str", check=check_tap_name, help="uplink tap (created if missing)"),
+    MAC_AGEING,
+    MTU,
+)
+
+
+@dataclass
+class SwitchRuntime:
+    spec: object
+    switch: object
+    uplink: Uplink | None = None
+    ports: dict = field(default_factory=dict)      # device name -> port index
+    # Ports of removed devices stay allocated: another sender may still hold a pointer to them
+    # in the middle of a batch (cython_ext/net.pyx forwards without the switch lock), so a
+    # port_t is only freed with the whole switch, once none of its workers runs.
+    retired: list = field(default_factory=list)
+
+    def free_index(self) -> int:
+        used = set(self.ports.values()) | {p.index for p in self.retired}
+        if self.uplink is not None:
+            used.add(self.uplink.port.index)
+        for k in range(MAX_SWITCH_PORTS):
+            if k not in used:
+                return k
+        raise ValueError(f"switch {self.spec.name} has no free port left (ports of removed "
+                         f"devices are reclaimed when the service restarts)")
+
+    def stop_uplink(self) -> None:
+        if self.uplink is not None:
+            self.uplink.stop()
+            log.info("stats", extra={"fields": dict(device=f"uplink:{self.uplink.tap.name}",
+                                                    **self.uplink.stats())})
+            self.uplink.tap.close()
+            self.uplink = None
+
+
+class NetEnv(DeviceEnv):
+    """The switches of one process, built when their first port is, with their uplinks."""
+
+    def __init__(self, tables):
+        super().__init__(tables)
+        self.switches: dict[str, SwitchRuntime] = {}
+
+    def switch_for(self, name: str) -> SwitchRuntime:
+        sr = self.switches.get(name)
+        if sr is not None:
+            return sr
+        from cython_ext.net import Switch
+        spec = self.tables["switch"][name]
+        sr = SwitchRuntime(spec=spec, switch=Switch(spec.name, spec.mac_ageing))
+        if spec.tap:
+            tap = Tap(spec.tap, 1, spec.mtu if spec.mtu != vn.DEFAULT_MTU else None)
+            try:
+                sr.uplink = Uplink(tap, sr.switch, 0)
+            except BaseException:
+                tap.close()
+                raise
+            log.info("switch %s: uplink tap %s", name, spec.tap,
+                     extra={"fields": dict(switch=name)})
+        self.switches[name] = sr
+        return sr
+
+    def affected(self, old_tables, new_tables, spec) -> bool:
+        return spec.switch is not None and \
+            old_tables.get("switch", {}).get(spec.switch) != \
+            new_tables.get("switch", {}).get(spec.switch)
+
+    def reconfigure(self, new_tables) -> None:
+        old = self.tables.get("switch", {})
+        new = new_tables.get("switch", {})
+        for name in list(self.switches):
+            sr = self.switches[name]
+            if old.get(name) != new.get(name) or not sr.ports:
+                # changed (its ports were all stopped first) or unused: rebuilt when needed
+                sr.stop_uplink()
+                self._log_switch(name, sr)
+                del self.switches[name]
+        self.tables = new_tables
+
+    def _log_switch(self, name, sr) -> None:
+        log.info("stats", extra={"fields": dict(device=f"switch:{name}", **sr.switch.stats())})
+
+    def ports(self) -> list:
+        return [(f"{name}:uplink", f"tap {sr.uplink.tap.name}", sr.uplink.queue_counters)
+                for name, sr in list(self.switches.items()) if sr.uplink is not None]
+
+    def close(self) -> None:
+        for name in list(self.switches):
+            sr = self.switches.pop(name)
+            sr.stop_uplink()
+            self._log_switch(name, sr)
+
+
+class NetType(DeviceType):
+    name = "net"
+    program = "pyvhost-net"
+    description = "vhost-user-net backend (tap or L2 switch)"
+    capabilities = {"type": "net", "features": ["tap", "switch", "mq", "mtu"]}
+    options = OPTIONS
+    tables = {"switch": SWITCH_OPTIONS}
+    logger = "pyvhost.net"
+    multi_socket = True
+
+    def check(self, spec, names, check_files):
+        if (spec.tap is None) == (spec.switch is None):
+            raise ValueError(f"exactly one of {names('tap')} and {names('switch')} is required")
+
+    def check_all(self, specs, tables, names):
+        switches = dict(tables.get("switch", {}))
+        taps = {s.tap: f"switch \"{s.name}\"" for s in switches.values() if s.tap}
+        for spec in specs:
+            if spec.tap:
+                if spec.tap in taps:
+                    raise ValueError(f"device \"{spec.name}\": tap {spec.tap} is already used "
+                                     f"by {taps[spec.tap]}")
+                taps[spec.tap] = f"device \"{spec.name}\""
+            elif spec.switch not in switches:
+                switches[spec.switch] = self.table_class("switch")(name=spec.switch)
+        for sw in switches.values():
+            ports = sum(1 for d in specs if d.switch == sw.name) + (1 if sw.tap else 0)
+            if ports > MAX_SWITCH_PORTS:
+                raise ValueError(f"switch \"{sw.name}\": more than {MAX_SWITCH_PORTS} ports")
+        return dict(tables, switch=switches)
+
+    def command_line_check(self, values, sockets, names):
+        if not values["tap"] and not values["switch"]:
+            raise ValueError("one of --tap and --switch is required")
+        if not values["switch"] and len(sockets) > 1:
+            raise ValueError("several --socket-path need --switch")
+
+    def from_command_line(self, values, sockets):
+        """One tap device, or one switch port per socket (the switch's uplink is --tap)."""
+        sockets = sockets or [None]
+        ageing = values.pop("mac_ageing")
+        mac = parse_mac(values["mac"]) if values["mac"] else None
+        if not values["switch"]:
+            return [dict(values, name=values["tap"], socket=sockets[0])], {}
+        sw = values["switch"]
+        devices = [dict(values, name=f"{sw}:{k}", socket=path, tap=None,
+                        mac=(mac[:5] + bytes([(mac[5] + k) & 0xFF])).hex(":") if mac else None)
+                   for k, path in enumerate(sockets)]
+        table = self.table_class("switch")(name=sw, tap=values["tap"], mac_ageing=ageing,
+                                           mtu=values["mtu"])
+        return devices, {"switch": {sw: table}}
+
+    def environment(self, tables):
+        return NetEnv(tables)
+
+    def uses(self, spec):
+        return (("switch", spec.switch),) if spec.switch else ()
+
+    def build(self, spec, env: NetEnv):
+        if spec.tap:
+            mac = parse_mac(spec.mac) if spec.mac else default_mac(spec.tap)
+            tap = Tap(spec.tap, spec.queues, spec.mtu if spec.mtu != vn.DEFAULT_MTU else None)
+            try:
+                dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, tap=tap,
+                                max_queue_size=spec.queue_size, name=spec.name)
+            except BaseException:
+                tap.close()
+                raise
+            dev._release = lambda d: d.tap.close()
+            return dev
+        mac = parse_mac(spec.mac) if spec.mac else default_mac(f"{spec.switch}:{spec.socket}")
+        sr = env.switch_for(spec.switch)
+        index = sr.free_index()
+        dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, switch=sr.switch,
+                        port_index=index, max_queue_size=spec.queue_size, name=spec.name)
+        sr.ports[spec.name] = index
+
+        def release(d, sr=sr, name=spec.name):
+            sr.ports.pop(name, None)
+            d.port.detach()
+            sr.retired.append(d.port)
+        dev._release = release
+        return dev
+
+    def describe(self, spec):
+        what = f"tap {spec.tap}" if spec.tap else f"switch {spec.switch}"
+        return f"net {what} ({spec.queues} pair{'s' if spec.queues > 1 else ''})"
+
+
+DEVICE = NetType()

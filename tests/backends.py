@@ -175,7 +175,7 @@ def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
     log_path = sock.parent / f"{sock.name}.pyvhost.log"
-    cmd = [sys.executable, "-m", "devices.blk", "--socket-path", str(sock),
+    cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-blk", "--socket-path", str(sock),
            "--blk-file", str(img), "--num-queues", str(num_queues)]
     if read_only:
         cmd.append("--read-only")

@@ -92,7 +92,7 @@ def pyvhost_net(socket_paths: str | os.PathLike | Sequence[str | os.PathLike], *
     if netns:
         cmd += nsh.prefix(netns)
     cmd += list(prefix)
-    cmd += [sys.executable, "-m", "devices.net"]
+    cmd += [sys.executable, "-m", "vhost.programs", "pyvhost-net"]
     for s in socks:
         cmd += ["--socket-path", str(s)]
     if tap:

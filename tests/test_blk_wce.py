@@ -36,7 +36,7 @@ def set_wce(fe: Frontend, writeback: int) -> None:
 
 
 def dsync_writes(dev: BlkDevice) -> int:
-    return sum(w.stats()["dsync_writes"] for w, _ in list(dev._workers.values()))
+    return sum(w.stats()["dsync_writes"] for w in dev.queues.live())
 
 
 def test_write_through_makes_every_write_dsync(img):

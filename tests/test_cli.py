@@ -17,7 +17,7 @@ from protocols import virtio_blk as vb
 from tests.backends import REPO_ROOT, short_tmpdir
 from vhost.frontend import Frontend
 
-CMD = [sys.executable, "-m", "devices.blk"]
+CMD = [sys.executable, "-m", "vhost.programs", "pyvhost-blk"]
 
 
 def run(args, **kw):
@@ -161,7 +161,7 @@ def test_stale_socket_replaced(tmp):
 
 # -- pyvhost-net ------------------------------------------------------------------------------------
 
-NET = [sys.executable, "-m", "devices.net"]
+NET = [sys.executable, "-m", "vhost.programs", "pyvhost-net"]
 
 
 def test_net_print_capabilities():

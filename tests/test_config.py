@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends import REPO_ROOT, short_tmpdir
+import devices
 from vhost import cli, config as cfg, logfmt
 
 EXAMPLE = REPO_ROOT / "vhost" / "data" / "pyvhost.toml"
@@ -36,13 +37,13 @@ def test_example_config_parses_and_mirrors_the_cli():
     assert conf.device("vda").num_queues == 2 and conf.device("vda").size == 8 << 30
     assert conf.device("iso").read_only
     assert conf.device("net0").tap == "pyvtap0"
-    assert conf.switches["sw0"].tap == "pyvsw0"
+    assert conf.tables["switch"]["sw0"].tap == "pyvsw0"
     assert conf.service.metrics_address == "127.0.0.1:9560"
     assert conf.service.socket_mode == 0o660
     # every device key of the example is an option of the matching program
     raw = tomllib.loads(EXAMPLE.read_text())
-    opts = {"block": {a.dest.replace("_", "-") for a in cli.blk_parser()._actions},
-            "net": {a.dest.replace("_", "-") for a in cli.net_parser()._actions}}
+    opts = {t: {a.dest.replace("_", "-") for a in cli.device_parser(devices.get(t))._actions}
+            for t in ("block", "net")}
     for dev in raw["device"]:
         for key in dev:
             if key in ("name", "type"):
@@ -122,7 +123,8 @@ def test_good_config_round_trip(tmp):
     vda = conf.device("vda")
     assert (vda.num_queues, vda.read_only, vda.serial) == (4, True, "abc")
     assert conf.device("nul").size == 1 << 30 and conf.device("nul").null
-    assert conf.switches["swx"] == cfg.SwitchSpec(name="swx")       # implicit, defaults
+    switch_spec = devices.get("net").table_class("switch")
+    assert conf.tables["switch"]["swx"] == switch_spec(name="swx")   # implicit, defaults
     assert conf.device("p").queues == 2 and conf.device("p").mtu == 9000
     # specs compare by value: this is what a SIGHUP reload diffs
     assert cfg.load(path) == conf

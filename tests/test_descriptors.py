@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import devices
+
 from tests.backends import REPO_ROOT
 
 DESCRIPTOR_DIR = REPO_ROOT / "vhost" / "data" / "qemu" / "vhost-user"
@@ -27,8 +29,9 @@ OPTIONAL = {"tags": list}
 NAME_RE = re.compile(r"^[0-9]{2}-[A-Za-z0-9][A-Za-z0-9._-]*\.json$")
 
 DESCRIPTORS = sorted(DESCRIPTOR_DIR.glob("*.json"))
-EXPECTED = {"50-pyvhost-blk.json": ("block", "pyvhost-blk"),
-            "50-pyvhost-net.json": ("net", "pyvhost-net")}
+# one descriptor per registered device type, for its program
+EXPECTED = {f"50-{t.program}.json": (t.capabilities["type"], t.program)
+            for t in devices.TYPES.values()}
 
 
 def test_the_expected_descriptors_ship():

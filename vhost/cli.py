@@ -1,8 +1,12 @@
-"""cli.py: argument parsing only (pyvhost-blk, pyvhost-net, pyvhost serve|check), following
-QEMU's vhost-user "Backend program conventions"
-(docs/interop/vhost-user.rst): --socket-path or --fd (mutually exclusive), --print-capabilities,
-no daemonizing.  Errors are one line on stderr and a non-zero exit.  Nothing here opens files
-or sockets; devices/*.main wire the parsed options to the device and the server.
+"""cli.py: the command lines of the backend programs (pyvhost-blk, pyvhost-net, pyvhost-rng,
+...: one per device type, generated from its option table) and of `pyvhost serve|check`,
+following QEMU's vhost-user "Backend program conventions" (docs/interop/vhost-user.rst):
+--socket-path or --fd (mutually exclusive), --print-capabilities, no daemonizing.  Errors are one
+line on stderr and a non-zero exit.
+
+Owns argument parsing and turning a program's options into a one-device (or, for a net switch,
+several-device) Config, checked by the same device-type hooks as a configuration file.  Nothing
+here opens files or sockets; vhost/programs.py runs the result.
 """
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ import json
 import os
 import sys
 
+from . import config as cfg
+from .devtype import DeviceType, Names, OptionProblem
+
 EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,41 +28,42 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def parse_size(text: str) -> int:
-    """'1G', '512M', '4096' -> bytes (binary units, as qemu-img)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(float(num) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"bad size {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
+def _converter(option):
+    def convert(text: str):
+        try:
+            value = option.from_text(text)
+            option.validate(value)
+        except OptionProblem as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    convert.__name__ = option.kind      # argparse names the type in its messages
+    return convert
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return v
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
+def device_parser(dtype: DeviceType) -> argparse.ArgumentParser:
+    """The program's parser: the framework's options, then the device type's table."""
+    p = _Parser(prog=dtype.program, description=dtype.description)
+    if dtype.multi_socket:
+        p.add_argument("--socket-path", metavar="PATH", action="append",
+                       help="listen on this Unix socket (repeat for several --switch ports)")
+    else:
+        p.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
     p.add_argument("--fd", type=int, metavar="FDNUM", help="inherited listening socket fd")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None,
                    help="event loop (default: uvloop when installed; env PYVHOST_LOOP)")
-    p.add_argument("--log-level", default="info",
-                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
+    for o in dtype.cli_options():
+        if o.kind == "bool":
+            p.add_argument(f"--{o.name}", action="store_true", default=bool(o.default),
+                           help=o.help)
+        else:
+            p.add_argument(f"--{o.name}", type=_converter(o), default=o.default,
+                           metavar=o.metavar, help=o.help)
+    return p
 
 
 def _socket_activation(args) -> None:
@@ -72,123 +81,51 @@ def _socket_activation(args) -> None:
         args.fd = fds[0][0]
 
 
-def _check_metrics(p, args) -> None:
-    if args.metrics_address is not None:
+def _check_metrics(p, address) -> None:
+    if address is not None:
         from .metrics import parse_address
         try:
-            parse_address(args.metrics_address)
+            parse_address(address)
         except ValueError as e:
             p.error(str(e))
 
 
-def _check_listen(p, args) -> None:
+def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.Config | None]:
+    """Parse a program's command line: (args, its Config), or (args, None) for
+    --print-capabilities.  Every problem exits with one line."""
+    p = device_parser(dtype)
+    args = p.parse_args(argv)
     if args.print_capabilities:
-        return
+        return args, None
     _socket_activation(args)
-    _check_metrics(p, args)
-    if (args.socket_path is None) == (args.fd is None):
+    _check_metrics(p, args.metrics_address)
+    sockets = ([] if args.socket_path is None else
+               list(args.socket_path) if dtype.multi_socket else [args.socket_path])
+    if (not sockets) == (args.fd is None):
         p.error("exactly one of --socket-path and --fd is required")
     if args.fd is not None and args.fd < 0:
         p.error("--fd must be a non-negative file descriptor")
-
-
-def blk_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pyvhost-blk", description="vhost-user-blk backend")
-    _common(p)
-    p.add_argument("--blk-file", metavar="IMG", help="raw image file or block device")
-    p.add_argument("--read-only", action="store_true", help="export read-only")
-    p.add_argument("--num-queues", type=_positive, default=1, metavar="N")
-    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N",
-                   help="largest virtqueue size accepted (power of two, default 1024)")
-    p.add_argument("--size", type=parse_size, metavar="SIZE",
-                   help="create a sparse image of this size if --blk-file is missing")
-    p.add_argument("--serial", default=None, help="GET_ID serial (20 bytes max)")
-    p.add_argument("--no-io-uring", action="store_true",
-                   help="use the synchronous preadv/pwritev path (debugging)")
-    p.add_argument("--buffered", action="store_true", help="do not use O_DIRECT")
-    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
-                   help="busy-poll the ring this long after work before sleeping (0: off)")
-    p.add_argument("--null", action="store_true",
-                   help="no backing store: a --size device whose I/O completes at once "
-                        "(benchmarks, like QEMU's null-co)")
-    return p
-
-
-BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
-
-
-def parse_blk(argv=None) -> argparse.Namespace:
-    p = blk_parser()
-    args = p.parse_args(argv)
-    if args.print_capabilities:
-        return args
-    _check_listen(p, args)
-    if args.null:
-        if args.blk_file or not args.size:
-            p.error("--null takes --size and no --blk-file")
-    elif not args.blk_file:
-        p.error("--blk-file is required")
-    q = args.queue_size
-    if q & (q - 1) or q > 32768:
-        p.error("--queue-size must be a power of two no larger than 32768")
-    if args.num_queues > 256:
-        p.error("--num-queues must be at most 256")
-    if args.serial is not None and len(args.serial.encode()) > 20:
-        p.error("--serial is at most 20 bytes")
-    return args
-
-
-def net_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pyvhost-net", description="vhost-user-net backend (tap or L2 switch)")
-    p.add_argument("--socket-path", metavar="PATH", action="append",
-                   help="listen on this Unix socket (repeat for several --switch ports)")
-    p.add_argument("--fd", type=int, metavar="FDNUM", help="inherited listening socket fd")
-    p.add_argument("--print-capabilities", action="store_true",
-                   help="print the backend's capabilities as JSON and exit")
-    p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
-    p.add_argument("--log-level", default="info",
-                   choices=("debug", "info", "warning", "error"))
-    p.add_argument("--metrics-address", metavar="HOST:PORT",
-                   help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
-    p.add_argument("--tap", metavar="NAME", help="tap device (created if missing); with "
-                   "--switch: an uplink port of the switch")
-    p.add_argument("--switch", metavar="NAME", help="join the sockets by an in-process "
-                   "learning L2 switch")
-    p.add_argument("--mac", metavar="MAC", help="MAC offered to the guest (config space)")
-    p.add_argument("--queues", type=_positive, default=1, metavar="N", help="queue pairs")
-    p.add_argument("--mtu", type=_positive, default=1500, metavar="N")
-    p.add_argument("--queue-size", type=_positive, default=1024, metavar="N")
-    p.add_argument("--mac-ageing", type=float, default=300.0, metavar="SECONDS",
-                   help="forget learned MACs after this long (default 300, as Linux bridges)")
-    return p
-
-
-NET_CAPABILITIES = {"type": "net", "features": ["tap", "switch", "mq", "mtu"]}
-
-
-def parse_net(argv=None) -> argparse.Namespace:
-    p = net_parser()
-    args = p.parse_args(argv)
-    if args.print_capabilities:
-        return args
-    _socket_activation(args)
-    _check_metrics(p, args)
-    if (not args.socket_path) == (args.fd is None):
-        p.error("exactly one of --socket-path and --fd is required")
-    if not args.tap and not args.switch:
-        p.error("one of --tap and --switch is required")
-    if not args.switch and args.socket_path and len(args.socket_path) > 1:
-        p.error("several --socket-path need --switch")
-    if args.queues > 16:
-        p.error("--queues must be at most 16")
-    if not 68 <= args.mtu <= 65521:
-        p.error("--mtu must be 68..65521")
-    q = args.queue_size
-    if q & (q - 1) or q > 32768:
-        p.error("--queue-size must be a power of two no larger than 32768")
-    if args.mac_ageing <= 0:
-        p.error("--mac-ageing must be positive")
-    return args
+    values = {o.attr: getattr(args, o.attr) for o in dtype.cli_options()}
+    names = Names(cli=True)
+    try:
+        dtype.command_line_check(values, sockets, names)
+        kwargs, tables = dtype.from_command_line(values, sockets)
+        cls = dtype.spec_class()
+        keep = {f for f in cls.__dataclass_fields__}
+        specs = []
+        for kw in kwargs:
+            spec = cls(**{k: v for k, v in kw.items() if k in keep}, listen_fd=args.fd)
+            dtype.check(spec, names, False)
+            specs.append(spec)
+    except ValueError as e:
+        p.error(str(e))
+    service = cfg.ServiceSpec(metrics_address=args.metrics_address, log_level=args.log_level,
+                              loop=args.loop)
+    try:
+        conf = cfg.finish(None, service, specs, tables, names)
+    except cfg.ConfigError as e:
+        p.error(str(e))
+    return args, conf
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -199,7 +136,7 @@ def serve_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a configuration file and exit")
     for q in (s, c):
         q.add_argument("--config", required=True, metavar="FILE", help="TOML configuration")
-    s.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+    s.add_argument("--log-level", default=None, choices=LOG_LEVELS,
                    help="overrides [service] log-level")
     s.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="overrides [service] metrics-address")

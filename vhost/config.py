@@ -16,15 +16,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from . import cli
+import devices
+from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, OptionProblem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # systemd's FileDescriptorName= (LISTEN_FDNAMES) allows up to 255 characters without ':';
 # device names are matched against it, so they stay in that alphabet (and are metric labels).
-MAX_QUEUES_BLK = 256            # as pyvhost-blk --num-queues
-MAX_PAIRS_NET = 16              # as pyvhost-net --queues (cython_ext/net.pyx MAX_PAIRS)
-MAX_SWITCH_PORTS = 64           # cython_ext/net.pyx MAX_PORTS (uplink included)
-MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
 
 
 class ConfigError(Exception):
@@ -45,57 +42,23 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
-    name: str
-    socket: str
-    blk_file: str | None = None
-    read_only: bool = False
-    num_queues: int = 1
-    queue_size: int = 1024
-    size: int | None = None
-    serial: str | None = None
-    buffered: bool = False
-    no_io_uring: bool = False
-    null: bool = False
-    poll_us: float = 0.0
-    type: str = "block"
-    listen_fd: int | None = field(default=None, compare=False)   # CLI --fd only
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    name: str
-    socket: str
-    tap: str | None = None
-    switch: str | None = None
-    mac: str | None = None
-    queues: int = 1
-    mtu: int = 1500
-    queue_size: int = 1024
-    type: str = "net"
-    listen_fd: int | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class SwitchSpec:
-    name: str
-    tap: str | None = None          # uplink tap (created if missing)
-    mac_ageing: float = 300.0
-    mtu: int = 1500
-
-
-@dataclass(frozen=True)
 class Config:
     path: str | None                  # None: built from a command line, not a file
     service: ServiceSpec
     devices: tuple = ()
-    switches: dict = field(default_factory=dict)    # name -> SwitchSpec (implicit ones too)
+    # the device types' own top-level tables, implicit entries included:
+    # {table: {name: spec}}, e.g. {"switch": {"sw0": SwitchSpec(...)}} (net)
+    tables: dict = field(default_factory=dict)
 
     def device(self, name: str):
         for d in self.devices:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    def tables_of(self, dtype) -> dict:
+        """The tables `dtype` owns, as its DeviceEnv sees them."""
+        return {t: self.tables.get(t, {}) for t in dtype.tables}
 
 
 def _key(name: str) -> str:
@@ -107,12 +70,13 @@ _SERVICE_KEYS = {"metrics-address", "log-level", "socket-group", "socket-mode", 
 
 
 class _Checker:
-    def __init__(self, path: str, check_files: bool):
+    def __init__(self, path: str | None, check_files: bool):
         self.path = path
         self.check_files = check_files
 
     def fail(self, where: str, problem: str):
-        raise ConfigError(f"{self.path}: {where}{': ' if where else ''}{problem}")
+        prefix = f"{self.path}: " if self.path else ""       # None: a command line
+        raise ConfigError(f"{prefix}{where}{': ' if where else ''}{problem}")
 
     def take(self, table: dict, where: str, key: str, kind, default=None):
         if key not in table:
@@ -132,14 +96,6 @@ class _Checker:
         extra = sorted(set(table) - allowed)
         if extra:
             self.fail(where, f"unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
-
-    def range(self, where, key, value, lo, hi):
-        if value is not None and not lo <= value <= hi:
-            self.fail(where, f"{key} must be {lo}..{hi}, not {value}")
-
-    def pow2(self, where, key, value):
-        if value & (value - 1) or not 1 <= value <= 32768:
-            self.fail(where, f"{key} must be a power of two no larger than 32768, not {value}")
 
     def socket_path(self, where, value):
         if not value:
@@ -192,104 +148,37 @@ def _service(c: _Checker, table) -> ServiceSpec:
                        socket_mode=mode, stop_timeout=stop_timeout, loop=loop)
 
 
-_BLOCK_KEYS = {"name", "type", "socket", "blk-file", "read-only", "num-queues", "queue-size",
-               "size", "serial", "buffered", "no-io-uring", "null", "poll-us"}
-_NET_KEYS = {"name", "type", "socket", "tap", "switch", "mac", "queues", "mtu", "queue-size"}
-_SWITCH_KEYS = {"name", "tap", "mac-ageing", "mtu"}
+def _options(c: _Checker, options, t: dict, where: str) -> dict:
+    """The values of one table's options, converted and validated (defaults omitted)."""
+    out = {}
+    for o in options:
+        if o.name in t:
+            try:
+                value = o.from_toml(t[o.name])
+                o.validate(value)
+            except OptionProblem as e:
+                c.fail(where, e.line(o.name))
+            out[o.attr] = value
+    return out
 
 
-def _size(c, where, table):
-    v = table.get("size")
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, str)):
-        c.fail(where, f"size must be a number of bytes or a string like \"1G\", not {v!r}")
+def _device(c: _Checker, dtype, t: dict, where: str):
+    options = dtype.toml_options()
+    c.unknown(t, set(BASE_KEYS) | {o.name for o in options}, where)
+    spec = dtype.spec_class()(name=t["name"], socket=c.take(t, where, "socket", str),
+                              **_options(c, options, t, where))
+    c.socket_path(where, spec.socket)
     try:
-        return cli.parse_size(str(v))
-    except Exception as e:          # argparse.ArgumentTypeError
+        dtype.check(spec, Names(cli=False), c.check_files)
+    except ValueError as e:
         c.fail(where, str(e))
+    return spec
 
 
-def _block(c: _Checker, t: dict, where: str) -> BlockSpec:
-    c.unknown(t, _BLOCK_KEYS, where)
-    s = BlockSpec(
-        name=t["name"], socket=c.take(t, where, "socket", str),
-        blk_file=c.take(t, where, "blk-file", str),
-        read_only=c.take(t, where, "read-only", bool, False),
-        num_queues=c.take(t, where, "num-queues", int, 1),
-        queue_size=c.take(t, where, "queue-size", int, 1024),
-        size=_size(c, where, t), serial=c.take(t, where, "serial", str),
-        buffered=c.take(t, where, "buffered", bool, False),
-        no_io_uring=c.take(t, where, "no-io-uring", bool, False),
-        null=c.take(t, where, "null", bool, False),
-        poll_us=c.take(t, where, "poll-us", float, 0.0))
-    c.socket_path(where, s.socket)
-    c.range(where, "num-queues", s.num_queues, 1, MAX_QUEUES_BLK)
-    c.pow2(where, "queue-size", s.queue_size)
-    c.range(where, "poll-us", s.poll_us, 0, 1e6)
-    if s.serial is not None and len(s.serial.encode()) > 20:
-        c.fail(where, "serial is at most 20 bytes")
-    if s.null:
-        if s.blk_file or not s.size:
-            c.fail(where, "null takes size and no blk-file")
-        return s
-    if not s.blk_file:
-        c.fail(where, "blk-file is required (or null = true with a size)")
-    if not os.path.isabs(s.blk_file):
-        c.fail(where, f"blk-file must be an absolute path, not {s.blk_file!r}")
-    if c.check_files:
-        if not os.path.exists(s.blk_file):
-            if s.size is None:
-                c.fail(where, f"blk-file {s.blk_file} does not exist (set size to create it)")
-            if not os.path.isdir(os.path.dirname(s.blk_file)):
-                c.fail(where, f"blk-file directory {os.path.dirname(s.blk_file)} does not exist")
-        elif not os.access(s.blk_file, os.R_OK if s.read_only else os.R_OK | os.W_OK):
-            c.fail(where, f"blk-file {s.blk_file} is not "
-                          f"{'readable' if s.read_only else 'readable and writable'}")
-    return s
-
-
-def _tap_name(c, where, key, value):
-    if value is not None and (not value or len(value.encode()) > 15 or "/" in value
-                              or any(ch.isspace() for ch in value)):
-        c.fail(where, f"{key} {value!r} is not a valid interface name (1..15 bytes)")
-
-
-def _net(c: _Checker, t: dict, where: str) -> NetSpec:
-    c.unknown(t, _NET_KEYS, where)
-    s = NetSpec(name=t["name"], socket=c.take(t, where, "socket", str),
-                tap=c.take(t, where, "tap", str), switch=c.take(t, where, "switch", str),
-                mac=c.take(t, where, "mac", str), queues=c.take(t, where, "queues", int, 1),
-                mtu=c.take(t, where, "mtu", int, 1500),
-                queue_size=c.take(t, where, "queue-size", int, 1024))
-    c.socket_path(where, s.socket)
-    if (s.tap is None) == (s.switch is None):
-        c.fail(where, "exactly one of tap and switch is required")
-    _tap_name(c, where, "tap", s.tap)
-    if s.switch is not None and not NAME_RE.match(s.switch):
-        c.fail(where, f"switch name {s.switch!r} must match {NAME_RE.pattern}")
-    c.range(where, "queues", s.queues, 1, MAX_PAIRS_NET)
-    c.range(where, "mtu", s.mtu, 68, 65521)
-    c.pow2(where, "queue-size", s.queue_size)
-    if s.mac is not None:
-        from devices.net import parse_mac
-        try:
-            parse_mac(s.mac)
-        except ValueError as e:
-            c.fail(where, str(e))
-    return s
-
-
-def _switch(c: _Checker, t: dict, where: str) -> SwitchSpec:
-    c.unknown(t, _SWITCH_KEYS, where)
-    s = SwitchSpec(name=t["name"], tap=c.take(t, where, "tap", str),
-                   mac_ageing=c.take(t, where, "mac-ageing", float, 300.0),
-                   mtu=c.take(t, where, "mtu", int, 1500))
-    _tap_name(c, where, "tap", s.tap)
-    if not s.mac_ageing > 0:
-        c.fail(where, "mac-ageing must be positive")
-    c.range(where, "mtu", s.mtu, 68, 65521)
-    return s
+def _table_entry(c: _Checker, dtype, table: str, t: dict, where: str):
+    options = dtype.tables[table]
+    c.unknown(t, {"name"} | {o.name for o in options}, where)
+    return dtype.table_class(table)(name=t["name"], **_options(c, options, t, where))
 
 
 def _named(c: _Checker, t, kind: str, index: int) -> str:
@@ -302,26 +191,34 @@ def _named(c: _Checker, t, kind: str, index: int) -> str:
     return name
 
 
+def _owners() -> dict:
+    """table name -> the device type that owns it"""
+    return {table: dtype for dtype in devices.TYPES.values() for table in dtype.tables}
+
+
 def parse(data: dict, path: str = "<config>", check_files: bool = True) -> Config:
     """Validate an already-decoded TOML document."""
     c = _Checker(path, check_files)
-    c.unknown(data, {"service", "device", "switch"}, "")
+    owners = _owners()
+    c.unknown(data, {"service", "device"} | set(owners), "")
     service = _service(c, data.get("service", {}))
     raw_devices = data.get("device", [])
-    raw_switches = data.get("switch", [])
-    if not isinstance(raw_devices, list) or not isinstance(raw_switches, list):
-        c.fail("", "devices and switches are arrays of tables: [[device]], [[switch]]")
-    switches: dict[str, SwitchSpec] = {}
-    for i, t in enumerate(raw_switches):
-        name = _named(c, t, "switch", i)
-        if name in switches:
-            c.fail(f"switch \"{name}\"", "duplicate switch name")
-        switches[name] = _switch(c, t, f"switch \"{name}\"")
-    devices = []
-    names, sockets, taps = set(), {}, {}
-    for s in switches.values():
-        if s.tap:
-            taps[s.tap] = f"switch \"{s.name}\""
+    if not isinstance(raw_devices, list) or not all(isinstance(data.get(t, []), list)
+                                                     for t in owners):
+        c.fail("", "devices and " + ", ".join(f"[[{t}]]" for t in owners)
+               + " are arrays of tables: [[device]]" + "".join(f", [[{t}]]" for t in owners))
+    tables: dict[str, dict] = {}
+    for table, dtype in owners.items():
+        entries = tables[table] = {}
+        for i, t in enumerate(data.get(table, [])):
+            name = _named(c, t, table, i)
+            where = f"{table} \"{name}\""
+            if name in entries:
+                c.fail(where, f"duplicate {table} name")
+            entries[name] = _table_entry(c, dtype, table, t, where)
+    specs = []
+    names, sockets = set(), {}
+    kinds = " or ".join(f'"{n}"' for n in devices.TYPES)
     for i, t in enumerate(raw_devices):
         name = _named(c, t, "device", i)
         where = f"device \"{name}\""
@@ -329,37 +226,30 @@ def parse(data: dict, path: str = "<config>", check_files: bool = True) -> Confi
             c.fail(where, "duplicate device name")
         names.add(name)
         kind = t.get("type")
-        if kind == "block":
-            spec = _block(c, t, where)
-        elif kind == "net":
-            spec = _net(c, t, where)
-        else:
-            c.fail(where, f"type must be \"block\" or \"net\", not {kind!r}")
+        if kind not in devices.TYPES:
+            c.fail(where, f"type must be {kinds}, not {kind!r}")
+        spec = _device(c, devices.TYPES[kind], t, where)
         real = os.path.realpath(spec.socket) if check_files else spec.socket
         if real in sockets:
             c.fail(where, f"socket {spec.socket} is already used by device \"{sockets[real]}\"")
         sockets[real] = name
-        if spec.type == "net":
-            if spec.tap:
-                if spec.tap in taps:
-                    c.fail(where, f"tap {spec.tap} is already used by {taps[spec.tap]}")
-                taps[spec.tap] = where
-            elif spec.switch not in switches:
-                switches[spec.switch] = SwitchSpec(name=spec.switch)      # defaults
-        devices.append(spec)
-    for sw in switches.values():
-        ports = sum(1 for d in devices if d.type == "net" and d.switch == sw.name)
-        if ports + (1 if sw.tap else 0) > MAX_SWITCH_PORTS:
-            c.fail(f"switch \"{sw.name}\"", f"more than {MAX_SWITCH_PORTS} ports")
-    for d in devices:
-        if d.type == "block" and d.blk_file:
-            for other in devices:
-                if other is not d and other.type == "block" and other.blk_file == d.blk_file \
-                        and not (d.read_only and other.read_only):
-                    c.fail(f"device \"{d.name}\"", f"blk-file {d.blk_file} is also used by "
-                                                   f"device \"{other.name}\" (only read-only "
-                                                   f"devices may share an image)")
-    return Config(path=path, service=service, devices=tuple(devices), switches=switches)
+        specs.append(spec)
+    return finish(path, service, specs, tables, Names(cli=False))
+
+
+def finish(path: str | None, service: ServiceSpec, specs: list, tables: dict,
+           names: Names) -> Config:
+    """Checks across devices of one type (each type's check_all), which also completes its
+    tables with implicit entries; the Config.  `path` None: a program's command line."""
+    c = _Checker(path, False)
+    for dtype in devices.TYPES.values():
+        own = {t: tables.get(t, {}) for t in dtype.tables}
+        try:
+            own = dtype.check_all([s for s in specs if s.type == dtype.name], own, names)
+        except ValueError as e:
+            c.fail("", str(e))
+        tables.update(own)
+    return Config(path=c.path, service=service, devices=tuple(specs), tables=tables)
 
 
 def load(path: str, check_files: bool = True) -> Config:

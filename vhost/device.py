@@ -10,6 +10,8 @@ keeps those counters cumulative across worker restarts; vhost/metrics.py only re
 from __future__ import annotations
 
 import abc
+import logging
+import threading
 from dataclasses import dataclass, field
 
 from protocols.vhost_user import ProtocolFeature
@@ -114,6 +116,105 @@ def join_worker(thread, timeout: float | None, what: str) -> None:
                           f"{timeout:g} s; abandoning it")
 
 
+class QueueWorkers:
+    """The workers of a device that runs one worker thread per virtqueue (blk, rng, ...):
+    start, stop bounded by the device's stop_timeout, abandon a worker that does not stop
+    (WorkerStuck: it is kept alive forever, with everything it may touch), and keep the
+    device's counters cumulative (CounterTotals) across worker restarts.
+
+    A worker is any object with run() (the thread body, GIL released), stop() (ask it to finish
+    in-flight requests and return), close() (release its fds once run() returned),
+    `last_avail` and counters() (a dict of COUNTER_KEYS).  Thread-safe: the control thread
+    starts and stops queues while a metrics thread reads counters()."""
+
+    def __init__(self, device: "Device", thread_name: str):
+        self._device = device
+        self._thread_name = thread_name
+        self._workers: dict[int, tuple[object, threading.Thread]] = {}
+        self._stuck: list = []               # abandoned (worker, thread): never freed
+        self._lock = threading.Lock()
+        self._totals = CounterTotals(device.num_queues)
+        self._log = logging.getLogger(f"pyvhost.{device.device_type}")
+
+    def start(self, index: int, worker) -> None:
+        with self._lock:
+            if index in self._workers:
+                raise RuntimeError(f"queue {index} already running")
+            t = threading.Thread(target=worker.run, name=f"{self._thread_name}-q{index}",
+                                 daemon=True)
+            self._workers[index] = (worker, t)
+            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
+            t.start()
+
+    def stop(self, index: int) -> int:
+        """Stop queue `index`'s worker; return the next avail index (GET_VRING_BASE)."""
+        with self._lock:
+            entry = self._workers.get(index)
+        if entry is None:
+            raise KeyError(index)
+        w, t = entry
+        w.stop()
+        try:
+            join_worker(t, self._device.stop_timeout, f"queue {index}")
+        except WorkerStuck as e:
+            # keep the worker (its C context, io_uring, iovecs) alive forever: it may still
+            # complete requests into guest memory
+            with self._lock:
+                del self._workers[index]
+                self._stuck.append(entry)
+                self._device.abandoned += 1
+            self._log.error("%s", e)
+            raise
+        last = w.last_avail
+        final = w.counters()
+        # The worker stays listed until its final counters are in the totals, both under the
+        # lock, so a scrape never sees the queue's counters dip.
+        with self._lock:
+            self._totals.retire(index, final)
+            del self._workers[index]
+        w.close()
+        self._log.debug("queue %d stopped at avail %d: %s", index, last, final)
+        return last
+
+    def stop_all(self) -> None:
+        """Stop every queue (reset); a stuck one is logged and the others still stop."""
+        for index in sorted(self._workers):
+            try:
+                self.stop(index)
+            except (WorkerStuck, KeyError):
+                pass
+        with self._lock:
+            self._totals.clear_broken()
+
+    def for_each(self, fn) -> None:
+        """fn(worker) for every running worker, under the lock (e.g. a config change that
+        applies to running queues)."""
+        with self._lock:
+            for w, _ in self._workers.values():
+                fn(w)
+
+    def counters(self) -> dict[int, dict[str, int]]:
+        with self._lock:
+            # The C structs are read while we hold both the lock (no worker is retired under
+            # us) and a reference to each worker (its struct is never freed while read).
+            return {i: self._totals.view(i, self._workers[i][0].counters()
+                                         if i in self._workers else None)
+                    for i in range(self._device.num_queues)}
+
+    def running(self) -> list[int]:
+        return sorted(self._workers)
+
+    def live(self) -> list:
+        """The running workers (for device-specific counters; read them while holding the
+        list: a worker object is never freed while referenced)."""
+        with self._lock:
+            return [w for w, _ in self._workers.values()]
+
+    @property
+    def stuck(self) -> bool:
+        return bool(self._stuck)
+
+
 class Device(abc.ABC):
     """A virtio device served over vhost-user."""
 
@@ -184,3 +285,16 @@ class Device(abc.ABC):
 
     def reset(self) -> None:
         """Device reset (RESET_DEVICE / RESET_OWNER / disconnect); queues are already stopped."""
+
+    def stats(self) -> dict[str, int]:
+        """The counters logged in one `stats` line when the device stops: by default the
+        queue counters summed over the queues."""
+        out: dict[str, int] = {}
+        for q in self.queue_counters().values():
+            for k, v in q.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def close(self) -> None:
+        """Release what the device holds (backing store, tap, switch port); queues are
+        stopped.  Called once, when the service removes the device."""

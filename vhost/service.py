@@ -2,14 +2,16 @@
 behind the single-device programs pyvhost-blk / pyvhost-net (their command lines become a
 one-device configuration).
 
-Owns the lifecycle of a set of devices: build each from its spec (vhost/config.py), give each its
-own Server (its own socket, its own queue workers), switches and their uplinks, systemd
+Owns the lifecycle of a set of devices: build each from its spec through its device type
+(devices.TYPES; each type's DeviceEnv holds what its devices share, e.g. net's switches), give
+each its own Server (its own socket, its own queue workers), systemd
 integration (READY/STATUS/WATCHDOG/STOPPING/RELOADING notifications, socket activation by
 LISTEN_FDNAMES = device name), the metrics endpoint, signals (SIGTERM/SIGINT: stop accepting,
 let in-flight I/O complete within stop-timeout, close sockets, exit 0; SIGHUP: re-read the file,
 start added devices, stop removed ones, restart changed ones, leave the rest untouched).
 
-Must not: parse TOML (config.py), speak vhost-user (protocol.py), touch a ring (cython_ext).
+Must not: parse TOML (config.py), speak vhost-user (protocol.py), touch a ring (cython_ext),
+or know what a device type is beyond its DeviceType hooks.
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+import devices
+
 from . import config as cfg
 from . import logfmt
+from .devtype import DeviceEnv
 from .sdnotify import Notifier, listen_fds, socket_path_of
 from .server import Server, ServerError, default_loop_name, running_loop
 
@@ -41,31 +46,6 @@ class DeviceRuntime:
     server: Server
     task: asyncio.Task | None = None
     ready: asyncio.Future | None = None
-    port_index: int | None = None
-    tap: object = None                  # tap-mode net device: the Tap we opened
-
-
-@dataclass
-class SwitchRuntime:
-    spec: cfg.SwitchSpec
-    switch: object
-    uplink: object = None
-    uplink_tap: object = None
-    ports: dict = field(default_factory=dict)      # device name -> port index
-    # Ports of removed devices stay allocated: another sender may still hold a pointer to them
-    # in the middle of a batch (cython_ext/net.pyx forwards without the switch lock), so a
-    # port_t is only freed with the whole switch, once none of its workers runs.
-    retired: list = field(default_factory=list)
-
-    def free_index(self) -> int:
-        used = set(self.ports.values()) | {p.index for p in self.retired}
-        if self.uplink is not None:
-            used.add(self.uplink.port.index)
-        for k in range(cfg.MAX_SWITCH_PORTS):
-            if k not in used:
-                return k
-        raise ValueError(f"switch {self.spec.name} has no free port left (ports of removed "
-                         f"devices are reclaimed when the service restarts)")
 
 
 def _fields(**kw):
@@ -85,7 +65,7 @@ class Service:
         self.activation = dict(activation or {})
         self.reloadable = reloadable
         self.devices: dict[str, DeviceRuntime] = {}
-        self.switches: dict[str, SwitchRuntime] = {}
+        self.envs: dict[str, DeviceEnv] = {}       # device type -> what its devices share
         self.metrics = None
         self.stop_timeout = config.service.stop_timeout
         self.abandoned = 0               # queues whose worker outlived stop-timeout
@@ -126,76 +106,30 @@ class Service:
             out.append(DeviceSample(name=name, type=rt.spec.type,
                                     connected=rt.server.protocol is not None, queues=queues,
                                     socket=rt.spec.socket or f"fd {rt.spec.listen_fd}"))
-        for name, sr in list(self.switches.items()):
-            if sr.uplink is not None:       # the uplink tap is a port too (always "connected")
-                out.append(DeviceSample(name=f"{name}:uplink", type="net", connected=True,
-                                        queues=sr.uplink.queue_counters(),
-                                        socket=f"tap {sr.uplink_tap.name}"))
+        for type_name, env in list(self.envs.items()):
+            # e.g. a switch's uplink tap: a port too (always "connected")
+            for name, label, counters in env.ports():
+                out.append(DeviceSample(name=name, type=type_name, connected=True,
+                                        queues=counters(), socket=label))
         return out
 
     # -- building devices ----------------------------------------------------------------------
 
-    def _switch_for(self, name: str) -> SwitchRuntime:
-        sr = self.switches.get(name)
-        if sr is not None:
-            return sr
-        from cython_ext.net import Switch
-        from devices.net import Tap, Uplink
-        spec = self.config.switches[name]
-        sr = SwitchRuntime(spec=spec, switch=Switch(spec.name, spec.mac_ageing))
-        if spec.tap:
-            tap = Tap(spec.tap, 1, spec.mtu if spec.mtu != 1500 else None)
-            try:
-                sr.uplink = Uplink(tap, sr.switch, 0)
-            except BaseException:
-                tap.close()
-                raise
-            sr.uplink_tap = tap
-            log.info("switch %s: uplink tap %s", name, spec.tap, extra=_fields(switch=name))
-        self.switches[name] = sr
-        return sr
+    def _env(self, dtype) -> DeviceEnv:
+        env = self.envs.get(dtype.name)
+        if env is None:
+            env = self.envs[dtype.name] = dtype.environment(self.config.tables_of(dtype))
+        return env
 
-    def _drop_switch_if_unused(self, name: str) -> None:
-        sr = self.switches.get(name)
-        if sr is None or sr.ports:
-            return
-        if sr.uplink is not None:
-            sr.uplink.stop()
-            sr.uplink_tap.close()
-        del self.switches[name]
-        log.info("switch %s removed", name, extra=_fields(switch=name))
+    def _prune_envs(self) -> None:
+        """Let each type drop shared state no device uses any more (an emptied switch)."""
+        for name, env in self.envs.items():
+            env.reconfigure(self.config.tables_of(devices.get(name)))
 
     def _build(self, spec) -> DeviceRuntime:
         """Open the backing store / tap / switch port of one device (no socket yet)."""
-        tap = None
-        port_index = None
-        if spec.type == "block":
-            from devices.blk import BlkDevice
-            dev = BlkDevice.open(None if spec.null else spec.blk_file, create_size=spec.size,
-                                 read_only=spec.read_only, num_queues=spec.num_queues,
-                                 max_queue_size=spec.queue_size, serial=spec.serial,
-                                 use_io_uring=not spec.no_io_uring, direct=not spec.buffered,
-                                 poll_us=spec.poll_us)
-        else:
-            from devices.net import NetDevice, Tap, default_mac, parse_mac
-            if spec.tap:
-                mac = parse_mac(spec.mac) if spec.mac else default_mac(spec.tap)
-                tap = Tap(spec.tap, spec.queues, spec.mtu if spec.mtu != 1500 else None)
-                try:
-                    dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, tap=tap,
-                                    max_queue_size=spec.queue_size, name=spec.name)
-                except BaseException:
-                    tap.close()
-                    raise
-            else:
-                mac = parse_mac(spec.mac) if spec.mac else \
-                    default_mac(f"{spec.switch}:{spec.socket}")
-                sr = self._switch_for(spec.switch)
-                port_index = sr.free_index()
-                dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, switch=sr.switch,
-                                port_index=port_index, max_queue_size=spec.queue_size,
-                                name=spec.name)
-                sr.ports[spec.name] = port_index
+        dtype = devices.get(spec.type)
+        dev = dtype.build(spec, self._env(dtype))
         dev.stop_timeout = self.stop_timeout
         listen_fd = spec.listen_fd
         socket_path = spec.socket
@@ -212,8 +146,7 @@ class Service:
         server = Server(dev, socket_path=socket_path, listen_fd=listen_fd, name=spec.name,
                         socket_mode=svc.socket_mode, socket_group=svc.socket_group,
                         on_connection=self._on_connection)
-        return DeviceRuntime(spec=spec, device=dev, server=server, port_index=port_index,
-                             tap=tap)
+        return DeviceRuntime(spec=spec, device=dev, server=server)
 
     def _close_device(self, rt: DeviceRuntime, log_stats: bool = True) -> None:
         dev = rt.device
@@ -222,36 +155,15 @@ class Service:
         except Exception:
             log.exception("%s: reset failed", rt.spec.name)
         if log_stats:
-            self._log_stats(rt)
-        if hasattr(dev, "close"):
-            dev.close()
-        if rt.tap is not None:
-            rt.tap.close()
-        if rt.port_index is not None:
-            sr = self.switches.get(rt.spec.switch)
-            if sr is not None:
-                sr.ports.pop(rt.spec.name, None)
-                dev.port.detach()
-                sr.retired.append(dev.port)
-        self.abandoned += getattr(dev, "abandoned", 0)
-
-    def _log_stats(self, rt: DeviceRuntime) -> None:
-        stats = getattr(rt.device, "stats", None)
-        try:
-            counters = stats() if callable(stats) else None
-        except Exception:
-            counters = None
-        if counters is None:
             try:
-                per_queue = rt.device.queue_counters()
+                counters = dev.stats()
             except Exception:
-                return
-            counters = {}
-            for q in per_queue.values():
-                for k, v in q.items():
-                    counters[k] = counters.get(k, 0) + v
-        logger = logging.getLogger(f"pyvhost.{'net' if rt.spec.type == 'net' else 'blk'}")
-        logger.info("stats", extra=_fields(device=rt.spec.name, **counters))
+                counters = None
+            if counters is not None:
+                logging.getLogger(devices.get(rt.spec.type).logger).info(
+                    "stats", extra=_fields(device=rt.spec.name, **counters))
+        dev.close()
+        self.abandoned += getattr(dev, "abandoned", 0)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -316,8 +228,7 @@ class Service:
                     if rt.task is not None and not rt.task.done():
                         rt.task.cancel()
                     self._close_device(rt, log_stats=False)
-            for name in list(self.switches):
-                self._drop_switch_if_unused(name)
+            self._prune_envs()
             raise
 
     def _start_metrics(self, address: str | None) -> None:
@@ -390,16 +301,9 @@ class Service:
             rt.server.stop()
         for name in list(self.devices):
             await self._stop(name)
-        for name in list(self.switches):
-            sr = self.switches.pop(name)
-            if sr.uplink is not None:
-                sr.uplink.stop()
-                logging.getLogger("pyvhost.net").info(
-                    "stats", extra=_fields(device=f"uplink:{sr.uplink_tap.name}",
-                                           **sr.uplink.stats()))
-                sr.uplink_tap.close()
-            logging.getLogger("pyvhost.net").info(
-                "stats", extra=_fields(device=f"switch:{name}", **sr.switch.stats()))
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
         self._close_metrics()
         for fd in self.activation.values():
             try:
@@ -438,12 +342,13 @@ class Service:
                 self.notifier.ready(self.status_text())
                 return False
             old = self.config
-            changed_switches = {n for n, s in old.switches.items() if new.switches.get(n) != s}
             stop, start = [], []
             for name, rt in self.devices.items():
                 spec = _find(new, name)
-                if spec is None or spec != rt.spec or \
-                        (spec.type == "net" and spec.switch in changed_switches):
+                dtype = devices.get(rt.spec.type)
+                env = self.envs.get(rt.spec.type)
+                if spec is None or spec != rt.spec or (env is not None and env.affected(
+                        old.tables_of(dtype), new.tables_of(dtype), rt.spec)):
                     stop.append(name)
             for spec in new.devices:
                 if spec.name not in self.devices or spec.name in stop:
@@ -451,16 +356,7 @@ class Service:
             for name in stop:
                 await self._stop(name)
             self.config = new
-            for name in list(self.switches):
-                if name in changed_switches:
-                    # its ports were all stopped above; a changed switch is rebuilt from scratch
-                    self.switches[name].ports.clear()
-                    sr = self.switches.pop(name)
-                    if sr.uplink is not None:
-                        sr.uplink.stop()
-                        sr.uplink_tap.close()
-                else:
-                    self._drop_switch_if_unused(name)
+            self._prune_envs()          # rebuilds changed shared state (a changed switch)
             failed = []
             for spec in start:
                 try:
@@ -511,13 +407,7 @@ def _find(config: cfg.Config, name: str):
 
 def _describe(spec) -> str:
     where = spec.socket if spec.listen_fd is None else f"fd {spec.listen_fd}"
-    if spec.type == "block":
-        what = "null device" if spec.null else spec.blk_file
-        ro = ", read-only" if spec.read_only else ""
-        return f"block {what}{ro} ({spec.num_queues} queue{'s' if spec.num_queues > 1 else ''})" \
-               f" on {where}"
-    what = f"tap {spec.tap}" if spec.tap else f"switch {spec.switch}"
-    return f"net {what} ({spec.queues} pair{'s' if spec.queues > 1 else ''}) on {where}"
+    return f"{devices.get(spec.type).describe(spec)} on {where}"
 
 
 # -- running a Service as a program ---------------------------------------------------------------

@@ -66,6 +66,7 @@ VIRTIO_MODULES = (
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
+    "virtio_rng",
     "virtio_blk",
     "failover",
     "net_failover",
