@@ -7,7 +7,7 @@ message legitimately carries (kick/call/err eventfds, the backend request channe
 others at once (memory region fds right after mapping them, fds riding on messages that take none,
 fds of rejected messages), and everything it kept on `connection_lost`.
 
-Queue lifecycle (QEMU 7.2's real behaviour, see DESIGN.md and shared/traces/):
+Queue lifecycle (QEMU 7.2's real behaviour, see ARCHITECTURE.md and tests/data/traces/):
 
 - a queue is *started* (armed) by SET_VRING_KICK and stopped by GET_VRING_BASE and resets;
 - it *runs* (``device.start_queue``) only while started, enabled, and its rings (SET_VRING_NUM +
