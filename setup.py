@@ -38,6 +38,7 @@ VHOST_USER_JSON = sorted(os.path.relpath(p, HERE) for p in
 
 # bench.loadgen: the benchmarks' compiled driver loop (not part of the product; it includes
 # cython_ext/vhost_compat.h for the barriers).
-setup(ext_modules=cythonize([ext("ring"), ext("blk"), ext("net"), ext("loadgen", "bench")],
+setup(ext_modules=cythonize([ext("ring"), ext("worker"), ext("blk"), ext("net"), ext("rng"),
+                             ext("loadgen", "bench")],
                             compiler_directives=directives, include_path=["cython_ext"]),
       data_files=[("share/qemu/vhost-user", VHOST_USER_JSON)])

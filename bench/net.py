@@ -207,6 +207,19 @@ def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Bac
 
 
 def _pyvhost_stats(log: str) -> dict:
+    """Per-device counters from the stop-time `stats` lines: the logfmt records of
+    vhost/logfmt.py (`msg=stats device=sw0:1 tx_packets=...`), or the older one-line JSON."""
+    out: dict = {}
+    for line in log.splitlines():
+        if " msg=stats " in line:
+            fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            dev = fields.pop("device", None)
+            if dev is None:
+                continue
+            with contextlib.suppress(ValueError):
+                out[dev] = {k: int(v) for k, v in fields.items() if v.isdigit()}
+    if out:
+        return out
     for line in reversed(log.splitlines()):
         i = line.find("INFO: stats ")
         if i >= 0:

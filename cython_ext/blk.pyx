@@ -23,6 +23,7 @@ from cpython.bytes cimport PyBytes_AS_STRING
 
 from cython_ext.ring cimport *
 from cython_ext.posix_io cimport *
+from cython_ext.worker cimport *
 
 log = logging.getLogger("pyvhost.blk")
 
@@ -91,8 +92,6 @@ cdef extern from "vhost_compat.h" nogil:
     int sys_io_uring_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags)
     uint32_t uq_load_acquire_u32(const void *p)
     void uq_store_release_u32(void *p, uint32_t v)
-    void cpu_relax()
-    uint64_t mono_ns()
     int load_flag(const int *p)
 
 # virtio-blk request types and status (protocols/virtio_blk.py has the same numbers).
@@ -162,9 +161,8 @@ ctypedef struct blk_ctx_t:
     uint64_t capacity            # in 512-byte sectors
     uint64_t max_discard_sectors
     uint64_t max_wz_sectors
-    int kick_fd
-    int stop_fd
-    bint signal_call
+    wk_t rt                      # the runtime: loop, stop, kicks, poll window (worker.pyx)
+    bint broken_noted            # the corrupt avail ring was logged once
     uint8_t serial[ID_BYTES]
     bint use_uring
     uring_t ring
@@ -180,11 +178,6 @@ ctypedef struct blk_ctx_t:
     uint64_t bytes_written
     uint64_t uring_enters
     uint64_t buffered_fallbacks
-    bint stopping
-    uint64_t poll_ns             # adaptive polling window after work (0: sleep at once)
-    uint64_t poll_hits           # work found while polling (a sleep + wakeup saved)
-    uint64_t sleeps              # poll(2) calls
-    int stop_flag                # set by stop(): ends a polling window at once
     # virtio-blk CONFIG_WCE (§5.2.6.2): the driver chose write-through (writeback = 0), so a
     # write completes only once it is stable (RWF_DSYNC); set from the control thread while
     # the worker runs (a plain int read once per write: one request may see the old mode)
@@ -192,22 +185,14 @@ ctypedef struct blk_ctx_t:
     uint64_t dsync_writes        # writes issued with RWF_DSYNC
 
 
-cdef object _worker_name(int index):
-    return f"queue {index}"
+# Faults are logged by the runtime, rate-limited (worker.pyx wk_note_fault).
+cdef wk_log_t BLK_LOG
+BLK_LOG.logger = <void *>log
+BLK_LOG.what = b"request failed"
 
 
-cdef void note_fault(blk_ctx_t *ctx, int code) noexcept nogil:
-    """Count a fault; log it the first time and then at every power of two from 1024 so a
-    hostile guest cannot flood the log."""
-    cdef uint64_t n
-    if code != F_AVAIL:          # vq_pop already counted a corrupt avail ring
-        ctx.vq.faults[code] += 1
-    n = ctx.vq.faults[code]
-    if n == 1 or (n >= 1024 and (n & (n - 1)) == 0):
-        with gil:
-            from cython_ext.ring import FAULT_NAMES
-            log.warning("queue %d: request failed: %s (%d so far)", ctx.index,
-                        FAULT_NAMES.get(code, code), n)
+cdef inline void note_fault(blk_ctx_t *ctx, int code) noexcept nogil:
+    wk_note_fault(&BLK_LOG, &ctx.vq, ctx.index, code)
 
 
 # --- io_uring -----------------------------------------------------------------------------------
@@ -636,91 +621,68 @@ cdef void wait_all(blk_ctx_t *ctx) noexcept nogil:
     flush_used(ctx)
 
 
-cdef void drain_eventfd(int fd) noexcept nogil:
-    cdef uint64_t v
-    if fd >= 0:
-        read(fd, &v, 8)
+# --- the device's side of the runtime (worker.pyx calls these once per batch / per sleep) ----
+
+cdef int blk_batch(void *dev) noexcept nogil:
+    """Pop and issue what the ring holds (up to the free slots), submit it with one
+    io_uring_enter, reap completions, publish + notify once.  Returns requests popped."""
+    cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
+    cdef int popped = 0
+    if not ctx.vq.broken:
+        popped = drain_avail(ctx)
+        if popped < 0:
+            if not ctx.broken_noted:
+                note_fault(ctx, F_AVAIL)
+                ctx.broken_noted = True
+            popped = 0
+    if ctx.use_uring:
+        if ctx.ring.to_submit or ctx.inflight:
+            uring_submit(&ctx.ring, 0)
+            ctx.uring_enters += 1
+        if ctx.inflight:
+            reap(ctx)
+    flush_used(ctx)
+    return popped
 
 
-cdef bint poll_window(blk_ctx_t *ctx) noexcept nogil:
-    """Spin up to ctx.poll_ns for new requests or completions.  True if work showed up."""
-    cdef uint64_t end = mono_ns() + ctx.poll_ns
-    cdef uring_t *u = &ctx.ring
-    cdef int k
-    while True:
-        for k in range(64):
-            if vq_avail_count(&ctx.vq):
-                return True
-            if ctx.use_uring and ctx.inflight and uq_load_acquire_u32(u.cq_tail) != u.cq_head[0]:
-                return True
-            if load_flag(&ctx.stop_flag):
-                return False
-            cpu_relax()
-        if mono_ns() >= end:
-            return False
+cdef int blk_pending(void *dev) noexcept nogil:
+    """Poll window: completions waiting in the io_uring CQ count as work."""
+    cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
+    return ctx.use_uring and ctx.inflight and \
+        uq_load_acquire_u32(ctx.ring.cq_tail) != ctx.ring.cq_head[0]
 
 
-cdef void blk_loop(blk_ctx_t *ctx) noexcept nogil:
-    cdef pollfd fds[3]
-    cdef int nfds, r, popped
-    cdef bint broken_noted = False
-    cdef uint64_t one = 1
-    if ctx.signal_call and ctx.vq.call_fd >= 0:
-        write(ctx.vq.call_fd, &one, 8)
-    vq_disable_kick(&ctx.vq)
-    while True:
-        popped = 0
-        if not ctx.vq.broken:
-            popped = drain_avail(ctx)
-            if popped < 0:
-                if not broken_noted:
-                    note_fault(ctx, F_AVAIL)
-                    broken_noted = True
-                popped = 0
-        if ctx.use_uring:
-            if ctx.ring.to_submit or ctx.inflight:
-                uring_submit(&ctx.ring, 0)
-                ctx.uring_enters += 1
-            if ctx.inflight:
-                reap(ctx)
-        flush_used(ctx)
-        if popped > 0:
-            continue
-        # Adaptive polling (Cloud Hypervisor and QEMU's IOThreads do the same): for a short
-        # window, watch the avail index and the io_uring CQ instead of sleeping, which saves a
-        # kick + wakeup per request at low queue depth.  Kicks stay disabled meanwhile.
-        if ctx.poll_ns and not ctx.vq.broken and poll_window(ctx):
-            ctx.poll_hits += 1
-            continue
-        # Nothing new on the ring: re-enable kicks and re-check before sleeping (§2.7.10).
-        if not ctx.vq.broken and vq_enable_kick(&ctx.vq):
-            vq_disable_kick(&ctx.vq)
-            continue
-        fds[0].fd = ctx.stop_fd
-        fds[0].events = POLLIN
-        fds[0].revents = 0
-        fds[1].fd = ctx.kick_fd
-        fds[1].events = POLLIN
-        fds[1].revents = 0
-        nfds = 2
-        if ctx.use_uring and ctx.inflight:
-            fds[2].fd = ctx.ring.fd
-            fds[2].events = POLLIN
-            fds[2].revents = 0
-            nfds = 3
-        # kick_fd == -1 (VRING_NOFD: the frontend wants us to poll): poll() ignores negative
-        # fds, and a 1 ms timeout keeps the ring polled.
-        ctx.sleeps += 1
-        r = poll(fds, nfds, 1 if ctx.kick_fd < 0 else -1)
-        if r < 0 and errno != EINTR:
-            break
-        if fds[0].revents:
-            break
-        if fds[1].revents:
-            drain_eventfd(ctx.kick_fd)
-            ctx.vq.kicks += 1
-        vq_disable_kick(&ctx.vq)
-    wait_all(ctx)
+cdef void blk_prepare_wait(void *dev, wk_wait_t *w) noexcept nogil:
+    """While requests are in flight, their completions wake us (the io_uring fd)."""
+    cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
+    if ctx.use_uring and ctx.inflight:
+        w.src[w.n].fd = ctx.ring.fd
+        w.src[w.n].vq = NULL
+        w.src[w.n].lock = NULL
+        w.src[w.n].live = NULL
+        w.n += 1
+
+
+cdef void blk_at_stop(void *dev) noexcept nogil:
+    wait_all(<blk_ctx_t *>dev)
+
+
+cdef wk_ops_t BLK_OPS
+BLK_OPS.batch = blk_batch
+BLK_OPS.pending = blk_pending
+BLK_OPS.prepare_wait = blk_prepare_wait
+BLK_OPS.at_stop = blk_at_stop
+
+# The numbers above that mirror protocols/ (tests/test_c_constants.py checks each against it).
+C_CONSTANTS = {
+    "virtio_blk.T_IN": T_IN, "virtio_blk.T_OUT": T_OUT, "virtio_blk.T_FLUSH": T_FLUSH,
+    "virtio_blk.T_GET_ID": T_GET_ID, "virtio_blk.T_DISCARD": T_DISCARD,
+    "virtio_blk.T_WRITE_ZEROES": T_WRITE_ZEROES, "virtio_blk.S_OK": S_OK,
+    "virtio_blk.S_IOERR": S_IOERR, "virtio_blk.S_UNSUPP": S_UNSUPP,
+    "virtio_blk.SECTOR_SIZE": SECTOR, "virtio_blk.ID_BYTES": ID_BYTES,
+    "virtio_blk.WRITE_ZEROES_FLAG_UNMAP": WZ_FLAG_UNMAP,
+    "virtio_blk.REQ_HEADER_SIZE": HDR_SIZE, "virtio_blk.DISCARD_SEGMENT_SIZE": 16,
+}
 
 
 class IoUringUnavailable(OSError):
@@ -762,7 +724,7 @@ cdef class BlkQueueWorker:
         self.ctx = <blk_ctx_t *>calloc(1, sizeof(blk_ctx_t))
         if self.ctx == NULL:
             raise MemoryError()
-        self.ctx.stop_fd = -1
+        self.ctx.rt.stop_fd = -1
         self.ctx.ring.fd = -1
         self.index = index
         ctx = self.ctx
@@ -770,15 +732,16 @@ cdef class BlkQueueWorker:
                    <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad queue size {num}")
         ctx.index = index
-        ctx.kick_fd = kick_fd
+        r = wk_init(&ctx.rt, &BLK_OPS, ctx, poll_us, signal_call)
+        if r < 0:
+            raise OSError(-r, "eventfd")
+        wk_add_queue(&ctx.rt, &ctx.vq, kick_fd)
         ctx.fd_direct = fd_direct
         ctx.fd_buffered = fd_buffered
         ctx.read_only = read_only
         ctx.capacity = capacity_sectors
         ctx.max_discard_sectors = max_discard_sectors
         ctx.max_wz_sectors = max_write_zeroes_sectors
-        ctx.signal_call = signal_call
-        ctx.poll_ns = <uint64_t>(poll_us * 1000) if poll_us > 0 else 0
         ctx.write_through = write_through
         serial = serial[:ID_BYTES].ljust(ID_BYTES, b"\0")
         memcpy(ctx.serial, PyBytes_AS_STRING(serial), ID_BYTES)
@@ -793,9 +756,6 @@ cdef class BlkQueueWorker:
         for k in range(slots):
             ctx.slots[k].next_free = k + 1 if k + 1 < slots else -1
         ctx.free_head = 0
-        ctx.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if ctx.stop_fd < 0:
-            raise OSError(errno, "eventfd")
         ctx.use_uring = False
         if use_io_uring:
             entries = 1
@@ -814,8 +774,7 @@ cdef class BlkQueueWorker:
         if self.ctx != NULL:
             if self.ctx.use_uring:
                 uring_teardown(&self.ctx.ring)
-            if self.ctx.stop_fd >= 0:
-                close(self.ctx.stop_fd)
+            wk_close(&self.ctx.rt)
             vq_free(&self.ctx.vq)
             free(self.ctx.slots)
             free(self.ctx)
@@ -824,7 +783,7 @@ cdef class BlkQueueWorker:
     def run(self):
         """Thread body: serve the queue until stop()."""
         with nogil:
-            blk_loop(self.ctx)
+            wk_run(&self.ctx.rt)
 
     def run_until_idle(self):
         """Test hook: process what is on the ring now, wait for its I/O, publish, return."""
@@ -840,18 +799,14 @@ cdef class BlkQueueWorker:
         return r
 
     def stop(self):
-        cdef uint64_t one = 1
-        self.ctx.stop_flag = 1
-        write(self.ctx.stop_fd, &one, 8)
+        wk_stop(&self.ctx.rt)
 
     def close(self):
         """Release the io_uring and the stop eventfd now (the worker thread has returned)."""
         if self.ctx.use_uring:
             uring_teardown(&self.ctx.ring)
             self.ctx.use_uring = False
-        if self.ctx.stop_fd >= 0:
-            close(self.ctx.stop_fd)
-            self.ctx.stop_fd = -1
+        wk_close(&self.ctx.rt)
 
     def set_write_through(self, bint on):
         """The guest changed CONFIG_WCE: from the next write on, writes are (not) RWF_DSYNC."""
@@ -878,8 +833,17 @@ cdef class BlkQueueWorker:
             avail_corrupt=c.vq.faults[F_AVAIL], bytes_read=c.bytes_read,
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
             uring_enters=c.uring_enters, buffered_fallbacks=c.buffered_fallbacks,
-            poll_hits=c.poll_hits, sleeps=c.sleeps, dsync_writes=c.dsync_writes,
+            poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
             broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
             max_inflight=c.max_inflight,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})
+
+    def counters(self):
+        """This queue in the vocabulary of vhost.device.COUNTER_KEYS (Device.queue_counters;
+        the same numbers devices/blk.py derives from stats()): requests = completed (failed
+        ones included), errors = failed + 1 per corrupt avail ring, inflight = in the io_uring
+        now, dropped = 0."""
+        c = self.ctx
+        return wk_counters(&c.vq, c.vq.completed, c.bytes_read, c.bytes_written,
+                           c.failed + c.vq.faults[F_AVAIL], c.inflight, 0)

@@ -28,19 +28,12 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from cython_ext.ring cimport *
 from cython_ext.posix_io cimport *
+from cython_ext.worker cimport *
 
 log = logging.getLogger("pyvhost.net")
 
 cdef extern from "vhost_compat.h" nogil:
     void stat_add(uint64_t *counter, uint64_t n)
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
 
 cdef enum:
     MAX_PORTS = 64
@@ -156,16 +149,14 @@ cdef inline uint64_t now_ms() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>ts.tv_nsec // 1000000
 
 
-cdef void note_fault(vq_t *vq, int qindex, int code) noexcept nogil:
-    cdef uint64_t n
-    if code != F_AVAIL:          # vq_pop already counted a corrupt avail ring
-        vq.faults[code] += 1
-    n = vq.faults[code]
-    if n == 1 or (n >= 1024 and (n & (n - 1)) == 0):
-        with gil:
-            from cython_ext.ring import FAULT_NAMES
-            log.warning("queue %d: frame dropped: %s (%d so far)", qindex,
-                        FAULT_NAMES.get(code, code), n)
+# Faults are logged by the runtime, rate-limited (worker.pyx wk_note_fault).
+cdef wk_log_t NET_LOG
+NET_LOG.logger = <void *>log
+NET_LOG.what = b"frame dropped"
+
+
+cdef inline void note_fault(vq_t *vq, int qindex, int code) noexcept nogil:
+    wk_note_fault(&NET_LOG, vq, qindex, code)
 
 
 # --- frames ---------------------------------------------------------------------------------------
@@ -613,13 +604,12 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
 # --- workers ----------------------------------------------------------------------------------------
 
 ctypedef struct worker_t:
+    wk_t rt                  # the runtime: loop, stop, kicks (worker.pyx)
     int mode                 # 1: tap pair (tap mode), 2: switch tx, 3: uplink reader
     int pair
-    int stop_fd
-    # tx side
+    # tx side (owned by the runtime: its kick fd is rt.kick_fds[0])
     bint has_tx
     vq_t tx
-    int tx_kick
     chain_t *chain
     # rx side (tap mode: the port's rx queue q; switch uplink: none)
     bint has_rx
@@ -725,89 +715,70 @@ cdef int tap_rx_pass(worker_t *w) noexcept nogil:
     return n
 
 
-cdef void drain_eventfd(int fd) noexcept nogil:
-    cdef uint64_t v
-    if fd >= 0:
-        read(fd, &v, 8)
+# --- the device's side of the runtime (worker.pyx calls these once per batch / per sleep) ----
+
+cdef int net_batch(void *dev) noexcept nogil:
+    """One tx pass and one tap read pass.  While a tap frame waits for rx buffers, report idle
+    so the runtime sleeps on the rx kick instead of spinning on the full rx ring."""
+    cdef worker_t *w = <worker_t *>dev
+    cdef int work = 0, r
+    if w.has_tx and not w.tx.broken:
+        r = tx_pass(w)               # -1: avail ring corrupt, the queue is now broken
+        if r > 0:
+            work += r
+    if w.mode == 3 or (w.mode == 1 and w.has_rx):
+        work += tap_rx_pass(w)
+    if w.bounce_len > 0:
+        return 0
+    return work
 
 
-cdef void worker_loop(worker_t *w) noexcept nogil:
-    cdef pollfd fds[4]
-    cdef int nfds, r, work, tx_idx = -1, tap_idx = -1, rxk_idx = -1
-    cdef bint tx_broken = False, waiting_rx
+cdef void net_prepare_wait(void *dev, wk_wait_t *ws) noexcept nogil:
+    """Wait on the tap (when we read it and no frame is held), or, while a frame waits for rx
+    buffers, on the rx queue's kick.  Rx kicks matter only then; otherwise keep them
+    suppressed so the guest does not pay for notifications nobody reads."""
+    cdef worker_t *w = <worker_t *>dev
     cdef rxq_t *q = NULL
+    cdef wk_src_t *src
     if w.mode == 1 and w.has_rx:
         q = &w.port.rx[w.pair]
-    if w.has_tx:
-        vq_disable_kick(&w.tx)
-    while True:
-        work = 0
-        if w.has_tx and not tx_broken:
-            r = tx_pass(w)
-            if r < 0:
-                tx_broken = True
-            else:
-                work += r
-        if w.mode == 3 or (w.mode == 1 and w.has_rx):
-            work += tap_rx_pass(w)
-        waiting_rx = w.bounce_len > 0
-        if work > 0 and not waiting_rx:
-            continue
-        # about to sleep: ask for kicks, then re-check (§2.7.10)
-        if w.has_tx and not tx_broken and vq_enable_kick(&w.tx):
-            vq_disable_kick(&w.tx)
-            continue
-        if q != NULL:
-            # rx kicks matter only while a frame waits for buffers; otherwise suppress them so
-            # the guest does not pay for notifications nobody reads.
-            pthread_mutex_lock(&q.lock)
-            if waiting_rx:
-                r = q.active and vq_enable_kick(&q.vq)
-            else:
-                r = 0
-                if q.active:
-                    vq_disable_kick(&q.vq)
-            pthread_mutex_unlock(&q.lock)
-            if r:
-                continue
-        nfds = 0
-        fds[nfds].fd = w.stop_fd
-        fds[nfds].events = POLLIN
-        nfds += 1
-        tx_idx = tap_idx = rxk_idx = -1
-        if w.has_tx:
-            tx_idx = nfds
-            fds[nfds].fd = w.tx_kick
-            fds[nfds].events = POLLIN
-            nfds += 1
-        if (w.mode == 3 or (w.mode == 1 and w.has_rx)) and not waiting_rx:
-            tap_idx = nfds
-            fds[nfds].fd = w.tap_fd
-            fds[nfds].events = POLLIN
-            nfds += 1
-        if waiting_rx:
-            rxk_idx = nfds
-            fds[nfds].fd = w.rx_kick
-            fds[nfds].events = POLLIN
-            nfds += 1
-        for r in range(nfds):
-            fds[r].revents = 0
-        # A negative kick fd (VRING_NOFD) is ignored by poll(); 1 ms keeps such rings polled.
-        r = poll(fds, nfds, 1 if (w.has_tx and w.tx_kick < 0) or (waiting_rx and w.rx_kick < 0)
-                 else -1)
-        if r < 0 and errno != EINTR:
-            break
-        if fds[0].revents:
-            break
-        if tx_idx >= 0 and fds[tx_idx].revents:
-            drain_eventfd(w.tx_kick)
-            w.tx.kicks += 1
-        if rxk_idx >= 0 and fds[rxk_idx].revents:
-            drain_eventfd(w.rx_kick)
-            if q != NULL:
-                q.vq.kicks += 1          # only this worker writes it (tap mode: q is ours)
-        if w.has_tx:
-            vq_disable_kick(&w.tx)
+    if w.bounce_len > 0:
+        src = &ws.src[ws.n]
+        ws.n += 1
+        src.fd = w.rx_kick
+        src.vq = &q.vq if q != NULL else NULL
+        src.lock = &q.lock if q != NULL else NULL
+        src.live = <const int *>&q.active if q != NULL else NULL
+        return
+    if q != NULL:
+        pthread_mutex_lock(&q.lock)
+        if q.active:
+            vq_disable_kick(&q.vq)
+        pthread_mutex_unlock(&q.lock)
+    if w.mode == 3 or (w.mode == 1 and w.has_rx):
+        src = &ws.src[ws.n]
+        ws.n += 1
+        src.fd = w.tap_fd
+        src.vq = NULL
+        src.lock = NULL
+        src.live = NULL
+
+
+cdef wk_ops_t NET_OPS
+NET_OPS.batch = net_batch
+NET_OPS.pending = NULL
+NET_OPS.prepare_wait = net_prepare_wait
+NET_OPS.at_stop = NULL
+
+# The numbers above that mirror protocols/ (tests/test_c_constants.py checks each against it).
+C_CONSTANTS = {
+    "virtio_net.GSO_NONE": GSO_NONE, "virtio_net.GSO_TCPV4": GSO_TCPV4,
+    "virtio_net.GSO_UDP": GSO_UDP, "virtio_net.GSO_TCPV6": GSO_TCPV6,
+    "virtio_net.GSO_UDP_L4": GSO_UDP_L4, "virtio_net.GSO_ECN": GSO_ECN,
+    "virtio_net.HDR_F_NEEDS_CSUM": NEEDS_CSUM, "virtio_net.HDR_SIZE": HDR_MAX,
+    "virtio_net.LEGACY_HDR_SIZE": HDR_BASE, "virtio_net.MAX_GSO_FRAME": MAX_FRAME,
+    "virtio_net.ETH_HLEN": ETH_HLEN,
+}
 
 
 # --- Python-facing objects -------------------------------------------------------------------------
@@ -898,7 +869,6 @@ cdef class Port:
                   int last_avail, bytes region_table, int call_fd, bint event_idx,
                   bint indirect, bint signal_call=False):
         cdef const unsigned char *t = region_table
-        cdef uint64_t one = 1
         if pair < 0 or pair >= MAX_PAIRS:
             raise ValueError("pair out of range")
         if self.p.rx[pair].active:
@@ -907,8 +877,8 @@ cdef class Port:
                       call_fd, <const mem_region_t *>t,
                       len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad rx queue (size {num})")
-        if signal_call and call_fd >= 0:
-            write(call_fd, &one, 8)
+        if signal_call:
+            wk_signal(call_fd)
 
     def detach_rx(self, int pair):
         """Stop delivering to this rx queue; returns its last avail index."""
@@ -975,11 +945,13 @@ cdef class NetWorker:
         """tx: None or (num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx,
         indirect, signal_call) for the tx queue of this pair."""
         cdef const unsigned char *t = region_table
-        cdef uint64_t one = 1
+        cdef int r
         self.w = <worker_t *>calloc(1, sizeof(worker_t))
         if self.w == NULL:
             raise MemoryError()
-        self.w.stop_fd = -1
+        r = wk_init(&self.w.rt, &NET_OPS, self.w, 0, False)
+        if r < 0:
+            raise OSError(-r, "eventfd")
         self.port = port
         self.switch = switch
         self._keep = region_table
@@ -992,7 +964,6 @@ cdef class NetWorker:
         w.tap_fd = tap_fd
         w.rx_kick = rx_kick
         w.fwd.lookup_port = -1
-        w.tx_kick = -1
         w.has_rx = w.mode == 3 or (w.mode == 1 and port.p.rx[pair].active)
         w.chain = <chain_t *>calloc(1, sizeof(chain_t))
         if w.mode != 2:
@@ -1006,17 +977,12 @@ cdef class NetWorker:
                        len(region_table) // sizeof(mem_region_t)) != 0:
                 raise ValueError(f"bad tx queue (size {num})")
             w.has_tx = True
-            w.tx_kick = kick_fd
-            if sig and call_fd >= 0:
-                write(call_fd, &one, 8)
-        w.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if w.stop_fd < 0:
-            raise OSError(errno, "eventfd")
+            wk_add_queue(&w.rt, &w.tx, kick_fd)
+            w.rt.signal_call = bool(sig)      # the runtime signals call_fd once at start
 
     def __dealloc__(self):
         if self.w != NULL:
-            if self.w.stop_fd >= 0:
-                close(self.w.stop_fd)
+            wk_close(&self.w.rt)
             if self.w.has_tx:
                 vq_free(&self.w.tx)
             free(self.w.chain)
@@ -1026,11 +992,10 @@ cdef class NetWorker:
 
     def run(self):
         with nogil:
-            worker_loop(self.w)
+            wk_run(&self.w.rt)
 
     def stop(self):
-        cdef uint64_t one = 1
-        write(self.w.stop_fd, &one, 8)
+        wk_stop(&self.w.rt)
 
     def stats(self):
         """This worker's own counters (frames it sent, dropped, filtered)."""
@@ -1057,3 +1022,19 @@ cdef class NetWorker:
         from cython_ext.ring import FAULT_NAMES
         return {FAULT_NAMES[k]: self.w.tx.faults[k] for k in range(1, NUM_FAULTS)
                 if self.w.tx.faults[k]}
+
+    def counters(self):
+        """The tx virtqueue in the vocabulary of vhost.device.COUNTER_KEYS (the numbers
+        devices/net.py derives from stats() + tx_counters()): requests / bytes_read = frames /
+        bytes taken from the guest, dropped = tx frames not sent, errors = faults (bad chains +
+        a corrupt avail ring), bytes_written = inflight = 0.  Only for a worker that serves
+        exactly one virtqueue (a tx queue): ValueError for an uplink or an rx-only worker."""
+        cdef int k
+        cdef uint64_t faults = 0
+        if not self.w.has_tx:
+            raise ValueError("this worker serves no virtqueue of its own")
+        for k in range(1, NUM_FAULTS):
+            faults += self.w.tx.faults[k]
+        return wk_counters(&self.w.tx, self.w.fwd.stats[ST_TX_PACKETS],
+                           self.w.fwd.stats[ST_TX_BYTES], 0, faults, 0,
+                           self.w.fwd.stats[ST_TX_DROPPED])

@@ -38,6 +38,16 @@ FAULT_NAMES = {
     F_IO: "backing store I/O error",
 }
 
+# The numbers above that mirror protocols/virtio.py (tests/test_c_constants.py checks them).
+C_CONSTANTS = {
+    "virtio.VIRTQ_DESC_F_NEXT": DESC_F_NEXT, "virtio.VIRTQ_DESC_F_WRITE": DESC_F_WRITE,
+    "virtio.VIRTQ_DESC_F_INDIRECT": DESC_F_INDIRECT,
+    "virtio.VIRTQ_AVAIL_F_NO_INTERRUPT": AVAIL_F_NO_INTERRUPT,
+    "virtio.VIRTQ_USED_F_NO_NOTIFY": USED_F_NO_NOTIFY,
+    "virtio.DESC_SIZE": sizeof(vring_desc_t), "virtio.MAX_QUEUE_SIZE": MAX_INDIRECT,
+}
+
+
 
 cdef inline uint16_t *_avail_idx(vq_t *vq) noexcept nogil:
     return <uint16_t *>(vq.avail + 2)

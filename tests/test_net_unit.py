@@ -290,3 +290,18 @@ def test_needs_csum_resolved_for_a_port_without_guest_csum():
         assert r.stats()["rx_dropped_offload"] == 1
     finally:
         r.close()
+
+
+def test_tx_counters_equal_the_device_mapping(rig):
+    """NetWorker.counters(): the tx queue in COUNTER_KEYS, as devices/net.py derives it."""
+    from devices.net import NetDevice
+    from vhost.device import COUNTER_KEYS
+    for size in (60, 1514):
+        rig.send(eth(size))
+        rig.peer.recv(70000)
+    rig.tx.wait_used(2, timeout=5)
+    c = rig.worker.counters()
+    assert tuple(c) == COUNTER_KEYS and all(type(v) is int for v in c.values())
+    want = dict.fromkeys(COUNTER_KEYS, 0)
+    want.update(NetDevice._tx_counters(rig.worker))
+    assert c == want and c["requests"] == 2 and c["bytes_read"] == 60 + 1514
