@@ -168,7 +168,8 @@ class BlkDevice(Device):
         raise ValueError(f"config write {offset}+{len(data)} is not allowed")
 
     def start_queue(self, index: int, queue: QueueHandle) -> None:
-        w = _worker_class()(
+        from cython_ext.blk import BlkQueueWorker
+        w = BlkQueueWorker(
             index, queue.size, queue.desc, queue.avail, queue.used, queue.last_avail_idx,
             queue.memory.table_bytes(), queue.kick_fd, queue.call_fd,
             self.fd_direct, self.fd_buffered, self.read_only, self.capacity, self.serial,
@@ -213,22 +214,6 @@ class BlkDevice(Device):
         if self.fd_buffered >= 0:
             os.close(self.fd_buffered)
         self.fd_direct = self.fd_buffered = -1
-
-
-def _worker_class():
-    from cython_ext.blk import BlkQueueWorker
-    if hasattr(BlkQueueWorker, "counters"):
-        return BlkQueueWorker
-
-    class W(BlkQueueWorker):      # TEMPORARY until the worker runtime lands
-        def counters(self):
-            st = self.stats()
-            return dict(requests=st["completed"], bytes_read=st["bytes_read"],
-                        bytes_written=st["bytes_written"],
-                        errors=st["failed"] + st["avail_corrupt"], inflight=st["inflight"],
-                        kicks=st["kicks"], notifications=st["notifies"], dropped=0,
-                        broken=int(st["broken"]))
-    return W
 
 
 def _check_serial(value: str) -> None:

@@ -98,6 +98,8 @@ BAD = [
      "[service]"),
     ("bad mode", lambda t: '[service]\nsocket-mode = "0066"\n', "socket-mode"),
     ("bad name", lambda t: _blk(t, "a b"), "name must be a string matching"),
+    ("rng period", lambda t: f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{t}/r.sock"\n'
+     'period = 0\n', 'device "r": period must be positive, not 0'),
     ("not toml", lambda t: "[[device]\n", "not valid TOML"),
     ("bad section", lambda t: "[devices]\n", "unknown key 'devices'"),
 ]
@@ -118,8 +120,11 @@ def test_good_config_round_trip(tmp):
     path = _write(tmp, _blk(tmp, num_queues=4, read_only=True, serial="abc")
                   + _blk(tmp, "nul", null=True, size="1G")
                   + f'[[device]]\nname = "p"\ntype = "net"\nsocket = "{tmp}/p.sock"\n'
-                    'switch = "swx"\nqueues = 2\nmtu = 9000\n')
+                    'switch = "swx"\nqueues = 2\nmtu = 9000\n'
+                  + f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{tmp}/r.sock"\n'
+                    'max-bytes = 4096\nperiod = 500\n')
     conf = cfg.load(path)
+    assert (conf.device("r").max_bytes, conf.device("r").period) == (4096, 500)
     vda = conf.device("vda")
     assert (vda.num_queues, vda.read_only, vda.serial) == (4, True, "abc")
     assert conf.device("nul").size == 1 << 30 and conf.device("nul").null
