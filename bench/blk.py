@@ -6,7 +6,7 @@ image (each with 2 queues) and every workload is measured alternately, pyvhost t
 times (A B A B ...), each measurement on a fresh vhost-user connection: connect, warm up, sample
 the backend's CPU time (utime + stime of all its threads, /proc/PID/stat), measure for `duration`
 seconds, sample again.  The driver is `bench.loadgen` (compiled, GIL released, one thread per
-queue), set up by `vhost.frontend.Frontend`: indirect chains (what a Linux guest sends), EVENT_IDX,
+queue), set up by `vhost.testing.blk.Frontend`: indirect chains (what a Linux guest sends), EVENT_IDX,
 interrupts always armed (a guest's virtio-blk), a short busy-poll of the used ring before
 sleeping on the call eventfd.  Random offsets are seeded per (workload, round, queue), so both
 backends see the same sequence.
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from bench.loadgen import QueueLoad, hist_percentile, merge_hists
-from vhost.frontend import Frontend
+from vhost.testing.blk import Frontend
 
 KiB = 1024
 MiB = 1024 * KiB

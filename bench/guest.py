@@ -6,9 +6,9 @@ How one measurement works (one boot per backend and image, both queue depths in 
 
 - the host makes the image (filled with data, so reads are real reads) on /var/tmp and, unless
   ``images`` says otherwise, a second one on tmpfs (/dev/shm); the backend serves it
-  (``tests/backends.py``: QSD with ``cache.direct=on,aio=io_uring`` when the file system
+  (``vhost/testing/backends.py``: QSD with ``cache.direct=on,aio=io_uring`` when the file system
   allows, falling back as recorded in ``backend_notes``; pyvhost-blk with its defaults);
-- the guest (``tests/e2e/guest.py``, fio and its shared libraries copied into the initramfs)
+- the guest (``vhost/testing/guest.py``, fio and its shared libraries copied into the initramfs)
   picks the first fio ioengine that works (io_uring, libaio, psync), then per case runs a short
   ramp (a separate fio run, so the measured run's I/O count is exactly the I/Os of the window)
   and the measured run with ``--output-format=json``, printed back between markers;
@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tests.backends import BackendError, pyvhost_blk, qsd_blk, short_tmpdir
-from tests.e2e import guest as g
+from vhost.testing.backends import BackendError, pyvhost_blk, qsd_blk, short_tmpdir
+from vhost.testing import guest as g
 
 FIO = "/usr/bin/fio"
 BACKENDS = ("pyvhost", "qsd")

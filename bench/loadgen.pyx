@@ -2,7 +2,7 @@
 """loadgen.pyx: the virtio-blk *driver* loop of the benchmarks, compiled, so the driver is never
 the bottleneck.
 
-`vhost.frontend.Frontend` does the vhost-user connection, guest RAM and ring setup in Python; a
+`vhost.testing.blk.Frontend` does the vhost-user connection, guest RAM and ring setup in Python; a
 `QueueLoad` then takes over one of its virtqueues: it pre-allocates `depth` request slots in guest
 RAM (16-byte header, `block_size` data buffer, status byte, and a 3-entry indirect table when
 INDIRECT_DESC is negotiated and wanted), lays the chains out once, and `run()` drives the
@@ -200,7 +200,7 @@ ctypedef struct result_t:
 
 
 cdef class QueueLoad:
-    """Drive virtqueue `queue` of a connected `vhost.frontend.Frontend` with up to `depth`
+    """Drive virtqueue `queue` of a connected `vhost.testing.blk.Frontend` with up to `depth`
     requests of `block_size` bytes in flight.  The queue must be idle, and belongs to this object
     until `close()` (which writes the ring indices back to the frontend's VirtQueue); the
     guest-RAM blocks it allocated are freed there too.  Several QueueLoads on different queues

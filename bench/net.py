@@ -29,7 +29,7 @@ How the traffic is generated, and why this way
 The machine has 2 CPUs and every testpmd forwarding lcore busy-polls one.  The obvious open loop,
 a txonly testpmd on A and an rxonly testpmd on B, is three busy pollers with net_vhost (two plus
 our sleeping worker with pyvhost-net) on two CPUs: the result is then decided by the scheduler
-time-sharing a CPU (the receiver gets about one ring's worth per time slice, see bench/dpdk.py),
+time-sharing a CPU (the receiver gets about one ring's worth per time slice, see vhost/testing/dpdk.py),
 and it favours the backend that sleeps.  So the source and the sink are one process with one
 poller: with net_vhost exactly two busy pollers, one per CPU; with pyvhost-net one poller plus
 our worker.
@@ -88,8 +88,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bench.dpdk import (DpdkError, TestPmd, _child_setup, _is_socket, dpdk_available,
-                        vhost_backend, virtio_user)
+from vhost.testing.dpdk import (DpdkError, TestPmd, child_setup, is_socket, dpdk_available,
+                                vhost_backend, virtio_user)
 
 __all__ = ["run_net_bench", "summarize", "format_table", "main", "PKT_LENS", "QUEUE_SIZE", "WINDOW"]
 
@@ -165,7 +165,7 @@ def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Bac
     log_path = workdir / "pyvhost-net.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                cwd=str(REPO_ROOT), close_fds=True, preexec_fn=_child_setup)
+                                cwd=str(REPO_ROOT), close_fds=True, preexec_fn=child_setup)
 
     def log_tail() -> str:
         with contextlib.suppress(OSError):
@@ -175,7 +175,7 @@ def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Bac
     b = _Backend("pyvhost", proc.pid, proc)
     try:
         deadline = time.monotonic() + 30.0
-        while not all(_is_socket(s) for s in socks):
+        while not all(is_socket(s) for s in socks):
             if proc.poll() is not None:
                 raise BenchError(f"pyvhost-net exited ({proc.returncode}) before listening; "
                                  f"command: {' '.join(cmd)}\n{log_tail()}")

@@ -1,8 +1,67 @@
-"""Shared pytest setup: make the repository root importable (protocols, vhost, devices) when
-pytest is run as plain `pytest` rather than `python -m pytest` from the root."""
+"""Shared pytest setup for tests/unit, tests/integration and tests/e2e.
+
+* Makes the repository root importable (protocols, vhost, devices, bench) when pytest is run as
+  plain `pytest` rather than `python -m pytest` from the root.
+* Marks every test by the folder it lives in: `unit` (tests/unit: in memory, no backend
+  process), `integration` (tests/integration: a backend over a real socket, QSD, DPDK, the
+  service, systemd, metrics), `e2e` (tests/e2e: real QEMU guests).  Select with `-m unit` etc.;
+  the markers are registered in pyproject.toml next to `qsd` and `dpdk`, which tests set
+  themselves.
+* Shared fixtures: `tmp` and `sockdir` (a short directory under /tmp for AF_UNIX socket paths,
+  removed afterwards; a test module may define its own `tmp`, which then wins) and `loop_name`
+  (every test using it runs under asyncio and under uvloop).
+
+The helpers the tests share (frontend driver, backend launchers, namespaces, guests, DPDK) are
+in vhost/testing; the in-process server harness is tests/inprocess.py.  Test modules never
+import each other.
+"""
 import os
+import shutil
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from vhost.testing.backends import short_tmpdir  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+KINDS = ("unit", "integration", "e2e")
+LOOPS = ["asyncio", "uvloop"]
+
+
+def kind_of(path) -> str | None:
+    """`unit`, `integration` or `e2e`: the first folder of `path` below tests/."""
+    rel = os.path.relpath(str(path), TESTS)
+    top = rel.split(os.sep, 1)[0]
+    return top if top in KINDS else None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = kind_of(item.path)
+        if kind is not None:
+            item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture
+def tmp():
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def sockdir():
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=LOOPS)
+def loop_name(request):
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return request.param

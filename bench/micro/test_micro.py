@@ -10,9 +10,10 @@ import pytest
 
 from cython_ext.ring import RingProbe
 from protocols import vhost_user as vu
-from tests.ringrig import MEM
+from vhost.testing.ringrig import MEM
 from vhost.device import Device
-from vhost.frontend import GuestRAM, VirtQueue, one_region_layout
+from vhost.testing.ram import GuestRAM, one_region_layout
+from vhost.testing.virtqueue import VirtQueue
 from vhost.memory import GuestMemory, MappedRegion
 from vhost.protocol import BackendProtocol
 

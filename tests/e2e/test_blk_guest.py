@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from . import guest as g
+from vhost.testing import guest as g
 
 pytestmark = [pytest.mark.e2e]
 

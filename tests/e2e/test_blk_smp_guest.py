@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from . import guest as g
+from vhost.testing import guest as g
 
 pytestmark = [pytest.mark.e2e]
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netbackends import pyvhost_net
+from vhost.testing.netbackends import pyvhost_net
 
-from . import guest as g
+from vhost.testing import guest as g
 
 pytestmark = [pytest.mark.e2e]
 

@@ -18,7 +18,7 @@ import pytest
 
 from vhost import logfmt
 
-from . import guest as g
+from vhost.testing import guest as g
 
 pytestmark = [pytest.mark.e2e]
 

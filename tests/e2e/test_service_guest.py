@@ -10,7 +10,7 @@
   wrote (and equal what the guest's block layer counted), and all three frontends are
   connected.
 - ``test_guest_survives_service_restart``: the test plays systemd (it holds the listening
-  socket, see tests/test_service.py ``test_activated_sockets_survive_a_restart``).  The guest
+  socket, see tests/integration/test_service.py ``test_activated_sockets_survive_a_restart``).  The guest
   writes data A, syncs and says on the console that it is idle; the service is stopped (SIGTERM,
   exit 0) and a second instance started on the same socket; QEMU reconnects by itself
   (``reconnect=1``) and the guest reads A back with O_DIRECT and writes/reads B.  Twice: the
@@ -49,10 +49,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import netns as nsh
-from tests.test_service import LAUNCH, Serve, _blk_dev, _metric, _metrics_url, _scrape
+from vhost.testing import netns as nsh
+from vhost.testing.serve import LAUNCH, Serve, blk_dev, metric, metrics_url, scrape
 
-from . import guest as g
+from vhost.testing import guest as g
 
 pytestmark = [pytest.mark.e2e]
 
@@ -61,7 +61,7 @@ if not _ok:
     pytestmark.append(pytest.mark.skip(reason=f"e2e guest tools missing: {_why}"))
 
 MiB = 1 << 20
-IMG_SIZE = 16 * MiB             # tests.test_service._blk_dev: size = "16M"
+IMG_SIZE = 16 * MiB             # vhost.testing.serve.blk_dev: size = "16M"
 HOST_ADDR, GUEST_ADDR = "192.0.2.1", "192.0.2.2"
 TAP = "pvhtap0"
 PING_COUNT = 100
@@ -128,10 +128,10 @@ class Guest:
         while marker not in self.console():
             if self.proc.poll() is not None:
                 raise AssertionError(f"QEMU exited ({self.proc.returncode}) before the guest "
-                                     f"printed {marker}; console tail:\n{g._tail(self.console())}")
+                                     f"printed {marker}; console tail:\n{g.tail(self.console())}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"guest did not print {marker} within {timeout} s; "
-                                     f"console tail:\n{g._tail(self.console())}")
+                                     f"console tail:\n{g.tail(self.console())}")
             time.sleep(0.1)
 
     def go(self) -> None:
@@ -289,8 +289,8 @@ def test_guest_on_serve_config(tmp, record_property):
         pytest.skip(f"network namespaces unavailable: {why}")
     conf = tmp / "pyvhost.toml"
     conf.write_text(_service_table(**{"metrics-address": "127.0.0.1:0"})
-                    + _blk_dev(tmp, "vda", **{"num-queues": 2, "serial": '"pvh-rw"'})
-                    + _blk_dev(tmp, "iso", **{"read-only": "true", "serial": '"pvh-ro"'})
+                    + blk_dev(tmp, "vda", **{"num-queues": 2, "serial": '"pvh-rw"'})
+                    + blk_dev(tmp, "iso", **{"read-only": "true", "serial": '"pvh-ro"'})
                     + _net_dev(tmp, "net0", TAP))
     ro_img = tmp / "iso.img"
     ro_img.write_bytes(os.urandom(IMG_SIZE))
@@ -307,11 +307,11 @@ def test_guest_on_serve_config(tmp, record_property):
             sv.ready()
             assert g.wait_link(ns, TAP), f"service did not create {TAP}:\n{sv.log_text()}"
             g.host_tap(ns, TAP, f"{HOST_ADDR}/24", create=False)
-            url = _metrics_url(sv)
+            url = metrics_url(sv)
 
             def step(gst: Guest):
                 gst.wait_console("@@PYVHOST-GUEST-SCRAPE@@")
-                scraped["text"] = _scrape(url, ns)
+                scraped["text"] = scrape(url, ns)
                 scraped["status"] = sv.notify.wait_for(
                     "STATUS", "serving 3 devices; 3 frontends connected (iso, net0, vda)",
                     timeout=5)["STATUS"]
@@ -320,7 +320,7 @@ def test_guest_on_serve_config(tmp, record_property):
             try:
                 res = run_orchestrated(config_script(), devices, tmp / "ctl.sock", step, cpus=2)
             except (g.GuestError, AssertionError, TimeoutError) as e:
-                raise AssertionError(f"{e}\nservice log tail:\n{g._tail(sv.log_text())}") \
+                raise AssertionError(f"{e}\nservice log tail:\n{g.tail(sv.log_text())}") \
                     from None
             tap_info = g.link_info(ns, TAP)
         finally:
@@ -328,7 +328,7 @@ def test_guest_on_serve_config(tmp, record_property):
     elapsed = time.monotonic() - t0
     log = sv.log_text()
     v = res.values()
-    ctx = f"console tail:\n{res.tail(80)}\nservice log tail:\n{g._tail(log)}"
+    ctx = f"console tail:\n{res.tail(80)}\nservice log tail:\n{g.tail(log)}"
     assert rc == 0, ctx
     assert res.exit_code == 0, ctx
 
@@ -356,16 +356,16 @@ def test_guest_on_serve_config(tmp, record_property):
     # metrics scraped while the guest waited
     text = scraped["text"]
     written = SEQ_MIB * MiB + sum(length for _o, length, _b, _m in RW_CHUNKS)
-    per_queue = [_metric(text, "pyvhost_written_bytes_total", device="vda", queue=q)
+    per_queue = [metric(text, "pyvhost_written_bytes_total", device="vda", queue=q)
                  for q in (0, 1)]
     assert sum(per_queue) >= written, (per_queue, written, text)
     # exactly what the guest's block layer counts as written to that disk (the guest is idle
     # while the test scrapes, so no counter can be a request behind)
     assert sum(per_queue) == int(v["RW_WRITE_SECTORS"]) * 512, (per_queue, ctx)
     assert all(n > 0 for n in per_queue), f"a queue of vda wrote nothing: {per_queue}"
-    assert _metric(text, "pyvhost_written_bytes_total", device="iso", queue=0) == 0, text
+    assert metric(text, "pyvhost_written_bytes_total", device="iso", queue=0) == 0, text
     for name in ("vda", "iso", "net0"):
-        assert _metric(text, "pyvhost_frontend_connected", device=name) == 1, (name, text)
+        assert metric(text, "pyvhost_frontend_connected", device=name) == 1, (name, text)
     connects = [f["device"] for f in sv.events("frontend connected")]
     assert sorted(connects) == ["iso", "net0", "vda"], connects   # once each: no reconnects
 
@@ -459,7 +459,7 @@ def test_guest_survives_service_restart(gap, tmp, record_property):
     nq = 2
     conf = tmp / "c.toml"
     conf.write_text(_service_table(**{"log-level": "debug"})
-                    + _blk_dev(tmp, "vda", **{"num-queues": nq}))
+                    + blk_dev(tmp, "vda", **{"num-queues": nq}))
     path = tmp / "vda.sock"
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ls.bind(str(path))
@@ -509,14 +509,14 @@ def test_guest_survives_service_restart(gap, tmp, record_property):
         try:
             res = run_orchestrated(restart_script(), devices, tmp / "ctl.sock", step, cpus=nq)
         except (g.GuestError, AssertionError, TimeoutError) as e:
-            logs = "\n".join(f"instance {k + 1} log tail:\n{g._tail(s.log_text(), 40)}"
+            logs = "\n".join(f"instance {k + 1} log tail:\n{g.tail(s.log_text(), 40)}"
                              for k, s in enumerate(instances))
             raise AssertionError(f"{e}\n{logs}") from None
     finally:
         rcs = [s.stop() for s in instances]
         ls.close()
     v = res.values()
-    logs = "\n".join(f"instance {k + 1} log:\n{g._tail(s.log_text(), 40)}"
+    logs = "\n".join(f"instance {k + 1} log:\n{g.tail(s.log_text(), 40)}"
                      for k, s in enumerate(instances))
     ctx = f"facts {facts}\nconsole tail:\n{res.tail(60)}\nQEMU stderr:\n{res.qemu_stderr}\n{logs}"
     assert len(instances) == 2 and facts["rc1"] == 0, ctx

@@ -1,0 +1,207 @@
+"""pyvhost-blk as libvirt and systemd run it (QEMU's backend program conventions): capabilities,
+one-line errors with non-zero exits, --size, --fd (inherited listening socket), socket file rules,
+SIGTERM."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protocols import virtio_blk as vb
+from vhost.testing.backends import REPO_ROOT, short_tmpdir
+from vhost.testing.blk import Frontend
+
+CMD = [sys.executable, "-m", "vhost.programs", "pyvhost-blk"]
+
+
+def run(args, **kw):
+    return subprocess.run(CMD + args, capture_output=True, text=True, timeout=30,
+                          cwd=REPO_ROOT, **kw)
+
+
+@pytest.fixture
+def tmp():
+    d = short_tmpdir()
+    yield d
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_print_capabilities():
+    r = run(["--print-capabilities"])
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == {"type": "block", "features": ["read-only", "blk-file"]}
+
+
+def test_console_script_installed():
+    script = Path(sys.executable).parent / "pyvhost-blk"
+    assert script.exists(), "pip install should install the pyvhost-blk console script"
+    r = subprocess.run([str(script), "--print-capabilities"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["type"] == "block"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "/nonexistent/disk.img"], "no such image"),
+    (["--socket-path", "/tmp/x.sock"], "--blk-file is required"),
+    (["--blk-file", "x.img"], "exactly one of --socket-path and --fd"),
+    (["--socket-path", "/tmp/x.sock", "--fd", "3", "--blk-file", "x"], "exactly one of"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--num-queues", "0"], "must be positive"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--queue-size", "100"], "power of two"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--size", "lots"], "bad size"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_invocations_fail_with_one_line(args, needle):
+    r = run(args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and lines[0].startswith("pyvhost-blk: error:")
+
+
+def _wait_sock(proc, path, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(path)
+
+
+def _term(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_size_creates_sparse_image_and_sigterm_exits_0(tmp):
+    img, sock = tmp / "new.img", tmp / "s.sock"
+    p = subprocess.Popen(CMD + ["--socket-path", str(sock), "--blk-file", str(img),
+                                "--size", "1G"], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    try:
+        _wait_sock(p, sock)
+        st = os.stat(img)
+        assert st.st_size == 1 << 30 and st.st_blocks * 512 < (1 << 20)      # sparse
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        with Frontend(str(sock)) as fe:
+            assert fe.get_config().capacity == (1 << 30) // 512
+            assert fe.write(0, b"a" * 512) == vb.S_OK
+    finally:
+        rc = _term(p)
+    assert rc == 0
+    assert not sock.exists(), "socket file left behind"
+
+
+def test_inherited_listening_fd(tmp):
+    img, path = tmp / "d.img", tmp / "l.sock"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(str(path))
+    ls.listen(1)
+    fd = ls.fileno()
+    p = subprocess.Popen(CMD + ["--fd", str(fd), "--blk-file", str(img)], pass_fds=(fd,),
+                         cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    ls.close()
+    try:
+        with Frontend(str(path), timeout=20) as fe:
+            assert fe.write(8, b"b" * 4096) == vb.S_OK
+            assert fe.read(8, 4096) == (vb.S_OK, b"b" * 4096)
+    finally:
+        rc = _term(p)
+    assert rc == 0
+
+
+def test_regular_file_at_socket_path_is_refused(tmp):
+    img, path = tmp / "d.img", tmp / "notasocket"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    path.write_text("precious")
+    r = run(["--socket-path", str(path), "--blk-file", str(img)])
+    assert r.returncode != 0
+    errors = [l for l in r.stderr.splitlines() if l.startswith("pyvhost-blk: error:")]
+    assert len(errors) == 1 and "not a socket" in errors[0], r.stderr
+    assert r.stderr.strip().splitlines() == errors, "only the error line is printed"
+    assert path.read_text() == "precious"
+
+
+def test_stale_socket_replaced(tmp):
+    img, path = tmp / "d.img", tmp / "stale.sock"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()                     # a socket file nobody listens on
+    p = subprocess.Popen(CMD + ["--socket-path", str(path), "--blk-file", str(img)],
+                         cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with Frontend(str(path), timeout=5) as fe:
+                    assert fe.read(0, 512)[0] == vb.S_OK
+                break
+            except (OSError, Exception):
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise
+                time.sleep(0.05)
+    finally:
+        assert _term(p) == 0
+
+
+# -- pyvhost-net ------------------------------------------------------------------------------------
+
+NET = [sys.executable, "-m", "vhost.programs", "pyvhost-net"]
+
+
+def test_net_print_capabilities():
+    r = subprocess.run(NET + ["--print-capabilities"], capture_output=True, text=True,
+                       timeout=30, cwd=REPO_ROOT)
+    assert r.returncode == 0 and json.loads(r.stdout)["type"] == "net"
+    script = Path(sys.executable).parent / "pyvhost-net"
+    assert script.exists(), "pip install should install the pyvhost-net console script"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--socket-path", "/tmp/x.sock"], "one of --tap and --switch"),
+    (["--tap", "t0"], "exactly one of --socket-path and --fd"),
+    (["--socket-path", "/tmp/a", "--socket-path", "/tmp/b", "--tap", "t0"], "need --switch"),
+    (["--socket-path", "/tmp/a", "--tap", "t0", "--queues", "17"], "at most 16"),
+    (["--socket-path", "/tmp/a", "--tap", "t0", "--mtu", "20"], "--mtu"),
+    (["--socket-path", "/tmp/a", "--switch", "s", "--mac", "zz:00"], "bad MAC"),
+    (["--socket-path", "/tmp/a", "--tap", "a-name-longer-than-15"], "bad tap name"),
+])
+def test_net_bad_invocations_fail_with_one_line(args, needle):
+    r = subprocess.run(NET + args, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0] and lines[0].startswith("pyvhost-net: error:")
+
+
+def test_null_device(tmp):
+    sock = tmp / "n.sock"
+    p = subprocess.Popen(CMD + ["--socket-path", str(sock), "--null", "--size", "64M"],
+                         cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    try:
+        _wait_sock(p, sock)
+        with Frontend(str(sock)) as fe:
+            assert fe.get_config().capacity == (64 << 20) // 512
+            assert fe.write(0, os.urandom(4096)) == vb.S_OK
+            assert fe.read(0, 4096)[0] == vb.S_OK
+            assert fe.read((64 << 20) // 512, 512)[0] == vb.S_IOERR     # still range-checked
+            assert fe.flush() == vb.S_OK
+    finally:
+        assert _term(p) == 0
+    r = run(["--socket-path", str(sock), "--null"])
+    assert r.returncode != 0 and "--null takes --size" in r.stderr

@@ -1,0 +1,212 @@
+"""The `pyvhost serve` configuration file (vhost/config.py) and the logfmt log lines
+(vhost/logfmt.py): the shipped example parses and mirrors the CLI options, and every kind of bad
+file is refused before anything starts, with one line naming the file, the device and the
+problem (checked in memory and through the real `pyvhost check` / `pyvhost serve` programs)."""
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from vhost.testing.backends import REPO_ROOT, short_tmpdir
+import devices
+from vhost import cli, config as cfg, logfmt
+
+EXAMPLE = REPO_ROOT / "vhost" / "data" / "pyvhost.toml"
+SERVE = [sys.executable, "-m", "vhost.service"]
+
+
+@pytest.fixture
+def tmp():
+    d = short_tmpdir()
+    yield d
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_example_config_parses_and_mirrors_the_cli():
+    conf = cfg.load(str(EXAMPLE), check_files=False)
+    kinds = {d.name: d.type for d in conf.devices}
+    assert kinds == {"vda": "block", "iso": "block", "net0": "net", "sw0-a": "net",
+                     "sw0-b": "net"}
+    assert conf.device("vda").num_queues == 2 and conf.device("vda").size == 8 << 30
+    assert conf.device("iso").read_only
+    assert conf.device("net0").tap == "pyvtap0"
+    assert conf.tables["switch"]["sw0"].tap == "pyvsw0"
+    assert conf.service.metrics_address == "127.0.0.1:9560"
+    assert conf.service.socket_mode == 0o660
+    # every device key of the example is an option of the matching program
+    raw = tomllib.loads(EXAMPLE.read_text())
+    opts = {t: {a.dest.replace("_", "-") for a in cli.device_parser(devices.get(t))._actions}
+            for t in ("block", "net")}
+    for dev in raw["device"]:
+        for key in dev:
+            if key in ("name", "type"):
+                continue
+            want = "socket-path" if key == "socket" else key
+            assert want in opts[dev["type"]], f"{key} of {dev['name']} is not a CLI option"
+
+
+def _write(tmp: Path, text: str) -> str:
+    p = tmp / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def _blk(tmp, name="vda", **kw):
+    lines = [f'name = "{name}"', 'type = "block"', f'socket = "{tmp}/{name}.sock"']
+    if "blk_file" not in kw and not kw.get("null"):
+        img = tmp / f"{name}.img"
+        img.write_bytes(bytes(4096))
+        lines.append(f'blk-file = "{img}"')
+    for k, v in kw.items():
+        lines.append(f"{k.replace('_', '-')} = {v!r}".replace("'", '"').replace("True", "true")
+                     .replace("False", "false"))
+    return "[[device]]\n" + "\n".join(lines) + "\n"
+
+
+BAD = [
+    ("unknown key", lambda t: _blk(t, bogus=1), 'device "vda": unknown key \'bogus\''),
+    ("missing image", lambda t: _blk(t, blk_file=f"{t}/none.img"),
+     'device "vda": blk-file ' + "{t}/none.img does not exist"),
+    ("duplicate socket", lambda t: _blk(t) + _blk(t, "vdb").replace("vdb.sock", "vda.sock"),
+     'device "vdb": socket {t}/vda.sock is already used by device "vda"'),
+    ("duplicate name", lambda t: _blk(t) + _blk(t), 'device "vda": duplicate device name'),
+    ("bad type", lambda t: _blk(t).replace('"block"', '"scsi"'), 'type must be "block" or'),
+    ("wrong value type", lambda t: _blk(t, num_queues="2"), "num-queues must be an integer"),
+    ("queue size", lambda t: _blk(t, queue_size=100), "queue-size must be a power of two"),
+    ("relative socket", lambda t: _blk(t).replace(f'"{t}/vda.sock"', '"vda.sock"'),
+     "socket must be an absolute path"),
+    ("socket dir", lambda t: _blk(t).replace(f'"{t}/vda.sock"', '"/nonexistent/x.sock"'),
+     "socket directory /nonexistent does not exist"),
+    ("tap and switch", lambda t: '[[device]]\nname = "n"\ntype = "net"\nsocket = "'
+     f'{t}/n.sock"\ntap = "t0"\nswitch = "s"\n', 'device "n": exactly one of tap and switch'),
+    ("bad mac", lambda t: f'[[device]]\nname = "n"\ntype = "net"\nsocket = "{t}/n.sock"\n'
+     'tap = "t0"\nmac = "zz"\n', "bad MAC"),
+    ("shared tap", lambda t: f'[[device]]\nname = "n"\ntype = "net"\nsocket = "{t}/n.sock"\n'
+     f'tap = "t0"\n[[device]]\nname = "m"\ntype = "net"\nsocket = "{t}/m.sock"\ntap = "t0"\n',
+     'device "m": tap t0 is already used'),
+    ("shared writable image", lambda t: _blk(t) + _blk(t, "vdb", blk_file=f"{t}/vda.img"),
+     "is also used by device"),
+    ("bad service key", lambda t: '[service]\nmetrics = "x"\n', "[service]: unknown key"),
+    ("bad metrics address", lambda t: '[service]\nmetrics-address = "nowhere"\n',
+     "[service]"),
+    ("bad mode", lambda t: '[service]\nsocket-mode = "0066"\n', "socket-mode"),
+    ("bad name", lambda t: _blk(t, "a b"), "name must be a string matching"),
+    ("rng period", lambda t: f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{t}/r.sock"\n'
+     'period = 0\n', 'device "r": period must be positive, not 0'),
+    ("not toml", lambda t: "[[device]\n", "not valid TOML"),
+    ("bad section", lambda t: "[devices]\n", "unknown key 'devices'"),
+]
+
+
+@pytest.mark.parametrize("why,text,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_naming_file_device_problem(tmp, why, text, needle):
+    path = _write(tmp, text(tmp))
+    with pytest.raises(cfg.ConfigError) as ei:
+        cfg.load(path)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: "), msg
+    assert needle.format(t=tmp) in msg, msg
+
+
+def test_good_config_round_trip(tmp):
+    path = _write(tmp, _blk(tmp, num_queues=4, read_only=True, serial="abc")
+                  + _blk(tmp, "nul", null=True, size="1G")
+                  + f'[[device]]\nname = "p"\ntype = "net"\nsocket = "{tmp}/p.sock"\n'
+                    'switch = "swx"\nqueues = 2\nmtu = 9000\n'
+                  + f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{tmp}/r.sock"\n'
+                    'max-bytes = 4096\nperiod = 500\n')
+    conf = cfg.load(path)
+    assert (conf.device("r").max_bytes, conf.device("r").period) == (4096, 500)
+    vda = conf.device("vda")
+    assert (vda.num_queues, vda.read_only, vda.serial) == (4, True, "abc")
+    assert conf.device("nul").size == 1 << 30 and conf.device("nul").null
+    switch_spec = devices.get("net").table_class("switch")
+    assert conf.tables["switch"]["swx"] == switch_spec(name="swx")   # implicit, defaults
+    assert conf.device("p").queues == 2 and conf.device("p").mtu == 9000
+    # specs compare by value: this is what a SIGHUP reload diffs
+    assert cfg.load(path) == conf
+
+
+def test_check_and_serve_refuse_bad_files_with_one_line(tmp):
+    path = _write(tmp, _blk(tmp) + _blk(tmp, "vdb").replace("vdb.sock", "vda.sock"))
+    for command in ("check", "serve"):
+        r = subprocess.run(SERVE + [command, "--config", path], capture_output=True, text=True,
+                           timeout=30, cwd=REPO_ROOT)
+        assert r.returncode == 1, r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert lines[0] == (f'pyvhost: error: {path}: device "vdb": socket {tmp}/vda.sock is '
+                            f'already used by device "vda"')
+    assert not (tmp / "vda.sock").exists(), "nothing may start from a bad file"
+    r = subprocess.run(SERVE + ["check", "--config", _write(tmp, _blk(tmp))],
+                       capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    assert r.returncode == 0 and "1 device OK" in r.stdout
+
+
+def test_serve_fails_whole_when_a_socket_cannot_listen(tmp):
+    """Validation passes but vdb's socket path is a regular file: nothing keeps running, one
+    line names the file and the device, and vda's socket is not left behind."""
+    path = _write(tmp, _blk(tmp) + _blk(tmp, "vdb"))
+    (tmp / "vdb.sock").write_text("precious")
+    r = subprocess.run(SERVE + ["serve", "--config", path], capture_output=True, text=True,
+                       timeout=30, cwd=REPO_ROOT)
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("pyvhost: error:")]
+    assert len(errors) == 1 and f'{path}: device "vdb": ' in errors[0] \
+        and "not a socket" in errors[0], r.stderr
+    assert not (tmp / "vda.sock").exists()
+    assert (tmp / "vdb.sock").read_text() == "precious"
+
+
+# -- logfmt ----------------------------------------------------------------------------------------
+
+def _capture(journal: bool, **fields) -> str:
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    h.setFormatter(logfmt.Formatter(journal=journal))
+    lg = logging.getLogger("pyvhost.test.logfmt")
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    try:
+        logfmt.event(lg, logging.WARNING, 'queue 1: bad "chain"\nnext', **fields)
+    finally:
+        lg.removeHandler(h)
+    return buf.getvalue()
+
+
+def test_logfmt_one_line_round_trip():
+    out = _capture(False, device="vda", queue=1, peer="pid 7, uid 0", ok=True)
+    assert out.count("\n") == 1 and out.startswith("ts=")
+    f = logfmt.parse_line(out.rstrip("\n"))
+    assert f["level"] == "warning" and f["logger"] == "pyvhost.test.logfmt"
+    assert f["msg"] == 'queue 1: bad "chain"\nnext'
+    assert (f["device"], f["queue"], f["peer"], f["ok"]) == ("vda", "1", "pid 7, uid 0", "true")
+
+
+def test_logfmt_journal_has_priority_and_no_timestamp():
+    out = _capture(True, device="vda")
+    assert out.startswith("<4>level=warning ")        # syslog priority 4 = warning
+    assert "ts=" not in out
+    assert logfmt.parse_line(out.strip())["priority"] == "4"
+
+
+def test_journal_stream_detection(tmp):
+    """JOURNAL_STREAM counts only when it names the stream stderr really is."""
+    script = ("import os, sys\nfrom vhost import logfmt\n"
+              "st = os.fstat(2)\n"
+              "print(logfmt.stderr_is_journal({'JOURNAL_STREAM': f'{st.st_dev}:{st.st_ino}'}),"
+              " logfmt.stderr_is_journal({'JOURNAL_STREAM': '1:2'}),"
+              " logfmt.stderr_is_journal({}))\n")
+    with open(tmp / "err", "w") as err:
+        r = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err,
+                           text=True, cwd=REPO_ROOT, timeout=30)
+    assert r.stdout.split() == ["True", "False", "False"]

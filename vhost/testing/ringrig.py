@@ -1,0 +1,157 @@
+"""ringrig.py: an in-memory rig for ring-engine tests: driver-side rings from vhost.testing
+(GuestRAM + VirtQueue lay out the chains), the same shared memory mapped backend-side through
+vhost/memory.py, and a BlkQueueWorker (cython_ext.blk, the one backend piece it needs) run
+synchronously (`run_until_idle`) or as a thread.
+Must not: open sockets or start processes; hold test assertions beyond `assert_serving`;
+import tests, devices, vhost.server, vhost.service or vhost.config."""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+from cython_ext.blk import BlkQueueWorker
+from protocols import virtio, virtio_blk as vb
+from vhost.testing.ram import GuestRAM, one_region_layout, pc_two_region_layout
+from vhost.testing.virtqueue import VirtQueue
+from vhost.memory import GuestMemory, MappedRegion
+
+F_NEXT, F_WRITE, F_INDIRECT = (virtio.VIRTQ_DESC_F_NEXT, virtio.VIRTQ_DESC_F_WRITE,
+                               virtio.VIRTQ_DESC_F_INDIRECT)
+MEM = 4 << 20
+HOLE = (640 << 10, 768 << 10)   # the PC layout's GPA hole; its shm bytes belong to no region
+
+
+class Rig:
+    def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
+                 read_only=False, use_io_uring=True, start_idx=0, capacity=None,
+                 poll_us=0.0):
+        layout = pc_two_region_layout(MEM) if two_regions else one_region_layout(MEM)
+        self.ram = GuestRAM(MEM, layout)
+        self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
+                                                self.ram.region_user_addr(r), r.mmap_offset)
+                               for r in self.ram.regions)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.vq = VirtQueue(self.ram, 0, qsize, event_idx=event_idx, kick_fd=self.kick_fd,
+                            call_fd=self.call_fd)
+        if start_idx:
+            # resume mid-stream (index wrap tests): avail, used and our shadows agree
+            self.vq.set_avail_idx(start_idx)
+            self.vq._kick_old = start_idx
+            self.ram.write(self.vq.used_gpa + 2, struct.pack("<H", start_idx))
+            self.vq.last_used_idx = start_idx
+        self.two_regions = two_regions
+        if two_regions:
+            # canary in the hole: no region covers these shm bytes, nothing may write them
+            self.ram.mm[HOLE[0]:HOLE[1]] = b"\xC3" * (HOLE[1] - HOLE[0])
+        # bytes past the end of the shm object are unmapped; canary the shm tail too
+        self.image_path = image_path
+        self.fd = os.open(image_path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        size = os.fstat(self.fd).st_size
+        self.capacity = capacity if capacity is not None else size // 512
+        desc, used, avail = self.vq.addresses()
+        qs = qsize
+        self.worker = BlkQueueWorker(
+            0, qs, self.mem.uva_to_host(desc, 16 * qs), self.mem.uva_to_host(avail, 6 + 2 * qs),
+            self.mem.uva_to_host(used, 6 + 8 * qs), start_idx, self.mem.table_bytes(),
+            self.kick_fd, self.call_fd, self.fd, self.fd, read_only, self.capacity,
+            b"rig-serial-0123456789", event_idx=event_idx, indirect=True,
+            use_io_uring=use_io_uring, max_discard_sectors=1 << 21,
+            max_write_zeroes_sectors=1 << 21, poll_us=poll_us)
+        self.thread = None
+
+    # -- buffers --
+    def buf(self, data: bytes | int, fill=0xEE) -> int:
+        n = data if isinstance(data, int) else len(data)
+        gpa = self.ram.alloc(max(n, 1), align=512)
+        if isinstance(data, int):
+            self.ram.fill(gpa, n, fill)
+        else:
+            self.ram.write(gpa, data)
+        return gpa
+
+    def header(self, rtype, sector=0) -> int:
+        return self.buf(vb.ReqHeader.build(dict(type=rtype, reserved=0, sector=sector)))
+
+    def status(self) -> int:
+        return self.buf(b"\xFF")
+
+    def request(self, rtype, sector=0, data: bytes | int = 0, *, indirect=False, split=1):
+        """Publish a well-formed request; returns (head, status_gpa, data_gpa)."""
+        h = self.header(rtype, sector)
+        segs = [(h, 16, False)]
+        dgpa = None
+        n = data if isinstance(data, int) else len(data)
+        if n:
+            dgpa = self.buf(data)
+            writable = rtype in (vb.T_IN, vb.T_GET_ID)
+            step = -(-n // split)
+            for off in range(0, n, step):
+                segs.append((dgpa + off, min(step, n - off), writable))
+        s = self.status()
+        segs.append((s, 1, True))
+        head = self.vq.add_chain(segs, indirect=indirect)
+        self.vq.publish([head])
+        return head, s, dgpa
+
+    def raw(self, entries, indices=None):
+        """Publish a chain of raw (addr, len, flags, next) descriptors; returns the head.
+        Entries whose next is None are linked to the following one (NEXT flag added)."""
+        entries = [(a, n, f | (F_NEXT if nxt is None and k < len(entries) - 1 else 0), nxt)
+                   for k, (a, n, f, nxt) in enumerate(entries)]
+        idx = self.vq.add_raw_descs(entries, indices)
+        self.vq.publish([idx[0]])
+        return idx[0]
+
+    def run(self):
+        self.worker.run_until_idle()
+        return self.vq.reap()
+
+    def status_of(self, s_gpa) -> int:
+        return self.ram.read(s_gpa, 1)[0]
+
+    # -- whole requests --
+    def write(self, sector, data, **kw):
+        head, s, _ = self.request(vb.T_OUT, sector, data, **kw)
+        used = self.run()
+        assert used == [(head, 1)], used
+        return self.status_of(s)
+
+    def read(self, sector, n, **kw):
+        head, s, d = self.request(vb.T_IN, sector, n, **kw)
+        used = self.run()
+        assert used == [(head, n + 1)] or self.status_of(s) != 0, used
+        return self.status_of(s), self.ram.read(d, n)
+
+    def assert_serving(self):
+        """A valid write + read still works after whatever came before."""
+        payload = os.urandom(4096)
+        assert self.write(8, payload) == vb.S_OK
+        st, got = self.read(8, 4096)
+        assert st == vb.S_OK and got == payload
+
+    def hole_intact(self) -> bool:
+        return (not self.two_regions
+                or self.ram.mm[HOLE[0]:HOLE[1]] == b"\xC3" * (HOLE[1] - HOLE[0]))
+
+    # -- threaded mode --
+    def start(self):
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread:
+            self.worker.stop()
+            self.thread.join(10)
+            assert not self.thread.is_alive()
+            self.thread = None
+
+    def close(self):
+        self.stop()
+        self.worker.close()
+        self.mem.unmap_all()
+        self.ram.close()
+        os.close(self.fd)
+        os.close(self.call_fd)
+        os.close(self.kick_fd)
