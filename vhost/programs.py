@@ -4,10 +4,12 @@ type's option table (vhost/cli.py), answer --print-capabilities, and run the res
 configuration on the same runtime as `pyvhost serve` (vhost/service.py).
 
 `python -m vhost.programs PROGRAM [OPTIONS]` runs one without the console scripts (the tests do).
-Owns nothing else; knows no device type by name beyond the console-script shims below.
+Owns nothing else and names no device type: each console script (pyproject.toml) points at
+`main`, which finds its device type by the program name it was started by.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import devices
@@ -23,21 +25,14 @@ def device_main(type_name: str, argv=None) -> int:
     return service.run_single(conf, dtype.program, args.loop)
 
 
-def blk_main(argv=None) -> int:
-    return device_main("block", argv)
-
-
-def net_main(argv=None) -> int:
-    return device_main("net", argv)
-
-
-def rng_main(argv=None) -> int:
-    return device_main("rng", argv)
-
-
 def main(argv=None) -> int:
+    """Every backend program's console script: the program is the name it was started by
+    (pyvhost-blk, ...), or the first argument (`python -m vhost.programs pyvhost-blk ...`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     programs = sorted(t.program for t in devices.TYPES.values())
+    invoked = os.path.basename(sys.argv[0])
+    if invoked in programs:
+        return device_main(devices.by_program(invoked).name, argv)
     if not argv or argv[0] not in programs:
         sys.stderr.write(f"usage: python -m vhost.programs {{{','.join(programs)}}} [OPTIONS]\n")
         return 2

@@ -1,6 +1,6 @@
 """Per-queue counters (Device.queue_counters) and their Prometheus exposition (vhost/metrics.py),
 end to end: real devices served by vhost/server.py in an event-loop thread, driven over Unix
-sockets by vhost/frontend.py, scraped over HTTP and parsed with prometheus_client's parser.
+sockets by the vhost/testing frontend, scraped over HTTP and parsed with prometheus_client's parser.
 
 Every expected value is derived from the workload the test issues (request sizes, frame sizes,
 buffers posted); kicks and notifications, which depend on timing, are bounded by what the

@@ -1,6 +1,6 @@
 """systemd integration: vhost/sdnotify.py against real sockets (a NOTIFY_SOCKET listener this test
 binds, socket-activated fds in child processes), pyvhost-blk socket-activated for real by
-systemd-socket-activate and driven by vhost/frontend.py, and `systemd-analyze verify` on the
+systemd-socket-activate and driven by vhost/testing, and `systemd-analyze verify` on the
 shipped unit files (vhost/data/systemd/)."""
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ import pytest
 from cython_ext.rng import RngQueueWorker
 from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM
 from vhost.device import COUNTER_KEYS
-from vhost.frontend import GuestRAM, VirtQueue, pc_two_region_layout
+from vhost.testing.ram import GuestRAM, pc_two_region_layout
+from vhost.testing.virtqueue import VirtQueue
 from vhost.memory import GuestMemory, MappedRegion
 
 HIGH = MEM + (128 << 10)     # past the end of guest RAM
