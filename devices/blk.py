@@ -183,7 +183,7 @@ class BlkDevice(Device):
                   queue.last_avail_idx, queue.event_idx)
 
     def stop_queue(self, index: int) -> int:
-        return self.queues.stop(index)
+        return self.queues.stop(index).last_avail
 
     def queue_counters(self) -> dict[int, dict[str, int]]:
         """Device.queue_counters for virtio-blk, per virtqueue:

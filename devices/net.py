@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from protocols import virtio
 from protocols import virtio_net as vn
 from protocols.vhost_user import ProtocolFeature
-from vhost.device import (CounterTotals, Device, QueueHandle, WorkerStuck, join_worker,
-                          zero_counters)
+from vhost.device import Device, QueueHandle, QueueWorkers, WorkerStuck, zero_counters
 from vhost.devtype import DeviceEnv, DeviceType, Option, OptionProblem
 
 log = logging.getLogger("pyvhost.net")
@@ -174,13 +173,14 @@ class NetDevice(Device):
         self._release = None                    # set by NetType.build: give back tap / port
         self._acked = 0
         self._handles: dict[int, QueueHandle] = {}
-        self._workers: dict[int, tuple[NetWorker, threading.Thread]] = {}
-        self._stuck: list = []                  # abandoned (worker, thread): never freed
-        # guards _handles, _workers and _totals: the event loop starts/stops queues while a
-        # metrics thread reads queue_counters
+        # one worker per queue pair, counting into the pair's tx queue (2p+1); rx counters
+        # live in the Port, written by whoever delivers to it
+        self.queues = QueueWorkers(self, f"pyvhost-net-{name}", key_name="pair",
+                                   counters_of=self._tx_counters)
+        # guards _handles: the control thread starts/stops queues while a metrics thread reads
+        # queue_counters
         self._lock = threading.RLock()
         self._done_stats: dict[str, int] = {}     # tx-side counters of stopped workers
-        self._totals = CounterTotals(self.num_queues)
 
     # -- Device interface ------------------------------------------------------------------------
 
@@ -246,7 +246,7 @@ class NetDevice(Device):
             if index in self._handles:
                 raise RuntimeError(f"queue {index} already running")
             self._handles[index] = queue
-            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
+            self.queues.clear_broken(index)      # a new ring: the old one's state is gone
             self._restart_pair(index // 2)
 
     def stop_queue(self, index: int) -> int:
@@ -261,9 +261,8 @@ class NetDevice(Device):
                 # the rx virtqueue's own counters restart at the next attach; its frame
                 # counters live on in the Port
                 rc = self.port.rx_counters(pair)
-                self._totals.retire(index, dict(kicks=rc["kicks"],
-                                                notifications=rc["notifies"],
-                                                errors=rc["faults"], broken=rc["broken"]))
+                self.queues.retire(index, dict(kicks=rc["kicks"], notifications=rc["notifies"],
+                                               errors=rc["faults"], broken=rc["broken"]))
             else:
                 last = h.last_avail_idx
             self._restart_pair(pair)
@@ -276,25 +275,14 @@ class NetDevice(Device):
                     self.stop_queue(index)
                 except WorkerStuck:
                     self._handles.pop(index, None)      # logged; go on with the others
-            self._totals.clear_broken()
+            self.queues.clear_broken()
 
     # -- workers ---------------------------------------------------------------------------------
 
     def _stop_worker(self, pair: int) -> None:
-        entry = self._workers.pop(pair, None)
-        if entry is None:
+        if pair not in self.queues:
             return
-        w, t = entry
-        w.stop()
-        try:
-            join_worker(t, self.stop_timeout, f"{self.name}: pair {pair}")
-        except WorkerStuck as e:
-            self._stuck.append(entry)           # never freed: it may still touch the rings
-            self.abandoned += 1
-            log.error("%s", e)
-            raise
-        # every worker starts from zero: its tx queue's final counters go to the totals
-        self._totals.retire(2 * pair + 1, self._tx_counters(w))
+        w = self.queues.stop(pair)     # WorkerStuck: logged, the worker kept alive forever
         tx = self._handles.get(2 * pair + 1)
         if tx is not None and w.tx_last_avail is not None:   # the worker served this tx queue
             tx.last_avail_idx = w.tx_last_avail
@@ -329,9 +317,8 @@ class NetDevice(Device):
             if tx is None:
                 return                       # rx is passive in switch mode
             w = NetWorker("switch", self.port, pair, self.switch, -1, tx_args, -1, table)
-        t = threading.Thread(target=w.run, name=f"pyvhost-net-{self.name}-p{pair}", daemon=True)
-        self._workers[pair] = (w, t)
-        t.start()
+        # broken latches are cleared by start_queue for the queue that (re)started only
+        self.queues.start(pair, w, queue=2 * pair + 1, clear_broken=False)
 
     @staticmethod
     def _tx_counters(w: NetWorker) -> dict[str, int]:
@@ -364,15 +351,8 @@ class NetDevice(Device):
         inflight is always 0 (a frame is handled synchronously).  broken: as for every device
         (kept while the queue is stopped, cleared when it starts again or at reset)."""
         with self._lock:
-            live = dict(self._workers)
-            out = {}
-            for pair in range(self.pairs):
-                out[2 * pair] = self._totals.view(2 * pair, self._rx_counters(pair))
-                entry = live.get(pair)
-                # holding the lock and the worker object: its struct stays alive while read
-                out[2 * pair + 1] = self._totals.view(
-                    2 * pair + 1, self._tx_counters(entry[0]) if entry else None)
-        return out
+            return self.queues.counters(
+                live={2 * pair: self._rx_counters(pair) for pair in range(self.pairs)})
 
     def close(self) -> None:
         """Queues are stopped (reset): give back the tap or the switch port."""
@@ -384,7 +364,7 @@ class NetDevice(Device):
         out = self.port.stats()
         for k, v in self._done_stats.items():
             out[k] += v
-        for w, _ in list(self._workers.values()):
+        for w in self.queues.live():
             for k, v in w.stats().items():
                 out[k] += v
         return out

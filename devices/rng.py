@@ -42,7 +42,7 @@ class RngDevice(Device):
             max_bytes=self.max_bytes, period_ms=self.period_ms))
 
     def stop_queue(self, index: int) -> int:
-        return self.queues.stop(index)
+        return self.queues.stop(index).last_avail
 
     def queue_counters(self) -> dict[int, dict[str, int]]:
         """requests = buffers returned; bytes_written = entropy bytes written into guest

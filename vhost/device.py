@@ -117,88 +117,119 @@ def join_worker(thread, timeout: float | None, what: str) -> None:
 
 
 class QueueWorkers:
-    """The workers of a device that runs one worker thread per virtqueue (blk, rng, ...):
-    start, stop bounded by the device's stop_timeout, abandon a worker that does not stop
-    (WorkerStuck: it is kept alive forever, with everything it may touch), and keep the
-    device's counters cumulative (CounterTotals) across worker restarts.
+    """The worker threads of one device: start, stop bounded by the device's stop_timeout,
+    abandon a worker that does not stop (WorkerStuck: it is kept alive forever, with everything
+    it may touch), and keep the device's counters cumulative (CounterTotals) across worker
+    restarts.  Workers are keyed by what the device starts them for (blk, rng: the queue index;
+    net: the queue pair) and count into one virtqueue index each (`queue`).
 
     A worker is any object with run() (the thread body, GIL released), stop() (ask it to finish
-    in-flight requests and return), close() (release its fds once run() returned),
-    `last_avail` and counters() (a dict of COUNTER_KEYS).  Thread-safe: the control thread
-    starts and stops queues while a metrics thread reads counters()."""
+    in-flight requests and return), optionally close() (release its fds once run() returned),
+    and whatever `counters_of(worker)` reads (default: worker.counters(), a dict of
+    COUNTER_KEYS).  Thread-safe: the control thread starts and stops queues while a metrics
+    thread reads counters()."""
 
-    def __init__(self, device: "Device", thread_name: str):
+    def __init__(self, device: "Device", thread_name: str, *, counters_of=None,
+                 key_name: str = "queue"):
         self._device = device
         self._thread_name = thread_name
-        self._workers: dict[int, tuple[object, threading.Thread]] = {}
-        self._stuck: list = []               # abandoned (worker, thread): never freed
+        self._key_name = key_name
+        self._counters_of = counters_of or (lambda w: w.counters())
+        self._workers: dict[int, tuple[object, threading.Thread, int]] = {}
+        self._stuck: list = []               # abandoned (worker, thread, queue): never freed
         self._lock = threading.Lock()
         self._totals = CounterTotals(device.num_queues)
         self._log = logging.getLogger(f"pyvhost.{device.device_type}")
 
-    def start(self, index: int, worker) -> None:
+    def __contains__(self, key: int) -> bool:
+        return key in self._workers
+
+    def start(self, key: int, worker, *, queue: int | None = None,
+              clear_broken: bool = True) -> None:
+        """Run `worker` in a new thread; its counters count for virtqueue `queue` (default:
+        `key`).  `clear_broken`: a new ring, so the old one's broken latch goes."""
+        queue = key if queue is None else queue
         with self._lock:
-            if index in self._workers:
-                raise RuntimeError(f"queue {index} already running")
-            t = threading.Thread(target=worker.run, name=f"{self._thread_name}-q{index}",
-                                 daemon=True)
-            self._workers[index] = (worker, t)
-            self._totals.clear_broken(index)     # a new ring: the old one's state is gone
+            if key in self._workers:
+                raise RuntimeError(f"{self._key_name} {key} already running")
+            t = threading.Thread(target=worker.run, daemon=True,
+                                 name=f"{self._thread_name}-{self._key_name[0]}{key}")
+            self._workers[key] = (worker, t, queue)
+            if clear_broken:
+                self._totals.clear_broken(queue)
             t.start()
 
-    def stop(self, index: int) -> int:
-        """Stop queue `index`'s worker; return the next avail index (GET_VRING_BASE)."""
+    def stop(self, key: int):
+        """Stop `key`'s worker and wait for it (at most stop_timeout); its final counters go to
+        the totals.  Returns the stopped worker (to read e.g. its last avail index)."""
         with self._lock:
-            entry = self._workers.get(index)
+            entry = self._workers.get(key)
         if entry is None:
-            raise KeyError(index)
-        w, t = entry
+            raise KeyError(key)
+        w, t, queue = entry
         w.stop()
         try:
-            join_worker(t, self._device.stop_timeout, f"queue {index}")
+            join_worker(t, self._device.stop_timeout, f"{self._label()}{self._key_name} {key}")
         except WorkerStuck as e:
             # keep the worker (its C context, io_uring, iovecs) alive forever: it may still
             # complete requests into guest memory
             with self._lock:
-                del self._workers[index]
+                del self._workers[key]
                 self._stuck.append(entry)
                 self._device.abandoned += 1
             self._log.error("%s", e)
             raise
-        last = w.last_avail
-        final = w.counters()
+        final = self._counters_of(w)
         # The worker stays listed until its final counters are in the totals, both under the
         # lock, so a scrape never sees the queue's counters dip.
         with self._lock:
-            self._totals.retire(index, final)
-            del self._workers[index]
-        w.close()
-        self._log.debug("queue %d stopped at avail %d: %s", index, last, final)
-        return last
+            self._totals.retire(queue, final)
+            del self._workers[key]
+        close = getattr(w, "close", None)
+        if close is not None:
+            close()
+        self._log.debug("%s%s %d stopped: %s", self._label(), self._key_name, key, final)
+        return w
+
+    def _label(self) -> str:
+        name = getattr(self._device, "name", None)
+        return f"{name}: " if name else ""
 
     def stop_all(self) -> None:
-        """Stop every queue (reset); a stuck one is logged and the others still stop."""
-        for index in sorted(self._workers):
+        """Stop every worker (reset); a stuck one is logged and the others still stop."""
+        for key in sorted(self._workers):
             try:
-                self.stop(index)
+                self.stop(key)
             except (WorkerStuck, KeyError):
                 pass
+        self.clear_broken()
+
+    def retire(self, queue: int, final: dict[str, int]) -> None:
+        """Add counters kept outside a worker (net: a detached rx queue's) to the totals."""
         with self._lock:
-            self._totals.clear_broken()
+            self._totals.retire(queue, final)
+
+    def clear_broken(self, queue: int | None = None) -> None:
+        with self._lock:
+            self._totals.clear_broken(queue)
 
     def for_each(self, fn) -> None:
         """fn(worker) for every running worker, under the lock (e.g. a config change that
         applies to running queues)."""
         with self._lock:
-            for w, _ in self._workers.values():
+            for w, _, _ in self._workers.values():
                 fn(w)
 
-    def counters(self) -> dict[int, dict[str, int]]:
+    def counters(self, live: dict[int, dict] | None = None) -> dict[int, dict[str, int]]:
+        """Per virtqueue 0..num_queues-1: the totals plus the live worker's counters, or plus
+        `live[index]` for a queue whose counters the device keeps elsewhere (net rx)."""
         with self._lock:
             # The C structs are read while we hold both the lock (no worker is retired under
             # us) and a reference to each worker (its struct is never freed while read).
-            return {i: self._totals.view(i, self._workers[i][0].counters()
-                                         if i in self._workers else None)
+            now = dict(live or {})
+            for w, _, queue in self._workers.values():
+                now[queue] = self._counters_of(w)
+            return {i: self._totals.view(i, now.get(i))
                     for i in range(self._device.num_queues)}
 
     def running(self) -> list[int]:
@@ -208,7 +239,7 @@ class QueueWorkers:
         """The running workers (for device-specific counters; read them while holding the
         list: a worker object is never freed while referenced)."""
         with self._lock:
-            return [w for w, _ in self._workers.values()]
+            return [w for w, _, _ in self._workers.values()]
 
     @property
     def stuck(self) -> bool:
