@@ -6,8 +6,11 @@ directory that does not exist.  Every problem is a `ConfigError` whose one-line 
 file, the device and the problem, e.g. `/etc/pyvhost/pyvhost.toml: device "vda": blk-file
 /var/lib/pyvhost/vda.img does not exist (set size to create it)`.
 
-Keys mirror the programs' command-line options (pyvhost-blk, pyvhost-net) so a working command
-line translates one to one.  Owns parsing and validation only: opens no image, tap or socket.
+The [[device]] keys of each `type` are generated from that device type's option table
+(vhost/devtype.py, devices.TYPES), the same table its program's command line comes from, so a
+working command line translates one to one; tables a type owns (net's [[switch]]) likewise.
+Cross-option and cross-device checks are the type's hooks.  Owns parsing and validation only:
+opens no image, tap or socket, and loads no Cython extension.
 """
 from __future__ import annotations
 

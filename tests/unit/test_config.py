@@ -210,3 +210,17 @@ def test_journal_stream_detection(tmp):
         r = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err,
                            text=True, cwd=REPO_ROOT, timeout=30)
     assert r.stdout.split() == ["True", "False", "False"]
+
+
+def test_checking_a_config_loads_no_extension(tmp):
+    """`pyvhost check` validates every device type's options without importing the compiled
+    data plane (device modules import their extension only where they run it)."""
+    path = _write(tmp, _blk(tmp) + f'[[device]]\nname = "n"\ntype = "net"\n'
+                  f'socket = "{tmp}/n.sock"\nswitch = "s"\nmac = "52:54:00:00:00:01"\n'
+                  f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{tmp}/r.sock"\n')
+    code = ("import sys, vhost.config as c; conf = c.load(sys.argv[1]); "
+            "print(len(conf.devices), sorted(m for m in sys.modules if m.startswith('cython_ext')))")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       timeout=60, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(None, 1) == ["3", "[]\n"]
