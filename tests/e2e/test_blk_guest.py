@@ -1,7 +1,7 @@
 """End-to-end virtio-blk checks: a real Linux guest (QEMU, TCG) on a vhost-user-blk backend.
 
 The same checks run against qemu-storage-daemon (the C reference, "qsd") and our backend
-("pyvhost", ``python -m devices.blk``). Boots are combined to keep the run short: one boot per
+("pyvhost", ``python -m vhost.programs pyvhost-blk``). Boots are combined to keep the run short: one boot per
 (backend, num_queues) for size + writes + O_DIRECT read-back + flush + throughput, one read-only
 boot, and two boots against one running backend.
 """

@@ -5,7 +5,7 @@ the end) and uses TEST-NET-1 addresses (192.0.2.0/24) only.
 
 - ``test_net_qemu_tap``: harness validation with QEMU's own tap backend (no vhost-user); QEMU
   runs inside the namespace that holds the tap.
-- ``test_net_pyvhost``: the same checks on our backend (``python -m devices.net --tap``), with 1
+- ``test_net_pyvhost``: the same checks on our backend (``python -m vhost.programs pyvhost-net --tap``), with 1
   and 2 queue pairs; QEMU talks to it over the Unix socket.
 - ``test_net_pyvhost_switch_two_guests``: two concurrent guests on one ``--switch``.
 

@@ -5,7 +5,7 @@ traffic source and sink.
    ports) -- checks the harness and gives the anchor rates: txonly -> io fwd -> rxonly (three
    busy pollers on two CPUs: scheduler-bound, see vhost/testing/dpdk.py) and one two-port flowgen
    frontend through the same backend (two pollers: CPU-bound).
-2. Our backend, pyvhost-net (``python -m devices.net``): two ports on an in-process learning L2
+2. Our backend, pyvhost-net (``python -m vhost.programs pyvhost-net``): two ports on an in-process learning L2
    switch, and a tap device inside a network namespace created by the test.
 
 Every run is bounded in time and packet count; every process is stopped and every namespace

@@ -1,10 +1,10 @@
 """backends.py: start and stop the vhost-user-blk backends under test as subprocesses --
-pyvhost-blk (`python -m devices.blk`) and the reference qemu-storage-daemon -- for the
+pyvhost-blk (`python -m vhost.programs pyvhost-blk`) and the reference qemu-storage-daemon -- for the
 integration and end-to-end tests.  Owns their lifetime: wait for the socket, SIGTERM at the end,
 and (for pyvhost) insist on a clean exit 0; `short_tmpdir` for AF_UNIX socket paths, and the
 process helpers the other launchers share (`wait_socket`, `stop_process`, `tail`).
 Must not: hold test logic; import tests, devices, vhost.server, vhost.service or vhost.config
-(backends run as programs, `python -m devices.blk`)."""
+(backends run as programs, `python -m vhost.programs pyvhost-blk`)."""
 from __future__ import annotations
 
 import contextlib
@@ -172,7 +172,7 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
 def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = False,
                 num_queues: int = 1, extra: Sequence[str] = (), timeout: float = 30.0
                 ) -> Iterator[Backend]:
-    """Our backend, ``python -m devices.blk``, serving ``img`` on ``sock``. Waits for the
+    """Our backend, ``python -m vhost.programs pyvhost-blk``, serving ``img`` on ``sock``. Waits for the
     socket; at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s."""
     img, sock = Path(img), Path(sock)
     with contextlib.suppress(FileNotFoundError):

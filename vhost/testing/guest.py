@@ -15,14 +15,14 @@ This module owns everything the e2e tests need to run a script inside a VM:
 - ``binary_with_libs("/usr/bin/fio")``: the ``extra_files`` that let a dynamically linked host
   program run in the guest (the binary, every library ``ldd`` lists, the dynamic loader);
 - context managers for the blk backends under test: ``qsd_blk`` (qemu-storage-daemon, the C
-  reference) and ``pyvhost_blk`` (our ``python -m devices.blk``); both wait for the socket and stop
+  reference) and ``pyvhost_blk`` (our ``python -m vhost.programs pyvhost-blk``); both wait for the socket and stop
   the process at the end, leaving nothing behind;
 - networking: ``netns()`` (a throw-away ``pvh-<random>`` network namespace), ``host_tap``,
   ``wait_link``, ``netns_exec`` (a command prefix, e.g. ``run_guest(..., qemu_prefix=...)`` to
   run QEMU where its tap lives), all thin wrappers over ``vhost/testing/netns.py`` (which also works in
   a chroot where ``ip netns exec`` cannot remount /sys); QEMU argument builders
   ``tap_net_args`` (QEMU's own tap backend) and ``vhost_user_net_args`` (INTx: ``vectors=0``,
-  see DESIGN.md); and
+  see ARCHITECTURE.md); and
   ``NET_SCRIPT_HELPERS``, busybox shell functions for guest scripts (``net_up``, ``wait_ping``,
   ``ping_check``, ``if_stats``, timing). The net backend itself is in ``vhost/testing/netbackends.py``.
 
@@ -687,7 +687,7 @@ def vhost_user_net_args(sock: str | os.PathLike, idx: int = 0, queues: int = 1,
     """QEMU args attaching a virtio-net-pci device to the vhost-user-net backend on ``sock``.
 
     ``vectors=0`` (INTx): QEMU 7.2 under TCG segfaults in vhost_net_start /
-    msix_set_vector_notifiers when a vhost-user net device uses MSI-X (see DESIGN.md).
+    msix_set_vector_notifiers when a vhost-user net device uses MSI-X (see ARCHITECTURE.md).
     ``queues > 1`` adds ``queues=N`` to the netdev and ``mq=on`` to the device."""
     netdev = f"vhost-user,id=n{idx},chardev=netc{idx}"
     dev = f"virtio-net-pci,netdev=n{idx},vectors=0,mac={mac or mac_address(idx)}"

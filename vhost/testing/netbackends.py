@@ -1,4 +1,4 @@
-"""netbackends.py: start and stop our vhost-user-net backend (`python -m devices.net`, the
+"""netbackends.py: start and stop our vhost-user-net backend (`python -m vhost.programs pyvhost-net`, the
 pyvhost-net program) as a subprocess for the integration and end-to-end tests.  Owns its
 lifetime: wait for every socket, SIGTERM at the end and insist on a clean exit 0; the log is
 kept next to the first socket for error messages.
