@@ -1,5 +1,5 @@
 """virtio-rng requestq worker (cython_ext/rng.pyx, virtio 1.2 §5.4) in memory, with the driver-side
-rings of tests/ringrig.py: entropy lands in the buffers, used lengths, hostile chains failing
+rings of vhost/testing/ringrig.py: entropy lands in the buffers, used lengths, hostile chains failing
 alone, a corrupt avail ring, the max-bytes/period rate limit, stop while throttled."""
 import os
 import threading
@@ -9,34 +9,19 @@ import zlib
 import pytest
 
 from cython_ext.rng import RngQueueWorker
-from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM
 from vhost.device import COUNTER_KEYS
-from vhost.testing.ram import GuestRAM, pc_two_region_layout
-from vhost.testing.virtqueue import VirtQueue
-from vhost.memory import GuestMemory, MappedRegion
+from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM, QueueRig
 
 HIGH = MEM + (128 << 10)     # past the end of guest RAM
 
 
-class RngRig:
-    """Guest RAM (PC layout, canary in the hole), one driver-side queue, an RngQueueWorker."""
+class RngRig(QueueRig):
+    """The ring rig (PC layout, canary in the hole) with an RngQueueWorker."""
 
     def __init__(self, qsize=64, **kw):
-        self.ram = GuestRAM(MEM, pc_two_region_layout(MEM))
-        self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
-                                                self.ram.region_user_addr(r), r.mmap_offset)
-                               for r in self.ram.regions)
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.vq = VirtQueue(self.ram, 0, qsize, event_idx=kw.get("event_idx", False),
-                            kick_fd=self.kick_fd, call_fd=self.call_fd)
-        self.ram.mm[HOLE[0]:HOLE[1]] = b"\xC3" * (HOLE[1] - HOLE[0])
-        desc, used, avail = self.vq.addresses()
-        self.worker = RngQueueWorker(
-            0, qsize, self.mem.uva_to_host(desc, 16 * qsize),
-            self.mem.uva_to_host(avail, 6 + 2 * qsize), self.mem.uva_to_host(used, 6 + 8 * qsize),
-            0, self.mem.table_bytes(), self.kick_fd, self.call_fd, **kw)
-        self.thread = None
+        super().__init__(event_idx=kw.get("event_idx", False), qsize=qsize)
+        self.worker = RngQueueWorker(0, qsize, *self.ring_hosts(), 0, self.mem.table_bytes(),
+                                     self.kick_fd, self.call_fd, **kw)
 
     def buf(self, n, fill=0):
         gpa = self.ram.alloc(max(n, 1), align=64)
@@ -52,29 +37,11 @@ class RngRig:
         self.vq.publish([head])
         return head, gpa
 
-    def raw(self, entries):
-        entries = [(a, n, f | (F_NEXT if nxt is None and k < len(entries) - 1 else 0), nxt)
-                   for k, (a, n, f, nxt) in enumerate(entries)]
-        idx = self.vq.add_raw_descs(entries)
-        self.vq.publish([idx[0]])
-        return idx[0]
-
-    def run(self):
-        self.worker.run_until_idle()
-        return self.vq.reap()
-
-    def hole_intact(self):
-        return self.ram.mm[HOLE[0]:HOLE[1]] == b"\xC3" * (HOLE[1] - HOLE[0])
-
     def assert_serving(self, n=256):
         head, gpa = self.request(n)
         assert self.run() == [(head, n)]
         data = self.ram.read(gpa, n)
         assert data != bytes(n)
-
-    def start(self):
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
 
     def wait_used(self, count, timeout=10.0):
         """Reap until `count` used entries arrived (kicking as a driver would)."""
@@ -83,21 +50,6 @@ class RngRig:
             got += self.vq.reap()
             time.sleep(0.002)
         return got
-
-    def stop(self):
-        if self.thread:
-            self.worker.stop()
-            self.thread.join(10)
-            assert not self.thread.is_alive()
-            self.thread = None
-
-    def close(self):
-        self.stop()
-        self.worker.close()
-        self.mem.unmap_all()
-        self.ram.close()
-        os.close(self.call_fd)
-        os.close(self.kick_fd)
 
 
 @pytest.fixture

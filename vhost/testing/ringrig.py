@@ -1,7 +1,8 @@
 """ringrig.py: an in-memory rig for ring-engine tests: driver-side rings from vhost.testing
 (GuestRAM + VirtQueue lay out the chains), the same shared memory mapped backend-side through
-vhost/memory.py, and a BlkQueueWorker (cython_ext.blk, the one backend piece it needs) run
-synchronously (`run_until_idle`) or as a thread.
+vhost/memory.py, and a queue worker run synchronously (`run_until_idle`) or as a thread:
+`QueueRig` is that plumbing for any worker (the rng tests build theirs on it), `Rig` adds a
+BlkQueueWorker on an image file.
 Must not: open sockets or start processes; hold test assertions beyond `assert_serving`;
 import tests, devices, vhost.server, vhost.service or vhost.config."""
 from __future__ import annotations
@@ -22,10 +23,12 @@ MEM = 4 << 20
 HOLE = (640 << 10, 768 << 10)   # the PC layout's GPA hole; its shm bytes belong to no region
 
 
-class Rig:
-    def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
-                 read_only=False, use_io_uring=True, start_idx=0, capacity=None,
-                 poll_us=0.0):
+class QueueRig:
+    """Guest RAM (PC layout with a canary in its hole, or one region), one driver-side queue,
+    the same memory mapped backend-side, and the eventfd pair; a subclass builds `worker` (any
+    queue worker with run_until_idle / run / stop / close) from `ring_hosts()`."""
+
+    def __init__(self, *, two_regions=True, event_idx=False, qsize=64):
         layout = pc_two_region_layout(MEM) if two_regions else one_region_layout(MEM)
         self.ram = GuestRAM(MEM, layout)
         self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
@@ -33,33 +36,84 @@ class Rig:
                                for r in self.ram.regions)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.qsize = qsize
         self.vq = VirtQueue(self.ram, 0, qsize, event_idx=event_idx, kick_fd=self.kick_fd,
                             call_fd=self.call_fd)
+        self.two_regions = two_regions
+        if two_regions:
+            # canary in the hole: no region covers these shm bytes, nothing may write them
+            self.ram.mm[HOLE[0]:HOLE[1]] = b"\xC3" * (HOLE[1] - HOLE[0])
+        self.worker = None
+        self.thread = None
+
+    def ring_hosts(self) -> tuple[int, int, int]:
+        """Backend-side (host) addresses of the descriptor table, avail and used rings."""
+        desc, used, avail = self.vq.addresses()
+        qs = self.qsize
+        return (self.mem.uva_to_host(desc, 16 * qs), self.mem.uva_to_host(avail, 6 + 2 * qs),
+                self.mem.uva_to_host(used, 6 + 8 * qs))
+
+    def raw(self, entries, indices=None):
+        """Publish a chain of raw (addr, len, flags, next) descriptors; returns the head.
+        Entries whose next is None are linked to the following one (NEXT flag added)."""
+        entries = [(a, n, f | (F_NEXT if nxt is None and k < len(entries) - 1 else 0), nxt)
+                   for k, (a, n, f, nxt) in enumerate(entries)]
+        idx = self.vq.add_raw_descs(entries, indices)
+        self.vq.publish([idx[0]])
+        return idx[0]
+
+    def run(self):
+        self.worker.run_until_idle()
+        return self.vq.reap()
+
+    def hole_intact(self) -> bool:
+        return (not self.two_regions
+                or self.ram.mm[HOLE[0]:HOLE[1]] == b"\xC3" * (HOLE[1] - HOLE[0]))
+
+    # -- threaded mode --
+    def start(self):
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread:
+            self.worker.stop()
+            self.thread.join(10)
+            assert not self.thread.is_alive()
+            self.thread = None
+
+    def close(self):
+        self.stop()
+        self.worker.close()
+        self.mem.unmap_all()
+        self.ram.close()
+        os.close(self.call_fd)
+        os.close(self.kick_fd)
+
+
+class Rig(QueueRig):
+    """The ring rig with a BlkQueueWorker on an image file."""
+
+    def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
+                 read_only=False, use_io_uring=True, start_idx=0, capacity=None,
+                 poll_us=0.0):
+        super().__init__(two_regions=two_regions, event_idx=event_idx, qsize=qsize)
         if start_idx:
             # resume mid-stream (index wrap tests): avail, used and our shadows agree
             self.vq.set_avail_idx(start_idx)
             self.vq._kick_old = start_idx
             self.ram.write(self.vq.used_gpa + 2, struct.pack("<H", start_idx))
             self.vq.last_used_idx = start_idx
-        self.two_regions = two_regions
-        if two_regions:
-            # canary in the hole: no region covers these shm bytes, nothing may write them
-            self.ram.mm[HOLE[0]:HOLE[1]] = b"\xC3" * (HOLE[1] - HOLE[0])
-        # bytes past the end of the shm object are unmapped; canary the shm tail too
         self.image_path = image_path
         self.fd = os.open(image_path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         size = os.fstat(self.fd).st_size
         self.capacity = capacity if capacity is not None else size // 512
-        desc, used, avail = self.vq.addresses()
-        qs = qsize
         self.worker = BlkQueueWorker(
-            0, qs, self.mem.uva_to_host(desc, 16 * qs), self.mem.uva_to_host(avail, 6 + 2 * qs),
-            self.mem.uva_to_host(used, 6 + 8 * qs), start_idx, self.mem.table_bytes(),
+            0, qsize, *self.ring_hosts(), start_idx, self.mem.table_bytes(),
             self.kick_fd, self.call_fd, self.fd, self.fd, read_only, self.capacity,
             b"rig-serial-0123456789", event_idx=event_idx, indirect=True,
             use_io_uring=use_io_uring, max_discard_sectors=1 << 21,
             max_write_zeroes_sectors=1 << 21, poll_us=poll_us)
-        self.thread = None
 
     # -- buffers --
     def buf(self, data: bytes | int, fill=0xEE) -> int:
@@ -95,19 +149,6 @@ class Rig:
         self.vq.publish([head])
         return head, s, dgpa
 
-    def raw(self, entries, indices=None):
-        """Publish a chain of raw (addr, len, flags, next) descriptors; returns the head.
-        Entries whose next is None are linked to the following one (NEXT flag added)."""
-        entries = [(a, n, f | (F_NEXT if nxt is None and k < len(entries) - 1 else 0), nxt)
-                   for k, (a, n, f, nxt) in enumerate(entries)]
-        idx = self.vq.add_raw_descs(entries, indices)
-        self.vq.publish([idx[0]])
-        return idx[0]
-
-    def run(self):
-        self.worker.run_until_idle()
-        return self.vq.reap()
-
     def status_of(self, s_gpa) -> int:
         return self.ram.read(s_gpa, 1)[0]
 
@@ -131,27 +172,6 @@ class Rig:
         st, got = self.read(8, 4096)
         assert st == vb.S_OK and got == payload
 
-    def hole_intact(self) -> bool:
-        return (not self.two_regions
-                or self.ram.mm[HOLE[0]:HOLE[1]] == b"\xC3" * (HOLE[1] - HOLE[0]))
-
-    # -- threaded mode --
-    def start(self):
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        if self.thread:
-            self.worker.stop()
-            self.thread.join(10)
-            assert not self.thread.is_alive()
-            self.thread = None
-
     def close(self):
-        self.stop()
-        self.worker.close()
-        self.mem.unmap_all()
-        self.ram.close()
+        super().close()
         os.close(self.fd)
-        os.close(self.call_fd)
-        os.close(self.kick_fd)
