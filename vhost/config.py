@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 import devices
-from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, OptionProblem
+from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, OptionProblem, parse_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # systemd's FileDescriptorName= (LISTEN_FDNAMES) allows up to 255 characters without ':';
@@ -42,6 +42,10 @@ class ServiceSpec:
     # SIGTERM: how long to wait for in-flight I/O of each queue before exiting anyway
     stop_timeout: float = 10.0
     loop: str | None = None
+    # Per frontend connection (README "Security model"): guest memory mapped at once (0: twice
+    # this host's RAM) and fds one message may carry.
+    max_guest_memory: int = 0
+    max_message_fds: int = 32
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def _key(name: str) -> str:
 
 
 _SERVICE_KEYS = {"metrics-address", "log-level", "socket-group", "socket-mode", "stop-timeout",
-                 "loop"}
+                 "loop", "max-guest-memory", "max-message-fds"}
 
 
 class _Checker:
@@ -147,8 +151,24 @@ def _service(c: _Checker, table) -> ServiceSpec:
     loop = c.take(table, where, "loop", str)
     if loop not in (None, "uvloop", "asyncio"):
         c.fail(where, f"loop must be uvloop or asyncio, not {loop!r}")
+    mem_value = table.get("max-guest-memory")
+    max_memory = 0
+    if mem_value is not None:
+        try:
+            if isinstance(mem_value, bool) or not isinstance(mem_value, (int, str)):
+                raise ValueError("must be a number of bytes or a string like \"64G\"")
+            max_memory = parse_size(str(mem_value))
+        except ValueError as e:
+            c.fail(where, f"max-guest-memory: {e}")
+        if max_memory < 1 << 20:
+            c.fail(where, f"max-guest-memory must be at least 1M, not {mem_value}")
+    max_fds = c.take(table, where, "max-message-fds", int, 32)
+    if not 8 <= max_fds <= 1024:
+        # 8: SET_MEM_TABLE's 8 regions must fit
+        c.fail(where, f"max-message-fds must be 8..1024, not {max_fds}")
     return ServiceSpec(metrics_address=addr, log_level=level, socket_group=group,
-                       socket_mode=mode, stop_timeout=stop_timeout, loop=loop)
+                       socket_mode=mode, stop_timeout=stop_timeout, loop=loop,
+                       max_guest_memory=max_memory, max_message_fds=max_fds)
 
 
 def _options(c: _Checker, options, t: dict, where: str) -> dict:

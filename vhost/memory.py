@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat as _stat
 import struct
 from dataclasses import dataclass
 
@@ -69,8 +70,11 @@ class MappedRegion:
             raise GuestMemoryError(f"bad region fd: {e}") from None
         # A regular file (memfd, shm, hugetlbfs) must be long enough, or touching the tail of
         # the mapping would SIGBUS the whole process: reject instead.
-        import stat as _stat
-        if _stat.S_ISREG(st.st_mode) and st.st_size < map_len:
+        # Only a file (memfd, shm, hugetlbfs, an image of guest RAM) is guest memory; a
+        # device (/dev/zero, /dev/mem...) or anything else is refused.
+        if not _stat.S_ISREG(st.st_mode):
+            raise GuestMemoryError("region fd is not a regular file (memfd, shm or hugetlbfs)")
+        if st.st_size < map_len:
             raise GuestMemoryError(f"region fd is {st.st_size} bytes, table needs {map_len}")
         base = _libc.mmap(None, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if base is None or base == MAP_FAILED:

@@ -30,8 +30,10 @@ other exception leaves `receive`.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from protocols import virtio
@@ -75,6 +77,8 @@ SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS
     | ProtocolFeature.NET_MTU | ProtocolFeature.RARP)
+# The split ring's indices are 16 bits (virtio 1.2 §2.7); a larger SET_VRING_BASE is an error.
+MAX_VRING_BASE = 0xFFFF
 # Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
 ACK_FAILURE = 1
 # Distinct error causes logged per connection before the rest are suppressed.
@@ -100,6 +104,81 @@ class ProtocolClosed(Exception):
 
 class RequestError(Exception):
     """A request refused for a semantic reason (failure ack, the connection goes on)."""
+
+
+class LimitExceeded(RequestError):
+    """A request over one of the connection's limits: a failure ack the first time, a
+    disconnect if the frontend goes on."""
+
+
+def host_memory() -> int:
+    """This host's RAM in bytes (MemTotal)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# Defaults of the per-connection limits ([service] max-guest-memory, max-message-fds).
+# Guest memory: twice this host's RAM.  A guest's RAM is normally smaller than the host's; a
+# frontend may overcommit, and memory hotplug adds regions, so leave room, while one frontend
+# can no longer take the process's 128 TiB address space (32 slots of up to 2^47 bytes) from
+# every other tenant.
+GUEST_MEMORY_FACTOR = 2
+# fds one message may carry: the largest legitimate message (SET_MEM_TABLE, 8 regions) carries
+# 8; a message whose bytes trickle in with more fds each time is an attack on the fd table.
+DEFAULT_MAX_MESSAGE_FDS = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one frontend connection may hold."""
+    max_guest_memory: int = 0           # bytes mapped at once; 0: GUEST_MEMORY_FACTOR x RAM
+    max_message_fds: int = DEFAULT_MAX_MESSAGE_FDS
+
+    def guest_memory(self) -> int:
+        return self.max_guest_memory or GUEST_MEMORY_FACTOR * host_memory()
+
+
+def check_event_fd(fd: int, write: bool) -> str:
+    """A kick (read) or call/err (write) fd must be an eventfd or a pipe end open for that
+    direction; it is made non-blocking, so that no signal or drain ever blocks a worker (or,
+    worse, a thread holding the GIL or a lock other tenants need) on a saturated eventfd or a
+    full pipe.  Returns its kind; RequestError for anything else."""
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as e:
+        raise RequestError(f"bad fd: {e}") from None
+    if stat.S_ISFIFO(st.st_mode):
+        kind = "pipe"
+    else:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target != "anon_inode:[eventfd]":
+            what = ("a regular file" if stat.S_ISREG(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else
+                    "a character device" if stat.S_ISCHR(st.st_mode) else
+                    "a directory" if stat.S_ISDIR(st.st_mode) else target or "unknown")
+            raise RequestError(f"fd is {what}, not an eventfd or a pipe")
+        kind = "eventfd"
+    acc = flags & os.O_ACCMODE
+    if write and acc not in (os.O_WRONLY, os.O_RDWR):
+        raise RequestError(f"{kind} is not open for writing")
+    if not write and acc not in (os.O_RDONLY, os.O_RDWR):
+        raise RequestError(f"{kind} is not open for reading")
+    if not flags & os.O_NONBLOCK:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        except OSError as e:
+            raise RequestError(f"cannot make the {kind} non-blocking: {e}") from None
+    return kind
 
 
 # --- per-queue state -------------------------------------------------------------------------
@@ -182,13 +261,17 @@ class BackendProtocol:
     so that it can read message by message and fds attach to the right one.
     """
 
-    def __init__(self, device: Device, *, name: str = ""):
+    def __init__(self, device: Device, *, name: str = "", limits: Limits | None = None):
         self.device = device
         self.name = name
         self._prefix = f"{name}: " if name else ""
+        self.limits = limits or Limits()
+        self._max_memory = self.limits.guest_memory()
         self._buf = bytearray()
         self._header = None
         self._pending_fds: list[int] = []
+        self._fds_over = False       # the message being read carried too many fds
+        self._strikes = 0            # limits exceeded so far (the second one disconnects)
         self._dead = False
         self._failed = ""            # why the connection must close (set with ProtocolClosed)
         # A worker that did not stop (WorkerStuck) may still use guest memory and its eventfds:
@@ -313,6 +396,16 @@ class BackendProtocol:
             for fd in fds:
                 _close(fd)
             raise ProtocolClosed(self._failed)
+        if fds and (self._fds_over
+                    or len(self._pending_fds) + len(fds) > self.limits.max_message_fds):
+            # never hold them: close at once, refuse the message, disconnect if it goes on
+            for fd in self._pending_fds + fds:
+                _close(fd)
+            self._pending_fds, fds = [], []
+            if self._fds_over or self._strikes:
+                self._broken(f"a message carries more than {self.limits.max_message_fds} fds "
+                             f"after a limit was exceeded (limit max-message-fds)")
+            self._fds_over = True
         self._pending_fds.extend(fds)
         self._buf += data
         replies: list[bytes] = []
@@ -336,9 +429,31 @@ class BackendProtocol:
             del self._buf[:header.size]
             msg_fds, self._pending_fds = self._pending_fds, []
             self._header = None
+            if self._fds_over:
+                self._fds_over = False
+                replies.extend(self._refuse_over_limit(
+                    header, f"carries more than {self.limits.max_message_fds} fds "
+                    f"(limit max-message-fds)"))
+                continue
             replies.extend(self._dispatch(_Message(header.request, header.flags, payload,
                                                    msg_fds)))
         return replies
+
+    def _refuse_over_limit(self, header, cause: str) -> list[bytes]:
+        msg = _Message(header.request, header.flags, b"", [])
+        name = request_name(header.request)
+        self._strike(f"{name}: {cause}")
+        if header.request in REPLYING_REQUESTS:
+            self._broken(f"{name}: {cause}")
+        return self._ack(msg, ACK_FAILURE)
+
+    def _strike(self, cause: str) -> None:
+        """A limit was exceeded: logged (once: the second time disconnects)."""
+        self._strikes += 1
+        if self._strikes > 1:
+            self._broken(f"{cause}; over a limit again")
+        log.warning("%s%s; refused (the next time over a limit disconnects)",
+                    self._prefix, cause)
 
     def _release_fd(self, fd: int) -> None:
         if self._stuck:
@@ -401,6 +516,11 @@ class BackendProtocol:
             raise
         except MessageError as e:
             cause = f"malformed {e}"
+        except LimitExceeded as e:
+            self._strike(f"{name}: {e}")             # logged here, or ProtocolClosed
+            if msg.request in REPLYING_REQUESTS:
+                raise ProtocolClosed(f"{name}: {e}") from None
+            return self._ack(msg, ACK_FAILURE)
         except (RequestError, GuestMemoryError) as e:
             cause = f"{name}: {e}"
         except Exception as e:  # a device bug must not take the connection down
@@ -575,12 +695,16 @@ class BackendProtocol:
         extra = value & ~self.offered_features
         if extra:
             raise RequestError(f"features {extra:#x} were not offered")
-        self._features = value
-        self.device.ack_features(value)
-        # Running workers latched EVENT_IDX etc. at start: restart them with the new set.
+        # Running workers latched EVENT_IDX, the header length etc. at start: stop them
+        # *before* the device sees the new set (a net port's rx queue is written by other
+        # ports' workers, which must never see a half-changed header length), then restart
+        # them with it at the index they stopped at.  QEMU does send SET_FEATURES to running
+        # queues (LOG_ALL around migration): applied, not refused.
         for q in self._queues:
             if q.running and q.run_features != value:
                 self._stop(q)
+        self._features = value
+        self.device.ack_features(value)
         self._reconcile_all()
 
     def _set_owner(self, msg, body):
@@ -628,6 +752,8 @@ class BackendProtocol:
 
     def _set_vring_addr(self, msg, body):
         q = self._queue_for(body.index)
+        if body.flags & ~VRING_ADDR_F_LOG:
+            raise RequestError(f"queue {q.index}: unknown flags {body.flags:#x}")
         if body.flags & VRING_ADDR_F_LOG:
             self._log_once(f"SET_VRING_ADDR: queue {q.index} asks for dirty logging, which "
                            "was not offered; ignored")
@@ -647,6 +773,9 @@ class BackendProtocol:
         q = self._queue_for(body.index)
         if q.running:
             raise RequestError(f"queue {q.index} is running")
+        if body.num > MAX_VRING_BASE:
+            raise RequestError(f"queue {q.index} base {body.num:#x} does not fit the split "
+                               f"ring's 16-bit index")
         q.base = body.num
 
     def _get_vring_base(self, msg, body):
@@ -663,6 +792,8 @@ class BackendProtocol:
         q = self._queue_for(value & VRING_IDX_MASK)
         nofd = bool(value & VRING_NOFD_MASK)
         msg.expect_fds(0 if nofd else 1)
+        if not nofd:        # checked (and made non-blocking) before anything changes
+            check_event_fd(msg.fds[0], write=msg.request != FrontendReq.SET_VRING_KICK)
         fd = -1 if nofd else msg.take_fd()
         attr = {FrontendReq.SET_VRING_KICK: "kick_fd", FrontendReq.SET_VRING_CALL: "call_fd",
                 FrontendReq.SET_VRING_ERR: "err_fd"}[msg.request]
@@ -686,6 +817,12 @@ class BackendProtocol:
 
     def _set_backend_req_fd(self, msg, body):
         msg.expect_fds(1)
+        try:
+            st = os.fstat(msg.fds[0])
+        except OSError as e:
+            raise RequestError(f"bad fd: {e}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RequestError("the backend request channel is not a socket")
         # BACKEND_REQ is not offered, so nothing is ever sent on it; kept for the connection's
         # lifetime all the same (closing it would look like a dead channel to the frontend).
         _close(self._backend_req_fd)
@@ -719,8 +856,14 @@ class BackendProtocol:
             raise RequestError(f"unknown flags {body.flags:#x}")
         self.device.set_config(body.offset, bytes(body.payload))
 
+    def _check_memory_limit(self, total: int) -> None:
+        if total > self._max_memory:
+            raise LimitExceeded(f"guest memory of {total} bytes is over the connection's limit "
+                                f"of {self._max_memory} (max-guest-memory)")
+
     def _set_mem_table(self, msg, body):
         msg.expect_fds(body.num_regions)
+        self._check_memory_limit(sum(r.size + r.mmap_offset for r in body.regions))
         mapped = []
         try:
             for region, fd in zip(body.regions, msg.fds):
@@ -745,6 +888,8 @@ class BackendProtocol:
                 return          # QEMU may re-add a region it already sent: nothing to do
         if len(self._memory) >= MAX_MEM_SLOTS:
             raise RequestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        self._check_memory_limit(sum(r.map_len for r in self._memory.regions)
+                                 + region.size + region.mmap_offset)
         fd = msg.take_fd()
         try:
             new_region = self._map(fd, region)

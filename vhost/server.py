@@ -37,7 +37,7 @@ import threading
 
 from protocols.vhost_user import MAX_FDS
 
-from .protocol import BackendProtocol, ProtocolClosed
+from .protocol import BackendProtocol, Limits, ProtocolClosed
 
 log = logging.getLogger("pyvhost.server")
 
@@ -195,7 +195,7 @@ class Server:
     def __init__(self, device_factory_or_device, *, socket_path: str | None = None,
                  listen_fd: int | None = None, on_ready=None, on_connection=None,
                  socket_mode: int = 0o600, socket_group: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, limits: Limits | None = None):
         if (socket_path is None) == (listen_fd is None):
             raise ValueError("exactly one of socket_path and listen_fd is required")
         self._device_source = device_factory_or_device
@@ -206,6 +206,7 @@ class Server:
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.name = name
+        self.limits = limits or Limits()
         self._log_fields = {"device": name} if name else {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -225,6 +226,11 @@ class Server:
         listening socket is closed and its file removed before the connection is torn down,
         so nobody connects to a backend that is going away), drop the current connection,
         serve_forever returns."""
+        if self._stopping:
+            # once: a second cancel would abort serve_forever's wait for the teardown of the
+            # current connection (in-flight I/O completing), and the caller would then reset
+            # the device while the control thread is still stopping its queues
+            return
         self._stopping = True
         loop, task = self._loop, self._task
         if loop is None or task is None:
@@ -294,7 +300,9 @@ class Server:
         conn.setblocking(False)
         protocol = None
         try:
-            protocol = BackendProtocol(self._device(), name=f"connection {self.connections}")
+            label = f"connection {self.connections}"
+            protocol = BackendProtocol(self._device(), limits=self.limits,
+                                       name=f"{self.name}: {label}" if self.name else label)
         except BaseException:
             conn.close()
             raise

@@ -28,6 +28,7 @@ from . import config as cfg
 from . import logfmt
 from .devtype import DeviceEnv
 from .sdnotify import Notifier, listen_fds, socket_path_of
+from .protocol import Limits
 from .server import Server, ServerError, default_loop_name, running_loop
 
 log = logging.getLogger("pyvhost.service")
@@ -145,7 +146,8 @@ class Service:
         svc = self.config.service
         server = Server(dev, socket_path=socket_path, listen_fd=listen_fd, name=spec.name,
                         socket_mode=svc.socket_mode, socket_group=svc.socket_group,
-                        on_connection=self._on_connection)
+                        on_connection=self._on_connection,
+                        limits=_limits(svc))
         return DeviceRuntime(spec=spec, device=dev, server=server)
 
     def _close_device(self, rt: DeviceRuntime, log_stats: bool = True) -> None:
@@ -392,10 +394,17 @@ class Service:
                 self._start_metrics(new.metrics_address)
             except StartError as e:
                 log.error("%s", e)
+        limits = _limits(new)
+        for rt in self.devices.values():
+            rt.server.limits = limits           # from the next connection on
         if (new.socket_mode, new.socket_group) != (old.socket_mode, old.socket_group):
             log.info("socket-mode/socket-group apply to sockets bound from now on")
         if new.loop != old.loop:
             log.warning("loop is only read at start; restart the service to change it")
+
+
+def _limits(svc: cfg.ServiceSpec) -> Limits:
+    return Limits(max_guest_memory=svc.max_guest_memory, max_message_fds=svc.max_message_fds)
 
 
 def _find(config: cfg.Config, name: str):

@@ -6,7 +6,9 @@ import ctypes
 import errno
 import glob
 import json
+import fcntl
 import os
+import socket
 import struct
 
 import pytest
@@ -17,7 +19,7 @@ from protocols import vhost_user as vu
 from protocols.vhost_user import FrontendReq as R, ProtocolFeature as PF
 from vhost.device import Device, QueueHandle, WorkerStuck
 from vhost.protocol import MAX_MEM_SLOTS, SUPPORTED_PROTOCOL_FEATURES, BackendProtocol, \
-    ProtocolClosed
+    Limits, ProtocolClosed, check_event_fd
 
 # The recorded conversations live in the repository (tests/data/traces, see its README.md); no
 # fallback: a missing directory must fail the replay, not collect zero cases.
@@ -140,6 +142,14 @@ def fd_count():
 
 def eventfd():
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+def sockfd():
+    """One end of a socketpair (the backend request channel is a socket); the other end is
+    closed."""
+    a, b = socket.socketpair()
+    b.close()
+    return a.detach()
 
 
 def memfd(size):
@@ -864,7 +874,10 @@ def test_fds_on_message_that_takes_none_are_closed(peer):
 
 def test_backend_req_fd_kept_and_replaced(ready):
     p = ready
-    a, b = eventfd(), eventfd()
+    a, b = sockfd(), sockfd()
+    e = eventfd()
+    assert p.ack(R.SET_BACKEND_REQ_FD, fds=[e]) != 0            # not a socket: refused
+    assert not is_open(e) and p.proto.backend_req_fd == -1
     assert p.ack(R.SET_BACKEND_REQ_FD, fds=[a]) == 0
     assert p.proto.backend_req_fd == a and is_open(a)
     assert p.ack(R.SET_BACKEND_REQ_FD, fds=[b]) == 0
@@ -884,7 +897,7 @@ def test_connection_lost_releases_everything():
     err = eventfd()
     assert p.ack(R.SET_VRING_ERR, vu.u64(0), [err]) == 0
     p.enable(0)
-    assert p.ack(R.SET_BACKEND_REQ_FD, fds=[eventfd()]) == 0
+    assert p.ack(R.SET_BACKEND_REQ_FD, fds=[sockfd()]) == 0
     p.proto.receive(msg(R.SET_VRING_CALL, vu.u64(1))[:5], [eventfd()])   # half a message
     region_ = p.proto.memory.regions[0]
     assert fd_count() == before + 7
@@ -1035,7 +1048,7 @@ def replay_device(events):
 
 def frontend_fds(event, payload):
     """Fresh fds standing in for the recorded ones: memfds big enough for memory messages
-    (sparse, nothing is touched), eventfds otherwise."""
+    (sparse, nothing is touched), a socket for the backend channel, eventfds otherwise."""
     if not event["nfds"]:
         return []
     name = event["name"]
@@ -1046,6 +1059,8 @@ def frontend_fds(event, payload):
     if name in ("ADD_MEM_REG", "REM_MEM_REG"):
         r = vu.SingleMemoryRegion.parse(payload).region
         return [memfd(r.size + r.mmap_offset)]
+    if name == "SET_BACKEND_REQ_FD":
+        return [sockfd()]
     return [eventfd() for _ in range(event["nfds"])]
 
 
@@ -1117,3 +1132,165 @@ def test_replay_trace(path):
     proto.connection_lost()
     assert fd_count() == before
     assert all(r.map_base == 0 for r in regions_seen)
+
+
+# --- a hostile frontend (issue 10): ring bases validated at the message, received fds checked
+# for their kind and made non-blocking, per-connection limits (guest memory, fds per message)
+# with a failure ack first and a disconnect if the frontend goes on, and feature changes applied
+# to stopped queues only.
+
+
+def blocking(fd):
+    return not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+class LimitedPeer(Peer):
+    def __init__(self, limits, **kw):
+        super().__init__(**kw)
+        self.proto = BackendProtocol(self.device, name="test", limits=limits)
+
+
+def test_vring_base_above_16_bits_is_refused(ready):
+    assert ready.ack(R.SET_VRING_BASE, state(0, 0x10000)) != 0
+    assert ready.proto.queue(0).base == 0
+    assert ready.ack(R.SET_VRING_BASE, state(0, 0xFFFF)) == 0
+    assert ready.proto.queue(0).base == 0xFFFF
+    # the queue never runs with a refused base: a start sees the last accepted one
+    ready.setup_ring(0, base=0x1234)
+    ready.enable(0)
+    assert ready.device.starts(0)[-1].last_avail_idx == 0x1234
+
+
+def test_vring_addr_unknown_flags_refused(ready):
+    assert ready.ack(R.SET_VRING_ADDR, vring_addr(0, UVA, UVA + 0x2000, UVA + 0x1000,
+                                                  flags=0x2)) != 0
+    assert ready.proto.queue(0).desc_addr is None
+
+
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_vring_fds_of_the_wrong_kind_are_refused(ready, tmp_path, request_):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 64)
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    wrong = {
+        "regular file": os.open(path, os.O_RDWR),
+        "socket": a.detach(),
+        "/dev/null": os.open("/dev/null", os.O_RDWR),
+        "memfd": memfd(4096),
+        # a pipe end in the wrong direction: kicks are read, calls/errs written
+        "pipe end": w if request_ == R.SET_VRING_KICK else r,
+    }
+    for what, fd in wrong.items():
+        assert ready.ack(request_, vu.u64(0), [fd]) != 0, what
+        assert not is_open(fd), what                   # refused fds are closed at once
+    b.close()
+    os.close(w if request_ != R.SET_VRING_KICK else r)
+    q = ready.proto.queue(0)
+    assert (q.kick_fd, q.call_fd, q.err_fd) == (-1, -1, -1)
+    # the connection goes on
+    assert len(ready.send(R.GET_FEATURES)) == 1
+
+
+def test_blocking_eventfd_and_pipe_are_made_nonblocking(ready):
+    ev = os.eventfd(0, os.EFD_CLOEXEC)
+    os.eventfd_write(ev, 0xFFFF_FFFF_FFFF_FFFE)                 # saturated, and blocking
+    assert blocking(ev)
+    assert ready.ack(R.SET_VRING_CALL, vu.u64(0), [ev]) == 0
+    assert ready.proto.queue(0).call_fd == ev and not blocking(ev)
+    # a write that would have blocked the writer forever now fails at once
+    with pytest.raises(BlockingIOError):
+        os.eventfd_write(ev, 1)
+    r, w = os.pipe()
+    assert blocking(r) and blocking(w)
+    assert ready.ack(R.SET_VRING_KICK, vu.u64(0), [r]) == 0
+    assert ready.ack(R.SET_VRING_ERR, vu.u64(0), [w]) == 0
+    assert not blocking(r) and not blocking(w)
+
+
+def test_check_event_fd_kinds():
+    ev = os.eventfd(0)
+    r, w = os.pipe()
+    try:
+        assert check_event_fd(ev, write=True) == "eventfd"
+        assert check_event_fd(r, write=False) == "pipe"
+        assert check_event_fd(w, write=True) == "pipe"
+    finally:
+        for fd in (ev, r, w):
+            os.close(fd)
+
+
+def test_memory_region_fd_must_be_a_regular_file(peer):
+    peer.negotiate()
+    null = os.open("/dev/zero", os.O_RDWR)
+    assert peer.ack(R.SET_MEM_TABLE, mem_table(region(0, MEM_SIZE, UVA)), [null]) != 0
+    assert not is_open(null) and len(peer.proto.memory) == 0
+
+
+def test_guest_memory_limit_refuses_then_disconnects():
+    limit = 4 << 20
+    p = LimitedPeer(Limits(max_guest_memory=limit))
+    p.negotiate()
+    big = 1 << 40                                   # sparse: costs nothing until mapped
+    fd = memfd(big)
+    assert p.ack(R.SET_MEM_TABLE, mem_table(region(0, big, UVA)), [fd]) != 0
+    assert len(p.proto.memory) == 0 and not is_open(fd)
+    # within the limit: fine
+    assert p.ack(R.SET_MEM_TABLE, mem_table(region(0, MEM_SIZE, UVA)), [memfd(MEM_SIZE)]) == 0
+    # ADD_MEM_REG counts what is already mapped
+    r = region(MEM_SIZE, limit, UVA + MEM_SIZE)
+    with pytest.raises(ProtocolClosed, match="max-guest-memory"):
+        p.send(R.ADD_MEM_REG, single_region(r), vu.VERSION | vu.FLAG_NEED_REPLY,
+               [memfd(limit)])
+    assert p.proto.memory.regions[0].size == MEM_SIZE      # nothing more was mapped
+    p.proto.connection_lost()
+
+
+def test_guest_memory_limit_default_is_twice_host_ram():
+    from vhost.protocol import host_memory
+    assert Limits().guest_memory() == 2 * host_memory() > 0
+
+
+def test_fds_trickling_into_one_message_are_capped():
+    before = fd_count()
+    p = LimitedPeer(Limits(max_message_fds=16))
+    p.negotiate()
+    data = msg(R.SET_VRING_CALL, vu.u64(0), vu.VERSION | vu.FLAG_NEED_REPLY)
+    # the first two bytes carry 8 fds each: still under the cap, held for the message
+    assert p.proto.receive(data[:1], [eventfd() for _ in range(8)]) == []
+    assert p.proto.receive(data[1:2], [eventfd() for _ in range(8)]) == []
+    assert fd_count() == before + 16
+    # over the cap: every fd of the message is closed at once; the message gets a failure ack
+    replies = p.proto.receive(data[2:3], [eventfd() for _ in range(8)])
+    assert replies == [] and fd_count() == before
+    replies = p.proto.receive(data[3:])
+    assert len(replies) == 1                        # the failure ack of the refused message
+    req, flags, body = parse_reply(replies[0])
+    assert req == R.SET_VRING_CALL and u64_of(body) != 0
+    assert p.proto.queue(0).call_fd == -1
+    # a normal message afterwards works
+    fd = eventfd()
+    assert p.ack(R.SET_VRING_CALL, vu.u64(0), [fd]) == 0
+    # going on: the next message over the cap disconnects, holding nothing
+    p.proto.receive(data[:1], [eventfd() for _ in range(8)])
+    p.proto.receive(data[1:2], [eventfd() for _ in range(8)])
+    with pytest.raises(ProtocolClosed, match="max-message-fds"):
+        p.proto.receive(data[2:3], [eventfd() for _ in range(8)])
+    p.proto.connection_lost()
+    assert fd_count() == before
+
+
+def test_set_features_stops_queues_before_the_device_sees_the_change(ready):
+    events = []
+    dev = ready.device
+    orig_ack, orig_stop = dev.ack_features, dev.stop_queue
+    dev.ack_features = lambda f: (events.append(("ack", f)), orig_ack(f))[1]
+    dev.stop_queue = lambda i: (events.append(("stop", i)), orig_stop(i))[1]
+    ready.setup_ring(0)
+    ready.enable(0)
+    assert 0 in dev.running
+    feats = dev.acked[-1]
+    assert ready.ack(R.SET_FEATURES, vu.u64(feats & ~0x10000000)) == 0     # EVENT_IDX off
+    assert events[:2] == [("stop", 0), ("ack", feats & ~0x10000000)]
+    assert 0 in dev.running                           # restarted with the new set
+    assert dev.starts(0)[-1].features == feats & ~0x10000000
