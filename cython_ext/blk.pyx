@@ -16,9 +16,10 @@ import os
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset, memcpy
-from libc.errno cimport errno, EINVAL, EAGAIN, EINTR, EOPNOTSUPP
+from libc.errno cimport errno, EINVAL, EAGAIN, EINTR, EOPNOTSUPP, EBUSY
 from posix.unistd cimport read, write, close
 from posix.uio cimport iovec
+from posix.time cimport nanosleep, timespec
 from cpython.bytes cimport PyBytes_AS_STRING
 
 from cython_ext.ring cimport *
@@ -151,6 +152,7 @@ ctypedef struct uring_t:
     size_t sqes_len
     uint32_t sq_local_tail
     uint32_t to_submit
+    int inject_errors            # tests: the next N io_uring_enter calls fail with EBUSY
 
 ctypedef struct blk_ctx_t:
     vq_t vq
@@ -177,6 +179,7 @@ ctypedef struct blk_ctx_t:
     uint64_t bytes_read
     uint64_t bytes_written
     uint64_t uring_enters
+    uint64_t enter_errors        # io_uring_enter failures while waiting for in-flight I/O
     uint64_t buffered_fallbacks
     # virtio-blk CONFIG_WCE (§5.2.6.2): the driver chose write-through (writeback = 0), so a
     # write completes only once it is stable (RWF_DSYNC); set from the control thread while
@@ -288,6 +291,9 @@ cdef int uring_submit(uring_t *u, unsigned min_complete) noexcept nogil:
     if u.to_submit == 0 and min_complete == 0:
         return 0
     while True:
+        if u.inject_errors > 0:
+            u.inject_errors -= 1
+            return -EBUSY
         r = sys_io_uring_enter(u.fd, u.to_submit, min_complete, flags)
         if r >= 0:
             if <unsigned>r >= u.to_submit:
@@ -613,11 +619,21 @@ cdef int drain_avail(blk_ctx_t *ctx) noexcept nogil:
 
 
 cdef void wait_all(blk_ctx_t *ctx) noexcept nogil:
-    """Complete every in-flight request (stop, memory change, GET_VRING_BASE)."""
+    """Complete every in-flight request (stop, memory change, GET_VRING_BASE).  Never returns
+    while the kernel may still complete into guest memory: an io_uring_enter error (EBUSY with
+    a full completion queue, ENOMEM, ...) is retried after reaping what completed, 1 ms apart.
+    If the kernel never completes, the worker stays here and its stop times out: WorkerStuck,
+    and the protocol keeps the memory mapped."""
+    cdef int r
+    cdef timespec pause
+    pause.tv_sec = 0
+    pause.tv_nsec = 1000000
     while ctx.use_uring and ctx.inflight > 0:
-        if uring_submit(&ctx.ring, 1) < 0:
-            break
+        r = uring_submit(&ctx.ring, 1)
         reap(ctx)
+        if r < 0 and ctx.inflight > 0:
+            ctx.enter_errors += 1
+            nanosleep(&pause, NULL)
     flush_used(ctx)
 
 
@@ -808,6 +824,11 @@ cdef class BlkQueueWorker:
             self.ctx.use_uring = False
         wk_close(&self.ctx.rt)
 
+    def inject_enter_errors(self, int n):
+        """Tests: make the next `n` io_uring_enter calls fail (EBUSY), as a kernel short of
+        memory or with a full completion queue would."""
+        self.ctx.ring.inject_errors = n
+
     def set_write_through(self, bint on):
         """The guest changed CONFIG_WCE: from the next write on, writes are (not) RWF_DSYNC."""
         self.ctx.write_through = on
@@ -832,8 +853,8 @@ cdef class BlkQueueWorker:
             requests=c.requests, completed=c.vq.completed, failed=c.failed,
             avail_corrupt=c.vq.faults[F_AVAIL], bytes_read=c.bytes_read,
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
-            uring_enters=c.uring_enters, buffered_fallbacks=c.buffered_fallbacks,
-            poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
+            uring_enters=c.uring_enters, enter_errors=c.enter_errors,
+            buffered_fallbacks=c.buffered_fallbacks, poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
             broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
             max_inflight=c.max_inflight,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)

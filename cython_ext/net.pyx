@@ -14,6 +14,12 @@ buffers come from ring.pyx's checked segments).
 Locking: a port's rx queue can be written by several threads (every other port's tx worker and
 the uplink reader), so each rx queue has a mutex held while a frame is delivered and while the
 queue is attached/detached.  The MAC table has one mutex.  A tx queue belongs to one worker.
+The port's negotiated settings (header length, MRG_RXBUF, offloads) change only with every rx
+queue lock held, and rx_deliver reads them once per frame.  A frontend's call fd is never
+written under a lock other tenants' senders need: the used entries are published under the
+queue lock, the call fd is signalled after it is dropped, and detaching waits for signallers
+still out (rxq_t.signalling) before the fd may be closed.  The fd is non-blocking (the protocol
+makes every received eventfd so), so a saturated eventfd costs one failed write, never a hang.
 """
 import logging
 import os
@@ -34,6 +40,10 @@ log = logging.getLogger("pyvhost.net")
 
 cdef extern from "vhost_compat.h" nogil:
     void stat_add(uint64_t *counter, uint64_t n)
+    void users_enter(int *p)
+    void users_leave(int *p)
+    int users_count(const int *p)
+    void cpu_relax()
 
 cdef enum:
     MAX_PORTS = 64
@@ -87,6 +97,7 @@ ctypedef struct rxq_t:
     uint16_t *heads
     uint32_t *lens
     uint64_t pending_used
+    int signalling                 # senders signalling call_fd outside `lock` (users_enter)
     uint64_t stats[NUM_STATS]      # rx-side counters, written under `lock` only (no atomics)
 
 ctypedef struct port_t:
@@ -255,7 +266,11 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
     cdef vq_t *vq = &q.vq
     cdef chain_t *c = q.chain
     cdef uint8_t hdr[HDR_MAX]
-    cdef size_t total = p.hdr_len + f.len
+    # the port's settings, read once: they only change under every rx lock (Port.set_features),
+    # and one frame must be laid out with one header length from start to end
+    cdef size_t hdr_len = p.hdr_len
+    cdef bint mrg_rxbuf = p.mrg_rxbuf
+    cdef size_t total = hdr_len + f.len
     cdef size_t done = 0, cap, n, src_off = 0, take, l
     cdef int nbufs = 0, r, k, si = 0, csum_mode
     cdef size_t si_off = 0
@@ -280,12 +295,12 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
         if not frame_checksum(f, &csum):
             q.stats[ST_RX_FAULT] += 1
             return DELIVER_DROPPED
-        cs_pos = p.hdr_len + (<uint16_t *>(f.hdr + 6))[0] + (<uint16_t *>(f.hdr + 8))[0]
+        cs_pos = hdr_len + (<uint16_t *>(f.hdr + 6))[0] + (<uint16_t *>(f.hdr + 8))[0]
         hdr[0] = hdr[0] & ~(<uint8_t>NEEDS_CSUM)
         if cs_pos + 2 > total:
             q.stats[ST_RX_FAULT] += 1
             return DELIVER_DROPPED
-    # source byte stream: header (p.hdr_len bytes from hdr[]) then f.iov[]
+    # source byte stream: header (hdr_len bytes from hdr[]) then f.iov[]
     while done < total:
         if nbufs >= vq.num:
             r = 0
@@ -298,7 +313,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
                 return DELIVER_DROPPED
             return DELIVER_NO_ROOM
         if c.fault != F_NONE or c.nreadable != 0 or c.total_len == 0 \
-                or (nbufs == 0 and c.total_len < <uint64_t>p.hdr_len):
+                or (nbufs == 0 and c.total_len < <uint64_t>hdr_len):
             # a bad buffer: return it empty, and everything popped for this frame with it
             note_fault(vq, qindex, c.fault if c.fault != F_NONE else F_ORDER)
             q.heads[nbufs] = c.head
@@ -308,7 +323,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
             q.pending_used += nbufs + 1
             q.stats[ST_RX_FAULT] += 1
             return DELIVER_DROPPED
-        if not p.mrg_rxbuf and c.total_len < total:
+        if not mrg_rxbuf and c.total_len < total:
             vq.last_avail -= 1               # too small for the frame: leave it for later
             q.stats[ST_RX_TOO_SMALL] += 1
             return DELIVER_DROPPED
@@ -319,13 +334,13 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
             dl = c.segs[k].iov_len
             seg_start = done
             while dl and done < total:
-                if done < <size_t>p.hdr_len:
-                    take = p.hdr_len - done
+                if done < hdr_len:
+                    take = hdr_len - done
                     if take > dl:
                         take = dl
                     memcpy(dst, hdr + done, take)
                     # remember where num_buffers (header bytes 10, 11) lands
-                    if p.hdr_len == 12:
+                    if hdr_len == 12:
                         for pos in range(done, done + take):
                             if pos == 10:
                                 nb_lo = dst + (pos - done)
@@ -355,7 +370,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
         q.heads[nbufs] = c.head
         q.lens[nbufs] = <uint32_t>cap
         nbufs += 1
-        if not p.mrg_rxbuf:
+        if not mrg_rxbuf:
             break
     if nb_lo != NULL:
         nb_lo[0] = nbufs & 0xFF
@@ -373,11 +388,37 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
     return DELIVER_OK
 
 
+cdef inline int rxq_publish(rxq_t *q) noexcept nogil:
+    """Publish the pending used entries (caller holds q.lock).  Returns the call fd to signal
+    once the lock is dropped (rxq_signal), or -1; while one is returned the queue counts a
+    signaller out, and detaching waits for it before the fd can be closed."""
+    if q.pending_used == 0:
+        return -1
+    vq_publish(&q.vq)
+    q.pending_used = 0
+    if q.vq.call_fd >= 0 and vq_should_notify(&q.vq):
+        q.vq.notifies += 1
+        users_enter(&q.signalling)
+        return q.vq.call_fd
+    return -1
+
+
+cdef inline void rxq_signal(rxq_t *q, int fd) noexcept nogil:
+    """Signal what rxq_publish returned, outside q.lock (non-blocking fd: never waits)."""
+    cdef uint64_t one = 1
+    if fd >= 0:
+        write(fd, &one, 8)
+        users_leave(&q.signalling)
+
+
 cdef inline void rxq_flush(rxq_t *q) noexcept nogil:
-    if q.pending_used:
-        vq_publish(&q.vq)
-        vq_notify(&q.vq)
-        q.pending_used = 0
+    """Publish and signal; takes and drops q.lock itself."""
+    cdef int fd = -1
+    pthread_mutex_lock(&q.lock)
+    if q.active:
+        fd = rxq_publish(q)
+    pthread_mutex_unlock(&q.lock)
+    rxq_signal(q, fd)
 
 
 cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
@@ -401,9 +442,11 @@ cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint6
 
 
 cdef uint16_t rxq_detach(rxq_t *q) noexcept nogil:
+    """Stop delivering to q; when this returns nobody uses its ring or its call fd any more."""
     cdef uint16_t last
+    cdef int fd
     pthread_mutex_lock(&q.lock)
-    rxq_flush(q)
+    fd = rxq_publish(q)
     last = q.vq.last_avail
     q.active = False
     vq_free(&q.vq)
@@ -414,6 +457,11 @@ cdef uint16_t rxq_detach(rxq_t *q) noexcept nogil:
     q.heads = NULL
     q.lens = NULL
     pthread_mutex_unlock(&q.lock)
+    rxq_signal(q, fd)
+    # senders that published before we took the lock may still be signalling the call fd,
+    # which the protocol closes (and the number may be reused) once we return
+    while users_count(&q.signalling):
+        cpu_relax()
     return last
 
 
@@ -502,11 +550,7 @@ cdef void fwd_flush(fwd_t *fw) noexcept nogil:
     cdef int k
     cdef rxq_t *q
     for k in range(fw.ndirty):
-        q = fw.dirty[k]
-        pthread_mutex_lock(&q.lock)
-        if q.active:
-            rxq_flush(q)
-        pthread_mutex_unlock(&q.lock)
+        rxq_flush(fw.dirty[k])
     fw.ndirty = 0
 
 
@@ -515,7 +559,7 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
     sender's pair index modulo dst's pairs).  Never blocks on a full ring: drops and counts."""
     cdef rxq_t *q
     cdef iovec iov[MAX_SEGS + 1]
-    cdef int k, n
+    cdef int k, n, fd
     cdef ssize_t w
     cdef bint seen
     if dst.kind == PORT_TAP:
@@ -537,6 +581,7 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
         stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
         return
     q = &dst.rx[pair % dst.npairs]
+    fd = -1
     pthread_mutex_lock(&q.lock)
     if not q.active:
         q.stats[ST_RX_NO_ROOM] += 1
@@ -554,8 +599,9 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
                     fw.dirty[fw.ndirty] = q
                     fw.ndirty += 1
                 else:
-                    rxq_flush(q)
+                    fd = rxq_publish(q)
     pthread_mutex_unlock(&q.lock)
+    rxq_signal(q, fd)
 
 
 cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
@@ -707,11 +753,7 @@ cdef int tap_rx_pass(worker_t *w) noexcept nogil:
     if w.fwd.ndirty:
         fwd_flush(&w.fwd)
     if w.mode == 1:
-        q = &p.rx[w.pair]
-        pthread_mutex_lock(&q.lock)
-        if q.active:
-            rxq_flush(q)
-        pthread_mutex_unlock(&q.lock)
+        rxq_flush(&p.rx[w.pair])
     return n
 
 
@@ -857,13 +899,25 @@ cdef class Port:
 
     def set_features(self, *, int hdr_len, bint mrg_rxbuf, bint guest_csum, bint guest_tso4,
                      bint guest_tso6, bint guest_ufo, bint guest_ecn):
-        self.p.hdr_len = hdr_len
-        self.p.mrg_rxbuf = mrg_rxbuf
-        self.p.guest_csum = guest_csum
-        self.p.guest_tso4 = guest_tso4
-        self.p.guest_tso6 = guest_tso6
-        self.p.guest_ufo = guest_ufo
-        self.p.guest_ecn = guest_ecn
+        """The guest's negotiated rx settings.  Taken with every rx queue's lock held, so that
+        a sender delivering to this port sees either the old settings or the new ones for a
+        whole frame.  (The protocol also stops the port's queues before a feature change: a
+        worker of this port reads hdr_len for its own tx frames without a lock.)"""
+        cdef int k
+        if hdr_len != 10 and hdr_len != 12:
+            raise ValueError(f"virtio_net_hdr length {hdr_len}")
+        with nogil:
+            for k in range(MAX_PAIRS):
+                pthread_mutex_lock(&self.p.rx[k].lock)
+            self.p.hdr_len = hdr_len
+            self.p.mrg_rxbuf = mrg_rxbuf
+            self.p.guest_csum = guest_csum
+            self.p.guest_tso4 = guest_tso4
+            self.p.guest_tso6 = guest_tso6
+            self.p.guest_ufo = guest_ufo
+            self.p.guest_ecn = guest_ecn
+            for k in range(MAX_PAIRS - 1, -1, -1):
+                pthread_mutex_unlock(&self.p.rx[k].lock)
 
     def attach_rx(self, int pair, int num, uint64_t desc, uint64_t avail, uint64_t used,
                   int last_avail, bytes region_table, int call_fd, bint event_idx,
@@ -873,12 +927,15 @@ cdef class Port:
             raise ValueError("pair out of range")
         if self.p.rx[pair].active:
             raise RuntimeError(f"rx queue of pair {pair} already attached")
+        if not 0 <= last_avail <= 0xFFFF:
+            raise ValueError(f"rx queue base {last_avail} is not a 16-bit index")
         if rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx, indirect,
                       call_fd, <const mem_region_t *>t,
                       len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad rx queue (size {num})")
         if signal_call:
-            wk_signal(call_fd)
+            with nogil:              # a frontend's fd: never written with the GIL held
+                wk_signal(call_fd)
 
     def detach_rx(self, int pair):
         """Stop delivering to this rx queue; returns its last avail index."""

@@ -52,6 +52,12 @@ static inline int load_flag(const int *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
+/* A count of threads using something outside its lock (net: an rx queue's call fd being
+ * signalled after the queue lock was dropped); the owner waits for 0 before freeing it. */
+static inline void users_enter(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
+static inline void users_leave(int *p) { __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL); }
+static inline int users_count(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
 static inline uint64_t mono_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -181,6 +181,11 @@ class NetDevice(Device):
         # queue_counters
         self._lock = threading.RLock()
         self._done_stats: dict[str, int] = {}     # tx-side counters of stopped workers
+        # Pairs whose worker was abandoned (WorkerStuck): it may still read that pair's tx ring
+        # and, in tap mode, the pair's tap queue fd, so no worker is started on the pair again:
+        # in switch mode until the device is reset (the next connection brings new rings and
+        # fds), in tap mode never (the tap queue fd is the stuck worker's).
+        self._stuck_pairs: set[int] = set()
 
     # -- Device interface ------------------------------------------------------------------------
 
@@ -242,22 +247,47 @@ class NetDevice(Device):
         log.info("%s: frontend set MTU %d", self.name, mtu)
 
     def start_queue(self, index: int, queue: QueueHandle) -> None:
+        """All or nothing: when the pair's worker cannot be (re)started with this queue, the
+        queue is not recorded, its rx ring is not left attached to the port, and the pair runs
+        on as before; the error goes back to the protocol (a failure reply, queue stopped)."""
         with self._lock:
             if index in self._handles:
                 raise RuntimeError(f"queue {index} already running")
+            pair = index // 2
+            if pair in self._stuck_pairs:
+                raise RuntimeError(f"queue pair {pair} has a stuck worker"
+                                   + ("; restart the service" if self.tap is not None else ""))
             self._handles[index] = queue
+            try:
+                self._restart_pair(pair)
+            except BaseException:
+                self._handles.pop(index, None)
+                if index % 2 == 0 and self.port.rx_active(pair):
+                    self.port.detach_rx(pair)
+                try:
+                    self._restart_pair(pair)         # the pair's other queue runs on
+                except Exception:
+                    log.exception("%s: pair %d could not be restarted", self.name, pair)
+                raise
             self.queues.clear_broken(index)      # a new ring: the old one's state is gone
-            self._restart_pair(index // 2)
 
     def stop_queue(self, index: int) -> int:
         with self._lock:
             if index not in self._handles:
                 raise KeyError(index)
             pair = index // 2
-            self._stop_worker(pair)
+            stuck = None
+            try:
+                self._stop_worker(pair)
+            except WorkerStuck as e:
+                stuck = e
+                self._stuck_pairs.add(pair)
             h = self._handles.pop(index)
             if index % 2 == 0:
-                last = self.port.detach_rx(pair)
+                # detached even with a stuck worker: nothing is delivered into this ring any
+                # more, and a new connection's rx queue can be attached
+                last = self.port.detach_rx(pair) if self.port.rx_active(pair) else \
+                    h.last_avail_idx
                 # the rx virtqueue's own counters restart at the next attach; its frame
                 # counters live on in the Port
                 rc = self.port.rx_counters(pair)
@@ -265,6 +295,8 @@ class NetDevice(Device):
                                                errors=rc["faults"], broken=rc["broken"]))
             else:
                 last = h.last_avail_idx
+            if stuck is not None:
+                raise stuck                      # no new worker on a ring the stuck one owns
             self._restart_pair(pair)
             return last
 
@@ -274,8 +306,14 @@ class NetDevice(Device):
                 try:
                     self.stop_queue(index)
                 except WorkerStuck:
-                    self._handles.pop(index, None)      # logged; go on with the others
+                    pass                # logged; stop_queue cleaned up; go on with the others
             self.queues.clear_broken()
+            if self.tap is None:
+                self._stuck_pairs.clear()       # switch mode: the next rings are new ones
+
+    @property
+    def stuck(self) -> bool:
+        return bool(self._stuck_pairs) or self.queues.stuck
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -293,6 +331,8 @@ class NetDevice(Device):
             log.info("%s: pair %d tx faults: %s", self.name, pair, faults)
 
     def _restart_pair(self, pair: int) -> None:
+        if pair in self._stuck_pairs:
+            return                  # never a second worker on rings a stuck one may use
         self._stop_worker(pair)
         rx = self._handles.get(2 * pair)
         tx = self._handles.get(2 * pair + 1)
@@ -368,6 +408,15 @@ class NetDevice(Device):
             for k, v in w.stats().items():
                 out[k] += v
         return out
+
+
+def _close_tap(dev: NetDevice) -> None:
+    if dev.queues.stuck:
+        # an abandoned worker may still read and write these tap queue fds: a closed number
+        # could be reused by another tenant's fd
+        log.error("%s: leaving tap %s open for a stuck worker", dev.name, dev.tap.name)
+        return
+    dev.tap.close()
 
 
 class Uplink:
@@ -611,7 +660,7 @@ class NetType(DeviceType):
             except BaseException:
                 tap.close()
                 raise
-            dev._release = lambda d: d.tap.close()
+            dev._release = _close_tap
             return dev
         mac = parse_mac(spec.mac) if spec.mac else default_mac(f"{spec.switch}:{spec.socket}")
         sr = env.switch_for(spec.switch)

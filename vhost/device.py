@@ -138,6 +138,10 @@ class QueueWorkers:
         self._workers: dict[int, tuple[object, threading.Thread, int]] = {}
         self._stuck: list = []               # abandoned (worker, thread, queue): never freed
         self._lock = threading.Lock()
+        # one stop at a time: the control thread (disconnect) and the service (device removal)
+        # may stop the same worker; the second must find it gone, not retire its counters and
+        # close its fds a second time
+        self._stop_lock = threading.Lock()
         self._totals = CounterTotals(device.num_queues)
         self._log = logging.getLogger(f"pyvhost.{device.device_type}")
 
@@ -162,6 +166,10 @@ class QueueWorkers:
     def stop(self, key: int):
         """Stop `key`'s worker and wait for it (at most stop_timeout); its final counters go to
         the totals.  Returns the stopped worker (to read e.g. its last avail index)."""
+        with self._stop_lock:
+            return self._stop(key)
+
+    def _stop(self, key: int):
         with self._lock:
             entry = self._workers.get(key)
         if entry is None:

@@ -164,7 +164,10 @@ class Service:
             if counters is not None:
                 logging.getLogger(devices.get(rt.spec.type).logger).info(
                     "stats", extra=_fields(device=rt.spec.name, **counters))
-        dev.close()
+        try:
+            dev.close()
+        except Exception:                   # never abort the rest of a shutdown or reload
+            log.exception("%s: close failed", rt.spec.name)
         self.abandoned += getattr(dev, "abandoned", 0)
 
     # -- running -------------------------------------------------------------------------------
