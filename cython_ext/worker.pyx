@@ -63,9 +63,11 @@ cdef void wk_signal(int call_fd) noexcept nogil:
 
 
 cdef void wk_drain_eventfd(int fd) noexcept nogil:
-    cdef uint64_t v
+    """Consume a kick: one read empties an eventfd; a pipe (the protocol accepts both) may
+    hold many kicks' bytes, so read more than 8 at once (non-blocking: never waits)."""
+    cdef uint64_t v[32]
     if fd >= 0:
-        read(fd, &v, 8)
+        read(fd, v, sizeof(v))
 
 
 cdef void wk_stop(wk_t *rt) noexcept nogil:

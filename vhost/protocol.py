@@ -144,6 +144,21 @@ class Limits:
         return self.max_guest_memory or GUEST_MEMORY_FACTOR * host_memory()
 
 
+_ANON_INODE = None
+
+
+def _anon_inode() -> tuple[int, int]:
+    global _ANON_INODE
+    if _ANON_INODE is None:
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            _ANON_INODE = (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
+    return _ANON_INODE
+
+
 def check_event_fd(fd: int, write: bool) -> str:
     """A kick (read) or call/err (write) fd must be an eventfd or a pipe end open for that
     direction; it is made non-blocking, so that no signal or drain ever blocks a worker (or,
@@ -160,7 +175,8 @@ def check_event_fd(fd: int, write: bool) -> str:
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
-            target = ""
+            # no /proc: every anonymous-inode fd shares one inode; accept it if it is ours
+            target = "anon_inode:[eventfd]" if _anon_inode() == (st.st_dev, st.st_ino) else ""
         if target != "anon_inode:[eventfd]":
             what = ("a regular file" if stat.S_ISREG(st.st_mode) else
                     "a socket" if stat.S_ISSOCK(st.st_mode) else
