@@ -158,10 +158,12 @@ class QueueWorkers:
                 raise RuntimeError(f"{self._key_name} {key} already running")
             t = threading.Thread(target=worker.run, daemon=True,
                                  name=f"{self._thread_name}-{self._key_name[0]}{key}")
+            # all or nothing: a thread that cannot be created (the process is at its limit)
+            # leaves no entry behind, so nobody waits for or "stops" a worker that never ran
+            t.start()
             self._workers[key] = (worker, t, queue)
             if clear_broken:
                 self._totals.clear_broken(queue)
-            t.start()
 
     def stop(self, key: int):
         """Stop `key`'s worker and wait for it (at most stop_timeout); its final counters go to
