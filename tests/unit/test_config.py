@@ -98,6 +98,12 @@ BAD = [
      "[service]"),
     ("bad mode", lambda t: '[service]\nsocket-mode = "0066"\n', "socket-mode"),
     ("bad name", lambda t: _blk(t, "a b"), "name must be a string matching"),
+    ("guest memory limit", lambda t: '[service]\nmax-guest-memory = "lots"\n',
+     "[service]: max-guest-memory: bad size"),
+    ("tiny guest memory limit", lambda t: '[service]\nmax-guest-memory = 4096\n',
+     "max-guest-memory must be at least 1M"),
+    ("message fds limit", lambda t: '[service]\nmax-message-fds = 4\n',
+     "max-message-fds must be 8..1024, not 4"),
     ("rng period", lambda t: f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{t}/r.sock"\n'
      'period = 0\n', 'device "r": period must be positive, not 0'),
     ("not toml", lambda t: "[[device]\n", "not valid TOML"),
@@ -133,6 +139,12 @@ def test_good_config_round_trip(tmp):
     assert conf.device("p").queues == 2 and conf.device("p").mtu == 9000
     # specs compare by value: this is what a SIGHUP reload diffs
     assert cfg.load(path) == conf
+    # per-connection limits: defaults, and the keys
+    assert (conf.service.max_guest_memory, conf.service.max_message_fds) == (0, 32)
+    path2 = _write(tmp, '[service]\nmax-guest-memory = "64G"\nmax-message-fds = 16\n'
+                   + _blk(tmp))
+    svc = cfg.load(path2).service
+    assert (svc.max_guest_memory, svc.max_message_fds) == (64 << 30, 16)
 
 
 def test_check_and_serve_refuse_bad_files_with_one_line(tmp):
