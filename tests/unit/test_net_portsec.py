@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from cython_ext.net import MAC_NEIGHBOURHOOD, NetWorker, Port, Switch, mac_slot
+from cython_ext.net import (MAC_NEIGHBOURHOOD, MAC_TABLE_SLOTS, NetWorker, Port, Switch,
+                            mac_slot)
 from protocols import virtio_net as vn
 
 MAC_A = bytes.fromhex("020a00000001")
@@ -143,6 +144,11 @@ def test_a_capped_port_never_evicts_other_ports_entries():
     assert sw.lookup(extra[1]) == 2 and sw.lookup(hood[0]) == -1
     assert (a.mac_entries(), c.mac_entries()) == (MAC_NEIGHBOURHOOD - 1, 1)
     assert sw.stats()["mac_entries"] == a.mac_entries() + b.mac_entries() + c.mac_entries()
+
+
+def test_the_option_range_matches_the_table():
+    from devices.net import DEFAULT_MAC_LIMIT, MAC_TABLE_SIZE
+    assert MAC_TABLE_SLOTS == MAC_TABLE_SIZE and 0 < DEFAULT_MAC_LIMIT < MAC_TABLE_SIZE
 
 
 def test_locked_entries_are_never_evicted():
