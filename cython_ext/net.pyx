@@ -490,7 +490,8 @@ cdef int mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
     A port below its limit may take the oldest live learned entry of a full neighbourhood (the
     table is then crowded); a port at its limit never evicts anything, so it holds at most its
     limit.  Locked entries are never moved or evicted."""
-    cdef uint32_t h = mac_hash(mac), i
+    cdef uint32_t h = mac_hash(mac)
+    cdef int i
     cdef mac_entry_t *e
     cdef mac_entry_t *found = NULL
     cdef mac_entry_t *victim = NULL
@@ -557,7 +558,8 @@ cdef int mac_lock(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
     neighbourhood gives up its oldest learned entry).  Returns the port it is already locked
     to, -1 on success, or MAX_PORTS when the neighbourhood holds only locked entries.  Caller
     holds sw.lock."""
-    cdef uint32_t h = mac_hash(mac), i
+    cdef uint32_t h = mac_hash(mac)
+    cdef int i
     cdef mac_entry_t *e
     cdef mac_entry_t *victim = NULL
     cdef uint64_t t = now_ms()
@@ -952,7 +954,7 @@ cdef class Switch:
         pthread_mutex_init(&self.sw.lock, NULL)
         self.sw.ageing_ms = <uint64_t>(ageing_seconds * 1000)
         # reclaiming more often than entries can age would free nothing more
-        self.sw.reclaim_every_ms = min(<uint64_t>RECLAIM_MS, max(self.sw.ageing_ms, 1))
+        self.sw.reclaim_every_ms = min(<uint64_t>RECLAIM_MS, max(self.sw.ageing_ms, <uint64_t>1))
         self.name = name
 
     def __dealloc__(self):
