@@ -353,8 +353,9 @@ class NetDevice(Device):
         corrupt avail ring; kicks = rx kicks consumed (tap mode, only while a frame waits for
         buffers; the switch never waits for them: 0); notifications = interrupts for rx.
         tx: requests = frames taken from the guest; bytes_read = their bytes; dropped = tx
-        frames not sent (bad chains, too short to switch, tap write failures); errors = bad tx
-        chains, plus 1 per corrupt avail ring; kicks / notifications of the tx queue.
+        frames not sent (bad chains, too short to switch, a source MAC the switch port may not
+        use, tap write failures); errors = bad tx chains, plus 1 per corrupt avail ring;
+        kicks / notifications of the tx queue.
         inflight is always 0 (a frame is handled synchronously).  broken: as for every device
         (kept while the queue is stopped, cleared when it starts again or at reset)."""
         with self._lock:
