@@ -4,8 +4,9 @@
 Owns: tx (pop a chain, check it, writev the virtio_net_hdr + frame straight from guest memory to a
 tap, or copy it once into the destination guest's rx buffers through the switch), rx (a frame
 read from a tap, or handed over by the switch, copied into guest rx buffers, honouring
-MRG_RXBUF / num_buffers), the switch's MAC table (learning, ageing, flooding, no hairpin), the
-per-port counters, and offload compatibility between ports (GSO only to ports that accept it;
+MRG_RXBUF / num_buffers), the switch's MAC table (learning, ageing, flooding, no hairpin; port
+security: ports locked to their MAC, a cap on each port's learned entries), the per-port
+counters, and offload compatibility between ports (GSO only to ports that accept it;
 NEEDS_CSUM resolved in software for ports without GUEST_CSUM).
 Must not: create Python objects per packet (Python is entered only to log a fault,
 rate-limited), block anywhere but poll(2), or touch memory outside the region tables (all guest
@@ -50,6 +51,13 @@ cdef enum:
     MAX_PAIRS = 16
     MAC_TABLE_SIZE = 4096          # power of two; open addressing
     MAC_PROBE = 16
+    # A port at its mac_limit may free aged entries (mac_reclaim: a scan of the whole table)
+    # at most once per RECLAIM_MS per switch, so a flood of random source MACs costs a table
+    # scan per second, not per frame.
+    RECLAIM_MS = 1000
+    LEARN_OK = 0
+    LEARN_REFUSED = 1              # the port holds its limit: not learned, frame forwarded
+    LEARN_CONFLICT = 2             # the MAC is locked to another port: a spoofed source
     HDR_MAX = 12
     HDR_BASE = 10                  # flags .. csum_offset, common to both header sizes
     # 64 KiB of IP payload + Ethernet/VLAN header: the largest GSO frame (virtio_net.py)
@@ -83,11 +91,14 @@ cdef enum:
     ST_RX_TOO_SMALL = 7    # dropped: rx buffer too small (no MRG_RXBUF)
     ST_RX_FAULT = 8        # dropped: bad rx chain
     ST_HAIRPIN = 9         # frames whose learned destination is their source port
-    NUM_STATS = 10
+    ST_TX_SRC_MAC = 10     # dropped (also in ST_TX_DROPPED): source MAC not allowed on the port
+    ST_LEARN_REFUSED = 11  # source MACs not learned: the port holds its mac_limit of entries
+    NUM_STATS = 12
 
 STAT_NAMES = ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes",
               "rx_dropped_no_room", "rx_dropped_offload", "rx_dropped_too_small",
-              "rx_dropped_fault", "hairpin_filtered")
+              "rx_dropped_fault", "hairpin_filtered", "tx_dropped_src_mac",
+              "mac_learn_refused")
 
 ctypedef struct rxq_t:
     pthread_mutex_t lock
@@ -115,11 +126,18 @@ ctypedef struct port_t:
     int tap_fd                      # PORT_TAP: fd frames to this port are written to
     rxq_t rx[MAX_PAIRS]
     uint64_t stats[NUM_STATS]
+    # port security (switch ports; Port.set_mac, before the port's workers start)
+    bint mac_locked                 # only `mac` may be a source; it is a locked table entry
+    uint8_t mac[6]
+    uint32_t mac_limit              # learned entries the port may hold; 0: no limit
+    uint32_t mac_count              # learned entries it holds (aged ones too until
+                                    # reclaimed); under the switch's lock
 
 ctypedef struct mac_entry_t:
     uint8_t mac[6]
     int16_t port
     uint8_t used
+    uint8_t locked                 # a locked port's MAC: never ages, never moves, never evicted
     uint64_t seen_ms
 
 ctypedef struct switch_t:
@@ -131,6 +149,9 @@ ctypedef struct switch_t:
     uint64_t unicast
     uint64_t learned
     int nports                     # highest port index in use + 1 (bounds the flood scan)
+    uint64_t reclaim_ms            # when aged entries were last reclaimed (mac_reclaim)
+    uint64_t reclaim_every_ms      # at most once per this (RECLAIM_MS, or the ageing if shorter)
+    uint64_t reclaims
 
 
 
@@ -146,6 +167,7 @@ ctypedef struct fwd_t:
     rxq_t *dirty[MAX_DIRTY]
     int ndirty
     uint8_t learned_mac[6]
+    int learned_verdict            # mac_learn's answer for learned_mac (LEARN_*)
     uint64_t learned_ms
     uint8_t lookup_mac[6]
     int lookup_port
@@ -475,35 +497,158 @@ cdef inline uint32_t mac_hash(const uint8_t *mac) noexcept nogil:
     return h & (MAC_TABLE_SIZE - 1)
 
 
-cdef void mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
-    cdef uint32_t h = mac_hash(mac), i
+cdef inline void mac_unown(switch_t *sw, mac_entry_t *e) noexcept nogil:
+    """e (used, not locked) stops counting against its port's limit (caller holds sw.lock)."""
+    cdef port_t *o
+    if e.port >= 0 and e.port < MAX_PORTS:
+        o = sw.ports[e.port]
+        if o != NULL and o.mac_count > 0:
+            o.mac_count -= 1
+
+
+cdef void mac_reclaim(switch_t *sw, uint64_t t) noexcept nogil:
+    """Free every aged learned entry (ageing is otherwise lazy: an aged entry keeps its slot
+    until a learn reuses it).  Caller holds sw.lock and rate-limits (RECLAIM_MS)."""
+    cdef int i
     cdef mac_entry_t *e
+    for i in range(MAC_TABLE_SIZE):
+        e = &sw.table[i]
+        if e.used and not e.locked and t - e.seen_ms > sw.ageing_ms:
+            mac_unown(sw, e)
+            e.used = 0
+    sw.reclaim_ms = t
+    sw.reclaims += 1
+
+
+cdef inline bint mac_room(switch_t *sw, port_t *me, uint64_t t) noexcept nogil:
+    """May port `me` hold one more learned entry?  At its limit, its aged entries are
+    reclaimed first, at most once per reclaim_every_ms (caller holds sw.lock)."""
+    if me.mac_limit == 0 or me.mac_count < me.mac_limit:
+        return True
+    if t - sw.reclaim_ms < sw.reclaim_every_ms:
+        return False
+    mac_reclaim(sw, t)
+    return me.mac_count < me.mac_limit
+
+
+cdef int mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
+    """Learn (or refresh) `mac` on `port`.  LEARN_OK; LEARN_REFUSED: the port holds its
+    mac_limit of entries (or the MAC's neighbourhood is all locked entries), the frame is still
+    forwarded (flooded to it when unknown); LEARN_CONFLICT: `mac` is locked to another port.
+    A port below its limit may take the oldest live learned entry of a full neighbourhood (the
+    table is then crowded); a port at its limit never evicts anything, so it holds at most its
+    limit.  Locked entries are never moved or evicted."""
+    cdef uint32_t h = mac_hash(mac)
+    cdef int i
+    cdef mac_entry_t *e
+    cdef mac_entry_t *found = NULL
     cdef mac_entry_t *victim = NULL
+    cdef port_t *me
     cdef uint64_t t = now_ms()
+    cdef int r = LEARN_OK
     if mac[0] & 1:
-        return                                # never learn a group address
+        return LEARN_OK                       # never learn a group address
     pthread_mutex_lock(&sw.lock)
+    me = sw.ports[port]
+    if me == NULL:
+        pthread_mutex_unlock(&sw.lock)
+        return LEARN_OK
     for i in range(MAC_PROBE):
         e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
         if e.used and memcmp(e.mac, mac, 6) == 0:
-            e.port = port
-            e.seen_ms = t
-            pthread_mutex_unlock(&sw.lock)
-            return
-        if victim == NULL and (not e.used or t - e.seen_ms > sw.ageing_ms):
+            found = e
+            break
+        if victim == NULL and (not e.used or (not e.locked and t - e.seen_ms > sw.ageing_ms)):
             victim = e
-    if victim == NULL:                        # full neighbourhood: replace the oldest
-        victim = &sw.table[h]
-        for i in range(MAC_PROBE):
+    if found != NULL:
+        if found.locked:
+            r = LEARN_OK if found.port == port else LEARN_CONFLICT
+        elif found.port == port:
+            found.seen_ms = t
+        elif mac_room(sw, me, t):             # the station moved to this port
+            mac_unown(sw, found)
+            found.port = port
+            found.seen_ms = t
+            me.mac_count += 1
+        else:
+            r = LEARN_REFUSED
+        pthread_mutex_unlock(&sw.lock)
+        return r
+    if not mac_room(sw, me, t):
+        pthread_mutex_unlock(&sw.lock)
+        return LEARN_REFUSED
+    if victim == NULL:                        # full neighbourhood: a slot freed by a reclaim,
+        for i in range(MAC_PROBE):            # else the oldest learned entry
             e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
-            if e.seen_ms < victim.seen_ms:
+            if not e.used:
                 victim = e
+                break
+            if not e.locked and (victim == NULL or e.seen_ms < victim.seen_ms):
+                victim = e
+        if victim == NULL:
+            pthread_mutex_unlock(&sw.lock)
+            return LEARN_REFUSED
+    if victim.used:
+        mac_unown(sw, victim)
     memcpy(victim.mac, mac, 6)
     victim.port = port
     victim.used = 1
+    victim.locked = 0
     victim.seen_ms = t
+    me.mac_count += 1
     sw.learned += 1
     pthread_mutex_unlock(&sw.lock)
+    return LEARN_OK
+
+
+cdef int mac_lock(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
+    """Make `mac` a locked entry of `port` (taken from whoever learned it; a full
+    neighbourhood gives up its oldest learned entry).  Returns the port it is already locked
+    to, -1 on success, or MAX_PORTS when the neighbourhood holds only locked entries.  Caller
+    holds sw.lock."""
+    cdef uint32_t h = mac_hash(mac)
+    cdef int i
+    cdef mac_entry_t *e
+    cdef mac_entry_t *victim = NULL
+    cdef uint64_t t = now_ms()
+    for i in range(MAC_PROBE):
+        e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+        if e.used and memcmp(e.mac, mac, 6) == 0:
+            if e.locked:
+                return -1 if e.port == port else e.port
+            victim = e
+            break
+    if victim == NULL:
+        for i in range(MAC_PROBE):
+            e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+            if not e.used:
+                victim = e
+                break
+            if not e.locked and (victim == NULL or e.seen_ms < victim.seen_ms):
+                victim = e
+        if victim == NULL:
+            return MAX_PORTS
+    if victim.used:
+        mac_unown(sw, victim)
+    memcpy(victim.mac, mac, 6)
+    victim.port = port
+    victim.used = 1
+    victim.locked = 1
+    victim.seen_ms = t
+    return -1
+
+
+cdef void mac_forget_port(switch_t *sw, int port) noexcept nogil:
+    """Drop every entry of `port`, locked ones included (caller holds sw.lock)."""
+    cdef int i
+    cdef mac_entry_t *e
+    for i in range(MAC_TABLE_SIZE):
+        e = &sw.table[i]
+        if e.used and e.port == port:
+            e.used = 0
+            e.locked = 0
+    if sw.ports[port] != NULL:
+        sw.ports[port].mac_count = 0
 
 
 cdef int mac_lookup(switch_t *sw, const uint8_t *mac) noexcept nogil:
@@ -520,7 +665,7 @@ cdef int mac_lookup(switch_t *sw, const uint8_t *mac) noexcept nogil:
     for i in range(MAC_PROBE):
         e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
         if e.used and memcmp(e.mac, mac, 6) == 0:
-            if t - e.seen_ms <= sw.ageing_ms:
+            if e.locked or t - e.seen_ms <= sw.ageing_ms:
                 port = e.port
             break
     pthread_mutex_unlock(&sw.lock)
@@ -620,10 +765,24 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
         fw.stats[ST_TX_DROPPED] += 1
         return
     t = fw.now_ms
-    if t - fw.learned_ms >= MAC_CACHE_MS or memcmp(fw.learned_mac, smac, 6) != 0:
-        mac_learn(sw, smac, src)
-        memcpy(fw.learned_mac, smac, 6)
-        fw.learned_ms = t
+    p = sw.ports[src]
+    if p.mac_locked:
+        # port security: only the port's own MAC, which is a locked entry (nothing to learn)
+        if memcmp(smac, p.mac, 6) != 0:
+            fw.stats[ST_TX_DROPPED] += 1
+            fw.stats[ST_TX_SRC_MAC] += 1
+            return
+    else:
+        if t - fw.learned_ms >= MAC_CACHE_MS or memcmp(fw.learned_mac, smac, 6) != 0:
+            fw.learned_verdict = mac_learn(sw, smac, src)
+            memcpy(fw.learned_mac, smac, 6)
+            fw.learned_ms = t
+            if fw.learned_verdict == LEARN_REFUSED:
+                fw.stats[ST_LEARN_REFUSED] += 1
+        if fw.learned_verdict == LEARN_CONFLICT:      # another port's locked MAC
+            fw.stats[ST_TX_DROPPED] += 1
+            fw.stats[ST_TX_SRC_MAC] += 1
+            return
     if fw.lookup_port >= 0 and t - fw.lookup_ms < MAC_CACHE_MS \
             and memcmp(fw.lookup_mac, dmac, 6) == 0:
         dst = fw.lookup_port
@@ -836,6 +995,8 @@ cdef class Switch:
             raise MemoryError()
         pthread_mutex_init(&self.sw.lock, NULL)
         self.sw.ageing_ms = <uint64_t>(ageing_seconds * 1000)
+        # reclaiming more often than entries can age would free nothing more
+        self.sw.reclaim_every_ms = min(<uint64_t>RECLAIM_MS, max(self.sw.ageing_ms, <uint64_t>1))
         self.name = name
 
     def __dealloc__(self):
@@ -844,7 +1005,55 @@ cdef class Switch:
             free(self.sw)
 
     def stats(self):
-        return dict(flooded=self.sw.flooded, unicast=self.sw.unicast, learned=self.sw.learned)
+        """Counters (flooded / unicast frames, MACs learned, reclaims: scans that freed aged
+        entries) and the table now: mac_entries = learned entries (aged ones included until
+        reclaimed or reused), mac_locked = locked entries."""
+        cdef int i, n = 0, nl = 0
+        with nogil:
+            pthread_mutex_lock(&self.sw.lock)
+            for i in range(MAC_TABLE_SIZE):
+                if self.sw.table[i].used:
+                    if self.sw.table[i].locked:
+                        nl += 1
+                    else:
+                        n += 1
+            pthread_mutex_unlock(&self.sw.lock)
+        return dict(flooded=self.sw.flooded, unicast=self.sw.unicast, learned=self.sw.learned,
+                    reclaims=self.sw.reclaims, mac_entries=n, mac_locked=nl)
+
+    def learn(self, bytes mac, int port):
+        """Learn `mac` on port index `port` as a frame from it would: "ok", "refused" (the
+        port holds its mac limit) or "conflict" (the MAC is locked to another port)."""
+        cdef const unsigned char *m = _mac6(mac)
+        cdef int r
+        if port < 0 or port >= MAX_PORTS or self.sw.ports[port] == NULL:
+            raise ValueError(f"no port {port}")
+        with nogil:
+            r = mac_learn(self.sw, m, port)
+        return ("ok", "refused", "conflict")[r]
+
+    def lookup(self, bytes mac):
+        """The port index a frame to `mac` goes to, or -1 (flooded)."""
+        cdef const unsigned char *m = _mac6(mac)
+        cdef int r
+        with nogil:
+            r = mac_lookup(self.sw, m)
+        return r
+
+
+def mac_slot(bytes mac):
+    """The MAC table slot where `mac`'s neighbourhood (MAC_PROBE slots) starts."""
+    return mac_hash(_mac6(mac))
+
+
+cdef const unsigned char *_mac6(bytes mac) except NULL:
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    return mac
+
+
+MAC_TABLE_SLOTS = MAC_TABLE_SIZE
+MAC_NEIGHBOURHOOD = MAC_PROBE
 
 
 cdef class Port:
@@ -880,16 +1089,75 @@ cdef class Port:
                 switch.sw.nports = index + 1
 
     def detach(self):
-        """Leave the switch (port shutdown)."""
+        """Leave the switch (port shutdown); its MAC table entries, locked ones included, go
+        with it."""
         if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
             pthread_mutex_lock(&self.switch.sw.lock)
             self.p.used = False
+            mac_forget_port(self.switch.sw, self.index)
             pthread_mutex_unlock(&self.switch.sw.lock)
+
+    def set_mac(self, mac, *, bint lock=False, int limit=0):
+        """Port security, set before the port's workers start.  `lock` (needs `mac`, 6 bytes):
+        frames from this port must carry `mac` as their source (others are dropped and counted
+        in tx_dropped_src_mac and tx_dropped), and `mac` becomes a locked entry of the switch's
+        table: never aged, never learned by another port (whose frames with it are dropped the
+        same way), gone when the port detaches.  `limit`: learned entries this port may hold
+        (0: no limit); beyond it source MACs are not learned (counted in mac_learn_refused).
+        ValueError when `mac` is locked to another port or its table neighbourhood is all
+        locked entries."""
+        cdef const unsigned char *m = NULL
+        cdef int r = -1, k
+        cdef mac_entry_t *e
+        if limit < 0:
+            raise ValueError("the MAC limit must be >= 0")
+        if mac is not None:
+            mac = bytes(mac)
+            m = _mac6(mac)
+            if m[0] & 1:
+                raise ValueError("a group MAC cannot be a port's MAC")
+        if lock and m == NULL:
+            raise ValueError("locking a port needs its MAC")
+        if lock and self.switch is None:
+            raise ValueError("only a switch port can be locked to its MAC")
+        if self.switch is None:
+            self.p.mac_limit = limit
+            if m != NULL:
+                memcpy(self.p.mac, m, 6)
+            return
+        pthread_mutex_lock(&self.switch.sw.lock)
+        if self.p.mac_locked:                  # drop the old locked entry
+            for k in range(MAC_TABLE_SIZE):
+                e = &self.switch.sw.table[k]
+                if e.used and e.locked and e.port == self.index:
+                    e.used = 0
+                    e.locked = 0
+            self.p.mac_locked = False
+        if lock:
+            r = mac_lock(self.switch.sw, m, self.index)
+        if r == -1:
+            if m != NULL:
+                memcpy(self.p.mac, m, 6)
+            self.p.mac_locked = lock
+            self.p.mac_limit = limit
+        pthread_mutex_unlock(&self.switch.sw.lock)
+        if r == MAX_PORTS:
+            raise ValueError(f"no room for a locked MAC {bytes(mac).hex(':')} in the MAC "
+                             f"table (its slots all hold locked MACs)")
+        if r >= 0:
+            raise ValueError(f"MAC {bytes(mac).hex(':')} is already locked to switch port {r}")
+
+    def mac_entries(self):
+        """Learned MAC table entries this port holds (aged ones until reclaimed or reused)."""
+        return self.p.mac_count
 
     def __dealloc__(self):
         cdef int k
         if self.p != NULL:
             if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
+                pthread_mutex_lock(&self.switch.sw.lock)
+                mac_forget_port(self.switch.sw, self.index)
+                pthread_mutex_unlock(&self.switch.sw.lock)
                 self.switch.sw.ports[self.index] = NULL
             for k in range(MAX_PAIRS):
                 if self.p.rx[k].active:
@@ -960,7 +1228,9 @@ cdef class Port:
         for j in range(MAX_PAIRS):
             for k in range(NUM_STATS):
                 out[k] += self.p.rx[j].stats[k]
-        return {STAT_NAMES[k]: out[k] for k in range(NUM_STATS)}
+        d = {STAT_NAMES[k]: out[k] for k in range(NUM_STATS)}
+        d["mac_entries"] = self.p.mac_count      # a gauge: learned entries held now
+        return d
 
     def rx_counters(self, int pair):
         """One rx queue's counters: its STAT_NAMES counters (kept for the Port's lifetime:

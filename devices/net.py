@@ -43,6 +43,13 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFMTU = 0x8913, 0x8914, 0x8922
 IFF_UP = 0x1
 MAX_PAIRS = 16                  # cython_ext/net.pyx MAX_PAIRS
 MAX_SWITCH_PORTS = 64           # cython_ext/net.pyx MAX_PORTS (uplink included)
+MAC_TABLE_SIZE = 4096           # cython_ext/net.pyx MAC_TABLE_SIZE (one table per switch)
+# Learned MACs one switch port may hold at once.  A guest normally sends from one MAC; one that
+# bridges containers or nested guests, from a few dozen.  256 leaves those ample room, while a
+# port flooding random source MACs fills at most 1/16 of the table, so the 16-slot
+# neighbourhoods of the other stations keep free slots and nobody else's entry is pushed out.
+# 0 means no limit, as for a Linux bridge port's max_learned.
+DEFAULT_MAC_LIMIT = 256
 # Port counters that are frames the backend could not deliver into a guest's rx queue.
 RX_DROP_STATS = ("rx_dropped_no_room", "rx_dropped_offload", "rx_dropped_too_small",
                  "rx_dropped_fault")
@@ -386,8 +393,9 @@ class NetDevice(Device):
         corrupt avail ring; kicks = rx kicks consumed (tap mode, only while a frame waits for
         buffers; the switch never waits for them: 0); notifications = interrupts for rx.
         tx: requests = frames taken from the guest; bytes_read = their bytes; dropped = tx
-        frames not sent (bad chains, too short to switch, tap write failures); errors = bad tx
-        chains, plus 1 per corrupt avail ring; kicks / notifications of the tx queue.
+        frames not sent (bad chains, too short to switch, a source MAC the switch port may not
+        use, tap write failures); errors = bad tx chains, plus 1 per corrupt avail ring;
+        kicks / notifications of the tx queue.
         inflight is always 0 (a frame is handled synchronously).  broken: as for every device
         (kept while the queue is stopped, cleared when it starts again or at reset)."""
         with self._lock:
@@ -489,6 +497,12 @@ OPTIONS = (
            help="join the sockets by an in-process learning L2 switch"),
     Option("mac", "str", check=lambda v: parse_mac(v), metavar="MAC",
            help="MAC offered to the guest (config space)"),
+    Option("mac-lock", "bool", None,
+           help="switch port security: drop frames whose source is not the port's --mac "
+                "(a locked entry of the MAC table); default: on when --mac is given"),
+    Option("mac-limit", "int", DEFAULT_MAC_LIMIT, range=(0, MAC_TABLE_SIZE), metavar="N",
+           help=f"MAC addresses a switch port may have learned at once (0: no limit; "
+                f"default {DEFAULT_MAC_LIMIT})"),
     Option("queues", "int", 1, range=(1, MAX_PAIRS), metavar="N", help="queue pairs"),
     MTU,
     Option("queue-size", "int", 1024, pow2=True, metavar="N"),
@@ -503,6 +517,12 @@ SWITCH_OPTIONS = (
     MAC_AGEING,
     MTU,
 )
+
+
+def mac_locked(spec) -> bool:
+    """Whether a switch port is locked to its MAC: `mac-lock`, by default on when the port
+    has a configured `mac`."""
+    return bool(spec.mac) if spec.mac_lock is None else bool(spec.mac_lock)
 
 
 @dataclass
@@ -605,6 +625,12 @@ class NetType(DeviceType):
     def check(self, spec, names, check_files):
         if (spec.tap is None) == (spec.switch is None):
             raise ValueError(f"exactly one of {names('tap')} and {names('switch')} is required")
+        if spec.mac_lock and spec.switch is None:
+            raise ValueError(f"{names('mac-lock')} is for switch ports (a tap device's frames "
+                             f"do not pass the switch)")
+        if spec.mac_lock and not spec.mac:
+            raise ValueError(f"{names('mac-lock')} needs {names('mac')}, the address the port "
+                             f"is locked to")
 
     def check_all(self, specs, tables, names):
         switches = dict(tables.get("switch", {}))
@@ -617,6 +643,15 @@ class NetType(DeviceType):
                 taps[spec.tap] = f"device \"{spec.name}\""
             elif spec.switch not in switches:
                 switches[spec.switch] = self.table_class("switch")(name=spec.switch)
+        locked = {}
+        for spec in specs:
+            if spec.switch and mac_locked(spec):
+                key = (spec.switch, parse_mac(spec.mac))
+                if key in locked:
+                    raise ValueError(f"device \"{spec.name}\": MAC {spec.mac} is already "
+                                     f"locked to device \"{locked[key]}\" on switch "
+                                     f"\"{spec.switch}\"")
+                locked[key] = spec.name
         for sw in switches.values():
             ports = sum(1 for d in specs if d.switch == sw.name) + (1 if sw.tap else 0)
             if ports > MAX_SWITCH_PORTS:
@@ -667,6 +702,12 @@ class NetType(DeviceType):
         index = sr.free_index()
         dev = NetDevice(pairs=spec.queues, mac=mac, mtu=spec.mtu, switch=sr.switch,
                         port_index=index, max_queue_size=spec.queue_size, name=spec.name)
+        try:
+            dev.port.set_mac(mac, lock=mac_locked(spec), limit=spec.mac_limit)
+        except ValueError:          # e.g. the MAC is still locked to a port being replaced
+            dev.port.detach()
+            sr.retired.append(dev.port)      # may already be in a flood scan: kept allocated
+            raise
         sr.ports[spec.name] = index
 
         def release(d, sr=sr, name=spec.name):
@@ -678,6 +719,8 @@ class NetType(DeviceType):
 
     def describe(self, spec):
         what = f"tap {spec.tap}" if spec.tap else f"switch {spec.switch}"
+        if spec.switch and mac_locked(spec):
+            what += f" locked to {spec.mac}"
         return f"net {what} ({spec.queues} pair{'s' if spec.queues > 1 else ''})"
 
 

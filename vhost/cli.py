@@ -57,7 +57,10 @@ def device_parser(dtype: DeviceType) -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
     for o in dtype.cli_options():
-        if o.kind == "bool":
+        if o.kind == "bool" and o.default is None:      # tri-state: --NAME / --no-NAME
+            p.add_argument(f"--{o.name}", action=argparse.BooleanOptionalAction,
+                           default=None, help=o.help)
+        elif o.kind == "bool":
             p.add_argument(f"--{o.name}", action="store_true", default=bool(o.default),
                            help=o.help)
         else:

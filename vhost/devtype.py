@@ -62,6 +62,8 @@ class Option:
     attribute `NAME_with_underscores` of the spec."""
     name: str
     kind: str = "str"                 # str | int | float | bool | size
+    # None: unset (the device decides); a bool defaulting to None is tri-state: --NAME and
+    # --no-NAME on the command line, true / false / absent in a file
     default: Any = None
     help: str = ""
     range: tuple | None = None        # inclusive (lo, hi)
