@@ -95,10 +95,14 @@ class Serve:
         return [f for f in out if msg is None or f.get("msg", "").startswith(msg)]
 
     def signal(self, signum):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._terminated = True
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = TIMEOUT) -> int:
-        if self.proc.poll() is None:
+        # One SIGTERM, as systemd sends: a second one that arrives after the service removed
+        # its handlers on the way out would kill it (exit status -15) instead of letting it end
+        if self.proc.poll() is None and not getattr(self, "_terminated", False):
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
