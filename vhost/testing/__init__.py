@@ -16,6 +16,10 @@ without a VM):
 * `net`         -- `NetFrontend`, the net driver, virtio_net_hdr helpers, frame builders and
                    checksums.
 * `hostile`     -- builders of chains no well-behaved driver lays out (loops, bad INDIRECT).
+* `raw`         -- RawFrontend, a frontend that negotiates and then sends any message with any
+                   fds (acks read back, bytes trickled with fds on each), and the fds and
+                   payloads hostile tests hand a backend (sparse memfds, saturated eventfds,
+                   fds of the wrong kind, memory tables).
 
 Shared test and benchmark harnesses:
 
@@ -27,6 +31,9 @@ Shared test and benchmark harnesses:
 * `guest`       -- a Linux guest under QEMU TCG with a busybox initramfs.
 * `dpdk`        -- DPDK testpmd (net_vhost backend, net_virtio_user frontend).
 * `serve`       -- `pyvhost serve` as systemd runs it (notify listener, socket activation).
+* `healthy`     -- `pyvhost serve` with healthy blk and net tenants next to the devices a
+                   hostile frontend attacks, the bounded healthy loads (stall and op counts),
+                   probes and /proc readings of the service.
 
 Rules (checked by tests/unit/test_layout.py): nothing here imports `tests`, `devices`,
 `vhost.server`, `vhost.service` or `vhost.config` -- this is a frontend: it speaks the wire

@@ -227,6 +227,40 @@ class VhostUserFrontend:
         else:
             self.send_message(request, payload, fds)
 
+    def ack(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> int:
+        """Send a request without a reply of its own with NEED_REPLY and return the backend's
+        ack value (0: success, anything else: failure) instead of raising on a failure, for
+        tests that expect a refusal.  Needs REPLY_ACK negotiated; a disconnect raises
+        VhostUserError, no ack within the timeout TimeoutError."""
+        if not self.protocol_features & ProtocolFeature.REPLY_ACK:
+            raise FrontendError(f"{request_name(request)}: REPLY_ACK was not negotiated")
+        self.send_message(request, payload, fds, VERSION | FLAG_NEED_REPLY)
+        reply = self.recv_reply(request)
+        if len(reply) != 8:
+            raise VhostUserError(f"ack of {request_name(request)}: payload of {len(reply)} "
+                                 f"bytes, expected a u64")
+        return int.from_bytes(reply, "little")
+
+    def replace_call_fd(self, queue: int, fd: int) -> int:
+        """Hand the backend `fd` (an eventfd this frontend now owns) as the call fd of `queue`
+        (SET_VRING_CALL with NEED_REPLY) and wait on it from now on; the previous call fd is
+        closed.  Returns the ack value (0: accepted); on a refusal the old fd stays in use and
+        `fd` is closed."""
+        vq = self.queues[queue]
+        try:
+            status = self.ack(FrontendReq.SET_VRING_CALL, u64(queue), [fd])
+        except BaseException:
+            os.close(fd)
+            raise
+        if status != 0:
+            os.close(fd)
+            return status
+        old = vq.call_fd
+        vq.call_fd = fd
+        self._eventfds[self._eventfds.index(old)] = fd
+        os.close(old)
+        return status
+
     # -- setup sequence --
 
     def connect(self):

@@ -686,6 +686,25 @@ class NetFrontend(VhostUserFrontend):
             out += got
         return out
 
+    def recycle_rx(self, pair: int | None = None, collect: list | None = None) -> int:
+        """Take every used rx buffer back and post it again *without* parsing it (no header,
+        no num_buffers): for tests that change the negotiated header layout under the
+        frontend (SET_FEATURES by hand), where the frames are not readable as this frontend
+        set them up.  With `collect`, the bytes each used buffer holds (its used length) are
+        appended to it, in used-ring order.  Returns the number of used entries taken back."""
+        self._need_started()
+        n = 0
+        for rq in self._rx_queues(pair):
+            n += self._reap_rx(rq)
+            while rq.pending:
+                cid, ulen = rq.pending.popleft()
+                if collect is not None:
+                    collect.append(self._read_chain(rq.chains[cid], ulen))
+                rq.idle.append(cid)
+            if rq.idle:
+                self._post_rx(rq)
+        return n
+
     def rx_posted(self, pair: int = 0) -> int:
         """Rx chains of `pair` currently posted (owned by the backend)."""
         return len(self._rx[pair].posted)

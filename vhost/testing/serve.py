@@ -2,7 +2,8 @@
 
 Owns: `Serve` (the program started with `python -m vhost.service serve --config FILE`, in a
 network namespace or behind an argv prefix if asked, its log and its sd_notify listener),
-`NotifyListener` (the service manager's end of sd_notify: a datagram socket at NOTIFY_SOCKET),
+`NotifyListener` (the service manager's end of sd_notify: a datagram socket at NOTIFY_SOCKET,
+read on demand or drained by a thread),
 `LAUNCH` (a tiny launcher that passes test-held sockets as LISTEN_FDS, the way socket
 activation does), `blk_dev` (one [[device]] block entry of a config file), and the metrics
 helpers (`metrics_url` from the log, `scrape` from inside a namespace or not, `metric` to pick
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,6 +40,36 @@ class NotifyListener:
         self.sock.bind(self.path)
         os.chmod(self.path, 0o777)      # as systemd's /run/systemd/notify: any service user
         self.messages: list[dict] = []
+        self._drain_stop: threading.Event | None = None
+        self._drainer: threading.Thread | None = None
+
+    @staticmethod
+    def _parse(data: bytes) -> dict:
+        return dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+
+    def start_draining(self) -> None:
+        """Read every notification from now on in a thread, as a service manager does, and
+        keep them in `messages` (wait_for must not be used meanwhile).  Needed by a test that
+        makes the service notify often (a STATUS= per frontend connect/disconnect): a listener
+        nobody reads fills up after net.unix.max_dgram_qlen (10) datagrams, and the service's
+        next sd_notify then waits for its send timeout on its event loop."""
+        if self._drainer is not None:
+            return
+        self._drain_stop = threading.Event()
+        self.sock.settimeout(0.1)
+
+        def drain():
+            while not self._drain_stop.is_set():
+                try:
+                    data = self.sock.recv(4096)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                self.messages.append(self._parse(data))
+
+        self._drainer = threading.Thread(target=drain, name="notify-drain", daemon=True)
+        self._drainer.start()
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = TIMEOUT) -> dict:
         """The first message (received from now on, or already queued) with `key` set."""
@@ -55,10 +87,13 @@ class NotifyListener:
                 data = self.sock.recv(4096)
             except socket.timeout:
                 continue
-            self.messages.append(dict(line.split("=", 1) for line in
-                                      data.decode().splitlines() if "=" in line))
+            self.messages.append(self._parse(data))
 
     def close(self):
+        if self._drainer is not None:
+            self._drain_stop.set()
+            self._drainer.join(5)
+            self._drainer = None
         self.sock.close()
 
 
