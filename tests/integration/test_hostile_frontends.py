@@ -385,7 +385,7 @@ def test_rx_call_fd_replaced_hundreds_of_times_under_flood(service):
 
 # -- 2 ----------------------------------------------------------------------------------------------
 
-TOGGLE_SECONDS = 15.0
+TOGGLE_SECONDS = 20.0
 MAX_TOGGLES = 8000
 BURST = 10                  # SET_FEATURES sent back to back, the last one acked
 
@@ -468,11 +468,16 @@ def test_saturated_blocking_call_eventfd(service, target):
     sat = saturated_eventfd(blocking=True)
     fe = flood = None
     progressed = None
+    flood_error = None
     try:
         if target == "victim-rx":
             fe = connect_victim_port(svc)
             ack = try_ack(fe, R.SET_VRING_CALL, vring_fd(0), [sat])
-            flood = svc.add_load(PeerFlood(svc.sock("peer"), dst=MAC_VICTIM, rate=2000))
+            flood = PeerFlood(svc.sock("peer"), dst=MAC_VICTIM, rate=2000)
+            try:
+                svc.add_load(flood)
+            except (RuntimeError, TimeoutError) as e:
+                flood_error = str(e)
             vq = fe.queues[0]
             progressed = wait_for(lambda: vq.used_idx() != 0, VICTIM_TIMEOUT, svc)
         else:
@@ -496,6 +501,7 @@ def test_saturated_blocking_call_eventfd(service, target):
     for name, t in probes.items():
         assert isinstance(t, float) and t < PROBE_BOUND, \
             f"a new connection to {name} got no GET_FEATURES answer within {PROBE_BOUND}s: {t}"
+    assert flood_error is None, f"peer could not start: {flood_error}"
     assert ack == 0, f"the saturated eventfd was not accepted: {ack}"
     assert progressed, f"{target}: no used entry within {VICTIM_TIMEOUT}s"
     assert_victims_recover(svc, flood.fe if flood is not None else None)

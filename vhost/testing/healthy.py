@@ -51,6 +51,7 @@ MAC_PEER = bytes.fromhex("02d000000004")
 STOP_TIMEOUT = 3            # [service] stop-timeout: a stuck queue costs at most this per stop
 SERVICE_EXIT_TIMEOUT = 20.0
 LOAD_MAX_SECONDS = 120.0    # no load runs longer than this, whatever the test does
+READY_TIMEOUT = 30.0
 OP_TIMEOUT = 10.0           # a single healthy operation that takes longer is an error
 
 
@@ -425,7 +426,19 @@ class HostileService:
         conf = self.tmp / "hostile.toml"
         conf.write_text(hostile_config(self.tmp, self.service_keys))
         self.serve = Serve(self.tmp, conf, loop=self.loop)
-        self.serve.ready()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:             # READY=1, or the process's early exit reported at once
+            try:
+                self.serve.notify.wait_for("READY", "1", timeout=0.2)
+                break
+            except TimeoutError:
+                rc = self.serve.proc.poll()
+                if rc is not None:
+                    raise RuntimeError(f"pyvhost serve exited with status {rc} before READY=1:"
+                                       f"\n{self.serve.log_text()}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pyvhost serve not READY within {READY_TIMEOUT}s:\n"
+                                       f"{self.serve.log_text()}") from None
         # read the service's STATUS= updates (one per connect/disconnect) as systemd does
         self.serve.notify.start_draining()
         if self.with_loads:
