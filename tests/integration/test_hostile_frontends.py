@@ -98,6 +98,7 @@ ALL_DEVICES = set(BLK_DEVICES) | set(NET_PORTS)
 MAC_VICTIM2 = bytes.fromhex("02c000000033")
 GiB = 1 << 30
 UVA = 0x7E00_0000_0000      # frontend addresses of the hostile regions (never dereferenced)
+LOOPS = [{"loop": "asyncio"}, {"loop": "uvloop"}]     # `service` params: the service's loop
 
 
 @pytest.fixture
@@ -258,6 +259,7 @@ def wait_for(cond, timeout: float, svc: HostileService) -> bool:
 
 # -- 1a ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("service", LOOPS, indirect=True, ids=["asyncio", "uvloop"])
 def test_vring_base_beyond_16_bits_then_memory_replaced(service):
     """SET_VRING_BASE 0x10000 on `victim`'s stopped tx queue must be refused and never used (a
     re-kick runs the queue at the last accepted base, or not at all); then SET_MEM_TABLE with a
@@ -708,9 +710,6 @@ def test_fds_trickled_one_byte_at_a_time_refused_then_disconnected(service):
 
 
 # -- 6 ----------------------------------------------------------------------------------------------
-
-LOOPS = [{"loop": "asyncio"}, {"loop": "uvloop"}]
-
 
 def _flood_unread_requests(fe: RawFrontend, limit: int = 100_000) -> int:
     """Send GET_FEATURES requests and never read the replies, until the socket takes no more
