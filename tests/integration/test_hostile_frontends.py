@@ -398,8 +398,9 @@ def test_features_toggled_under_flood_no_crash_no_leak(service):
     TOGGLE_SECONDS or MAX_TOGGLES, in bursts of BURST messages of which the last asks for an
     ack, taking its rx buffers back and reposting them unparsed between bursts.  The service
     survives (it used to segfault in rx_deliver's memcpy: the header length changed under a
-    delivery in progress); after settling on the victim's own features a frame arrives intact,
-    and no rx buffer leaked: the device's rx index (GET_VRING_BASE) equals the used index, so
+    delivery in progress), every frame delivered meanwhile is laid out with one header length
+    (12 or 10 bytes) from start to end, after settling on the victim's own features a frame
+    arrives intact, and no rx buffer leaked: the device's rx index (GET_VRING_BASE) equals the used index, so
     every buffer it took came back used and the rest are still available."""
     svc = service
     svc.mark()
@@ -407,9 +408,10 @@ def test_features_toggled_under_flood_no_crash_no_leak(service):
     flood = svc.add_load(PeerFlood(svc.sock("peer"), dst=MAC_VICTIM))
     on = virtio.F_VERSION_1 | vnet.F_MRG_RXBUF | VHOST_USER_F_PROTOCOL_FEATURES
     off = VHOST_USER_F_PROTOCOL_FEATURES
+    sent = set(flood.frames)
     acks = []
     toggles = 0
-    taken = 0
+    taken = torn = 0
     failure = None
     base = used = outstanding = avail = None
     got = []
@@ -421,7 +423,10 @@ def test_features_toggled_under_flood_no_crash_no_leak(service):
                 toggles += 1
             acks.append(v.ack(R.SET_FEATURES, u64(off if toggles % 2 == 0 else on)))
             toggles += 1
-            taken += v.recycle_rx()
+            delivered = []
+            taken += v.recycle_rx(collect=delivered)
+            # each frame laid out with one header length, 12 (VERSION_1) or 10, start to end
+            torn += sum(1 for d in delivered if d[12:] not in sent and d[10:] not in sent)
         acks.append(v.ack(R.SET_FEATURES, u64(v.features)))         # settle
         flood.halt()
         quiet_until = time.monotonic() + 0.3
@@ -447,6 +452,8 @@ def test_features_toggled_under_flood_no_crash_no_leak(service):
     assert failure is None, f"the victim's conversation failed: {failure}"
     assert set(acks) == {0}, f"{len(acks)} acked SET_FEATURES, acks {set(acks)}"
     assert taken > 0, "the device delivered nothing to the victim: the test proved nothing"
+    assert torn == 0, f"{torn} of {taken} frames delivered while the features changed are " \
+        f"neither header + frame nor legacy header + frame"
     assert got == [frame], "after settling the features the victim's frame did not arrive intact"
     assert base == used, f"rx buffers leaked: the device took {base} (mod 2^16), returned " \
         f"{used}"
