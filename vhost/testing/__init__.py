@@ -23,12 +23,13 @@ Shared test and benchmark harnesses:
 * `netbackends` -- pyvhost-net as a subprocess.
 * `netns`       -- network namespaces (ip netns / nsenter).
 * `ringrig`     -- an in-memory ring rig (VirtQueue + a BlkQueueWorker on the same memory).
+* `guarded`     -- guest memory with guard pages around every region (the fuzz targets).
 * `workload`    -- a random virtio-blk workload checked against a model of the disk.
 * `guest`       -- a Linux guest under QEMU TCG with a busybox initramfs.
 * `dpdk`        -- DPDK testpmd (net_vhost backend, net_virtio_user frontend).
 * `serve`       -- `pyvhost serve` as systemd runs it (notify listener, socket activation).
 
-Rules (checked by tests/unit/test_layout.py): nothing here imports `tests`, `devices`,
+Rules (checked by tests/unit/test_layers.py): nothing here imports `tests`, `devices`,
 `vhost.server`, `vhost.service` or `vhost.config` -- this is a frontend: it speaks the wire
 protocol, starts backends as programs, and may import `protocols`, `vhost.memory`,
 `vhost.logfmt`, and `cython_ext` / `bench.loadgen` only where a helper truly needs them
