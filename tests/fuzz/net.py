@@ -361,7 +361,8 @@ def tap_mode(inp: Input, g: Guest) -> None:
                 break
         if not g.hostile_tx:
             want = [h + f for h, f in g.sent if 0 < len(f) <= MAX_FRAME]
-            assert got == want, f"the tap got {[len(x) for x in got]}, sent {[len(x) for x in want]}"
+            assert got == want, \
+                f"the tap got {[len(x) for x in got]}, sent {[len(x) for x in want]}"
         if not g.hostile_rx:
             check_delivery(g, from_tap)
     finally:

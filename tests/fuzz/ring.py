@@ -38,7 +38,6 @@ MAX_LEN = 8192
 DRIVERS = ("probe", "blk", "blk-uring", "rng")
 U64 = (1 << 64) - 1
 NUM_FAULTS = 12
-F_IO = 11
 IO_FAULT = "backing store I/O error"
 IMAGE_SECTORS = 128
 MAX_POPS = 300
@@ -229,8 +228,7 @@ def check_chain(c: dict, lay: Layout) -> None:
             assert c["last_byte"] == addr + n - 1, c
 
 
-def run_probe(inp: Input, lay: Layout, last_avail: int, delta: int, event_idx: bool,
-              indirect: bool) -> None:
+def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirect: bool) -> None:
     probe = RingProbe(lay.qsize, lay.desc, lay.avail, lay.used, last_avail,
                       lay.mem.table_bytes(), event_idx, indirect, _CALL)
     popped, broken = 0, False
@@ -301,7 +299,7 @@ def TestOneInput(data: bytes) -> None:
     try:
         last_avail, delta = build(inp, lay)
         if driver == "probe":
-            run_probe(inp, lay, last_avail, delta, event_idx, indirect)
+            run_probe(lay, last_avail, delta, event_idx, indirect)
         else:
             run_worker(driver, cfg, lay, last_avail, event_idx, indirect)
         assert lay.mem.slack_intact(), "a write landed in a region's page slack"
