@@ -2,6 +2,11 @@
 
 PYVHOST_DEBUG_BUILD=1 builds with bounds/wraparound checks, line tracing (CYTHON_TRACE_NOGIL) and
 -O0 -g, the way the test suite runs it at least once in CI.
+
+PYVHOST_FUZZ_BUILD=1 is the debug build compiled with clang and SanitizerCoverage
+(-fsanitize=fuzzer-no-link without stack-depth tracing), so that the fuzzers in tests/fuzz see
+coverage inside the compiled data plane (see cython_ext/sancov_stubs.h for how an instrumented
+extension still imports without the fuzzer).  CC may name another clang.
 """
 import glob
 import os
@@ -9,7 +14,10 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-DEBUG = os.environ.get("PYVHOST_DEBUG_BUILD", "") not in ("", "0")
+FUZZ = os.environ.get("PYVHOST_FUZZ_BUILD", "") not in ("", "0")
+DEBUG = FUZZ or os.environ.get("PYVHOST_DEBUG_BUILD", "") not in ("", "0")
+if FUZZ:
+    os.environ.setdefault("CC", "clang")   # distutils derives LDSHARED from CC
 
 directives = {
     "language_level": 3,
@@ -22,6 +30,11 @@ directives = {
 macros = ([("CYTHON_TRACE_NOGIL", "1"), ("CYTHON_TRACE", "1"), ("PYVHOST_DEBUG", "1")]
           if DEBUG else [])
 cflags = ["-O0", "-g3"] if DEBUG else ["-O2"]
+if FUZZ:
+    # libFuzzer's stack-depth tracing needs a TLS variable atheris does not export
+    macros = macros + [("PYVHOST_FUZZ", "1")]
+    cflags = cflags + ["-fsanitize=fuzzer-no-link", "-fno-sanitize-coverage=stack-depth",
+                       "-include", "sancov_stubs.h"]
 
 
 def ext(name, package="cython_ext"):

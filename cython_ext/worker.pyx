@@ -206,7 +206,7 @@ cdef void wk_run(wk_t *rt) noexcept nogil:
     cdef int owned[WK_MAX_VQS]
     cdef int extra[WK_MAX_SRCS]
     cdef wk_wait_t w
-    cdef int nfds, r, q, k, timeout
+    cdef int nfds, r, q, k, timeout, work
     cdef bint nofd
     if rt.signal_call:
         for q in range(rt.nvqs):
@@ -214,7 +214,15 @@ cdef void wk_run(wk_t *rt) noexcept nogil:
     for q in range(rt.nvqs):
         vq_disable_kick(rt.vqs[q])
     while True:
-        if rt.ops.batch(rt.dev) > 0:
+        work = rt.ops.batch(rt.dev)
+        # Stop after any batch, not only once poll(2) sees the stop fd: a ring that never runs
+        # dry (a busy guest; avail and used rings at one address, so that each used entry
+        # makes another chain available; a used->flags that is the avail index, so that arming
+        # always "finds" work the next batch does not) would otherwise never let the worker
+        # reach poll(2), and the worker could not be stopped.
+        if load_flag(&rt.stop_flag):
+            break
+        if work > 0:
             continue
         if rt.poll_ns and poll_window(rt):
             rt.poll_hits += 1

@@ -27,8 +27,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # device names are matched against it, so they stay in that alphabet (and are metric labels).
 
 
+# Characters that would break the one line (or a terminal) when a value the file gave (a path, a
+# tap name) is quoted in a problem text: written as escapes instead.
+_NOT_ONE_LINE = {c: ascii(chr(c))[1:-1] for c in [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029]}
+
+
 class ConfigError(Exception):
-    """An invalid configuration; str() is the one line to print."""
+    """An invalid configuration; str() is the one line to print (control characters quoted
+    from the file are escaped)."""
+
+    def __init__(self, text: str):
+        super().__init__(str(text).translate(_NOT_ONE_LINE))
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,8 @@ class _Checker:
                      float: "a number"}
             self.fail(where, f"{key} must be {names.get(kind, kind.__name__)}, "
                              f"not {value!r}")
+        if isinstance(value, str) and "\0" in value:     # paths and names reach C APIs
+            self.fail(where, f"{key} must not contain a NUL character, not {value!r}")
         return value
 
     def unknown(self, table: dict, allowed: set, where: str):
@@ -249,7 +260,7 @@ def parse(data: dict, path: str = "<config>", check_files: bool = True) -> Confi
             c.fail(where, "duplicate device name")
         names.add(name)
         kind = t.get("type")
-        if kind not in devices.TYPES:
+        if not isinstance(kind, str) or kind not in devices.TYPES:
             c.fail(where, f"type must be {kinds}, not {kind!r}")
         spec = _device(c, devices.TYPES[kind], t, where)
         real = os.path.realpath(spec.socket) if check_files else spec.socket
@@ -283,6 +294,9 @@ def load(path: str, check_files: bool = True) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:         # tomllib decodes the bytes before parsing them
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte {e.start}: "
+                          f"{e.reason})") from None
     return parse(data, path, check_files)
 
 

@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
         value = int(float(num) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):       # OverflowError: "inf", "1e400"
         raise ValueError(f"bad size {text!r}") from None
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
@@ -92,6 +92,8 @@ class Option:
             value, ok = float(value), True
         if not ok:
             raise OptionProblem(f"must be {_KIND_NAMES[k]}, not {value!r}")
+        if k == "str" and "\0" in value:       # paths and names reach C APIs
+            raise OptionProblem(f"must not contain a NUL character, not {value!r}")
         return value
 
     def from_text(self, text: str):

@@ -108,6 +108,20 @@ BAD = [
      'period = 0\n', 'device "r": period must be positive, not 0'),
     ("not toml", lambda t: "[[device]\n", "not valid TOML"),
     ("bad section", lambda t: "[devices]\n", "unknown key 'devices'"),
+    # found by tests/fuzz/config.py: each raised something other than ConfigError, or a
+    # message of several lines
+    ("type not a string", lambda t: _blk(t).replace('"block"', '{ kind = "block" }'),
+     'device "vda": type must be "block" or'),
+    ("infinite size", lambda t: _blk(t, null=True, size="infG"), "bad size 'infG'"),
+    ("huge size", lambda t: _blk(t, null=True, size="1e400"), "bad size '1e400'"),
+    ("NUL in a path", lambda t: _blk(t).replace("vda.sock", "vda\\u0000.sock"),
+     'device "vda": socket must not contain a NUL character'),
+    ("NUL in a group", lambda t: '[service]\nsocket-group = "kvm\\u0000"\n',
+     "socket-group must not contain a NUL character"),
+    ("NUL in an option", lambda t: _blk(t, serial="ab").replace('"ab"', '"a\\u0000b"'),
+     "serial must not contain a NUL character"),
+    ("newline in a path", lambda t: _blk(t).replace(f'"{t}/vda.sock"', '"/no\\nne/x.sock"'),
+     "socket directory /no\\nne does not exist"),
 ]
 
 
@@ -120,6 +134,16 @@ def test_bad_config_is_one_line_naming_file_device_problem(tmp, why, text, needl
     assert "\n" not in msg
     assert msg.startswith(f"{path}: "), msg
     assert needle.format(t=tmp) in msg, msg
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp):
+    """tomllib decodes the file before parsing it: a UnicodeDecodeError escaped load()
+    (found by tests/fuzz/config.py)."""
+    path = tmp / "c.toml"
+    path.write_bytes(b'[service]\nlog-level = "\xff"\n')
+    with pytest.raises(cfg.ConfigError) as ei:
+        cfg.load(str(path))
+    assert str(ei.value) == f"{path}: not valid TOML: not UTF-8 (byte 23: invalid start byte)"
 
 
 def test_good_config_round_trip(tmp):

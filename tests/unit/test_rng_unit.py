@@ -236,6 +236,58 @@ def test_threaded_serves_kicks_and_stops(rig):
     assert st["completed"] == 20 and st["kicks"] >= 1
 
 
+def test_stop_while_the_ring_feeds_itself():
+    """The driver may place the avail and used rings at the same address: every used entry the
+    worker publishes then raises avail->idx, and the ring never runs dry.  stop() must still end
+    run() (found by tests/fuzz/ring.py: the runtime looped on batches that did work without
+    looking at the stop flag, so such a worker could never be stopped)."""
+    r = QueueRig(qsize=2)
+    desc, avail, _ = r.ring_hosts()
+    r.ram.write(r.vq.avail_gpa, bytes(6 + 2 * 2))   # avail idx 0, heads 0: descriptor 0
+    # last_avail 0xFFFF: one chain is available; its used entry makes the next one available
+    r.worker = RngQueueWorker(0, 2, desc, avail, avail, 0xFFFF, r.mem.table_bytes(), r.kick_fd,
+                              r.call_fd)
+    r.start()
+    time.sleep(0.2)
+    r.worker.stop()
+    r.thread.join(5)
+    if r.thread.is_alive():
+        # leave the rig mapped: unmapping guest memory under a running worker would crash
+        pytest.fail("the worker did not stop: it spins on a ring that feeds itself")
+    r.thread = None
+    try:
+        assert r.worker.stats()["completed"] > 10       # it did feed itself
+    finally:
+        r.close()
+
+
+def test_stop_while_arming_the_kick_always_finds_work():
+    """The driver may place the used ring 2 bytes after the avail ring (both aligned as the
+    protocol requires): used->flags is then avail->idx, so enabling kicks before a sleep
+    changes the avail index ("work arrived") and disabling them changes it back (the batch finds
+    nothing): the runtime never reaches poll(2).  stop() must still end run() (found by
+    tests/fuzz/ring.py on a blk queue; the rng worker runs the same runtime)."""
+    r = QueueRig(qsize=1)
+    desc, _, _ = r.ring_hosts()
+    gpa = r.ram.alloc(64, align=16)
+    r.ram.write(gpa, bytes(64))
+    avail = r.mem.gpa_to_host(gpa, 64) + 2          # 2-aligned; the used ring 4-aligned
+    r.worker = RngQueueWorker(0, 1, desc, avail, avail + 2, 0, r.mem.table_bytes(), r.kick_fd,
+                              r.call_fd)
+    r.start()
+    time.sleep(0.2)
+    r.worker.stop()
+    r.thread.join(5)
+    if r.thread.is_alive():
+        # leave the rig mapped: unmapping guest memory under a running worker would crash
+        pytest.fail("the worker did not stop: arming its kick always finds work")
+    r.thread = None
+    try:
+        assert r.worker.stats()["completed"] == 1       # the one chain there was
+    finally:
+        r.close()
+
+
 def test_signal_call_at_start():
     r = RngRig(signal_call=True)
     try:

@@ -27,6 +27,7 @@ Shared test and benchmark harnesses:
 * `netbackends` -- pyvhost-net as a subprocess.
 * `netns`       -- network namespaces (ip netns / nsenter).
 * `ringrig`     -- an in-memory ring rig (VirtQueue + a BlkQueueWorker on the same memory).
+* `guarded`     -- guest memory with guard pages around every region (the fuzz targets).
 * `workload`    -- a random virtio-blk workload checked against a model of the disk.
 * `guest`       -- a Linux guest under QEMU TCG with a busybox initramfs.
 * `dpdk`        -- DPDK testpmd (net_vhost backend, net_virtio_user frontend).
@@ -35,7 +36,7 @@ Shared test and benchmark harnesses:
                    hostile frontend attacks, the bounded healthy loads (stall and op counts),
                    probes and /proc readings of the service.
 
-Rules (checked by tests/unit/test_layout.py): nothing here imports `tests`, `devices`,
+Rules (checked by tests/unit/test_layers.py): nothing here imports `tests`, `devices`,
 `vhost.server`, `vhost.service` or `vhost.config` -- this is a frontend: it speaks the wire
 protocol, starts backends as programs, and may import `protocols`, `vhost.memory`,
 `vhost.logfmt`, and `cython_ext` / `bench.loadgen` only where a helper truly needs them
