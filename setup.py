@@ -35,11 +35,18 @@ if FUZZ:
     macros = macros + [("PYVHOST_FUZZ", "1")]
     cflags = cflags + ["-fsanitize=fuzzer-no-link", "-fno-sanitize-coverage=stack-depth",
                        "-include", "sancov_stubs.h"]
+    # Debian's Python links extensions with -Bsymbolic-functions (its sysconfig LDSHARED): that
+    # binds the coverage callbacks to the weak stubs inside each .so at link time, so libFuzzer's
+    # never get the counters.  Undo it for the fuzz build (found by fresh-ci on Debian's python3).
+    ldflags = ["-Wl,-Bno-symbolic"]
+else:
+    ldflags = []
 
 
 def ext(name, package="cython_ext"):
     return Extension(f"{package}.{name}", [f"{package}/{name}.pyx"], include_dirs=["cython_ext"],
-                     define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"])
+                     define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"],
+                     extra_link_args=ldflags)
 
 
 # QEMU's vhost-user backend descriptors (docs/interop/vhost-user.json) go to
