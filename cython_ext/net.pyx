@@ -531,6 +531,34 @@ cdef inline bint mac_room(switch_t *sw, port_t *me, uint64_t t) noexcept nogil:
     return me.mac_count < me.mac_limit
 
 
+cdef mac_entry_t *mac_free_or_oldest(switch_t *sw, uint32_t h) noexcept nogil:
+    """In the probe neighbourhood of hash h: a free slot, else the oldest unlocked entry, else
+    NULL (only locked entries).  Caller holds sw.lock."""
+    cdef int i
+    cdef mac_entry_t *e
+    cdef mac_entry_t *victim = NULL
+    for i in range(MAC_PROBE):
+        e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
+        if not e.used:
+            return e
+        if not e.locked and (victim == NULL or e.seen_ms < victim.seen_ms):
+            victim = e
+    return victim
+
+
+cdef void mac_claim(switch_t *sw, mac_entry_t *e, const uint8_t *mac, int port, bint locked,
+                    uint64_t t) noexcept nogil:
+    """Make e the entry of `mac` on `port` (its previous owner loses it).  Caller holds
+    sw.lock."""
+    if e.used:
+        mac_unown(sw, e)
+    memcpy(e.mac, mac, 6)
+    e.port = port
+    e.used = 1
+    e.locked = locked
+    e.seen_ms = t
+
+
 cdef int mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
     """Learn (or refresh) `mac` on `port`.  LEARN_OK; LEARN_REFUSED: the port holds its
     mac_limit of entries (or the MAC's neighbourhood is all locked entries), the frame is still
@@ -578,23 +606,11 @@ cdef int mac_learn(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
         pthread_mutex_unlock(&sw.lock)
         return LEARN_REFUSED
     if victim == NULL:                        # full neighbourhood: a slot freed by a reclaim,
-        for i in range(MAC_PROBE):            # else the oldest learned entry
-            e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
-            if not e.used:
-                victim = e
-                break
-            if not e.locked and (victim == NULL or e.seen_ms < victim.seen_ms):
-                victim = e
+        victim = mac_free_or_oldest(sw, h)    # else the oldest learned entry
         if victim == NULL:
             pthread_mutex_unlock(&sw.lock)
             return LEARN_REFUSED
-    if victim.used:
-        mac_unown(sw, victim)
-    memcpy(victim.mac, mac, 6)
-    victim.port = port
-    victim.used = 1
-    victim.locked = 0
-    victim.seen_ms = t
+    mac_claim(sw, victim, mac, port, False, t)
     me.mac_count += 1
     sw.learned += 1
     pthread_mutex_unlock(&sw.lock)
@@ -619,22 +635,10 @@ cdef int mac_lock(switch_t *sw, const uint8_t *mac, int port) noexcept nogil:
             victim = e
             break
     if victim == NULL:
-        for i in range(MAC_PROBE):
-            e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
-            if not e.used:
-                victim = e
-                break
-            if not e.locked and (victim == NULL or e.seen_ms < victim.seen_ms):
-                victim = e
+        victim = mac_free_or_oldest(sw, h)
         if victim == NULL:
             return MAX_PORTS
-    if victim.used:
-        mac_unown(sw, victim)
-    memcpy(victim.mac, mac, 6)
-    victim.port = port
-    victim.used = 1
-    victim.locked = 1
-    victim.seen_ms = t
+    mac_claim(sw, victim, mac, port, True, t)
     return -1
 
 

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 import devices
-from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, OptionProblem, parse_size
+from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, Option, OptionProblem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # systemd's FileDescriptorName= (LISTEN_FDNAMES) allows up to 255 characters without ':';
@@ -81,6 +81,7 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+_GUEST_MEMORY = Option("max-guest-memory", "size")
 _SERVICE_KEYS = {"metrics-address", "log-level", "socket-group", "socket-mode", "stop-timeout",
                  "loop", "max-guest-memory", "max-message-fds"}
 
@@ -165,11 +166,9 @@ def _service(c: _Checker, table) -> ServiceSpec:
     mem_value = table.get("max-guest-memory")
     max_memory = 0
     if mem_value is not None:
-        try:
-            if isinstance(mem_value, bool) or not isinstance(mem_value, (int, str)):
-                raise ValueError("must be a number of bytes or a string like \"64G\"")
-            max_memory = parse_size(str(mem_value))
-        except ValueError as e:
+        try:        # the same conversion as a device's size options
+            max_memory = _GUEST_MEMORY.from_toml(mem_value)
+        except OptionProblem as e:
             c.fail(where, f"max-guest-memory: {e}")
         if max_memory < 1 << 20:
             c.fail(where, f"max-guest-memory must be at least 1M, not {mem_value}")

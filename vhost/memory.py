@@ -15,12 +15,13 @@ import stat as _stat
 import struct
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+# libc with mmap/munmap prototypes (vhost/testing/guarded.py maps its guarded regions with it)
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.mmap.restype = ctypes.c_void_p
+LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+LIBC.munmap.restype = ctypes.c_int
+LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED = 1
@@ -76,7 +77,7 @@ class MappedRegion:
             raise GuestMemoryError("region fd is not a regular file (memfd, shm or hugetlbfs)")
         if st.st_size < map_len:
             raise GuestMemoryError(f"region fd is {st.st_size} bytes, table needs {map_len}")
-        base = _libc.mmap(None, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        base = LIBC.mmap(None, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if base is None or base == MAP_FAILED:
             err = ctypes.get_errno()
             raise GuestMemoryError(f"mmap of region failed: {os.strerror(err)}")
@@ -84,7 +85,7 @@ class MappedRegion:
 
     def unmap(self) -> None:
         if self.map_base:
-            _libc.munmap(self.map_base, self.map_len)
+            LIBC.munmap(self.map_base, self.map_len)
             self.map_base = 0
 
     def overlaps(self, other: "MappedRegion") -> bool:

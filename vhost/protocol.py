@@ -23,6 +23,12 @@ Queue lifecycle (QEMU 7.2's real behaviour, see ARCHITECTURE.md and tests/data/t
 - SET_VRING_CALL with an fd asks the next start to signal the call fd once (lost-interrupt
   recovery after a reconnect, as libvhost-user does).
 
+The frontend is untrusted: every field is validated at its message (a ring base fits 16 bits),
+every fd it sends is checked for its kind before anything changes (kick/call/err: an eventfd or
+a pipe end, made non-blocking; memory: a regular file; the backend channel: a socket), and what
+one connection holds is capped (`Limits`: guest memory mapped, fds per message): over a limit a
+failure ack and one warning, the next time a disconnect.
+
 Errors: malformed or refused requests get a log line (once per cause) and, with NEED_REPLY and
 REPLY_ACK negotiated, a non-zero ack; a request that needs a reply of its own but cannot get a
 meaningful one, or a broken header, raises `ProtocolClosed`: the server must disconnect.  No

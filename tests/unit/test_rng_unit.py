@@ -236,6 +236,18 @@ def test_threaded_serves_kicks_and_stops(rig):
     assert st["completed"] == 20 and st["kicks"] >= 1
 
 
+def _run_then_stop(r, why):
+    """Run r's worker for 0.2 s, then stop it: it must end within 5 s."""
+    r.start()
+    time.sleep(0.2)
+    r.worker.stop()
+    r.thread.join(5)
+    if r.thread.is_alive():
+        # leave the rig mapped: unmapping guest memory under a running worker would crash
+        pytest.fail(f"the worker did not stop: {why}")
+    r.thread = None
+
+
 def test_stop_while_the_ring_feeds_itself():
     """The driver may place the avail and used rings at the same address: every used entry the
     worker publishes then raises avail->idx, and the ring never runs dry.  stop() must still end
@@ -247,14 +259,7 @@ def test_stop_while_the_ring_feeds_itself():
     # last_avail 0xFFFF: one chain is available; its used entry makes the next one available
     r.worker = RngQueueWorker(0, 2, desc, avail, avail, 0xFFFF, r.mem.table_bytes(), r.kick_fd,
                               r.call_fd)
-    r.start()
-    time.sleep(0.2)
-    r.worker.stop()
-    r.thread.join(5)
-    if r.thread.is_alive():
-        # leave the rig mapped: unmapping guest memory under a running worker would crash
-        pytest.fail("the worker did not stop: it spins on a ring that feeds itself")
-    r.thread = None
+    _run_then_stop(r, "it spins on a ring that feeds itself")
     try:
         assert r.worker.stats()["completed"] > 10       # it did feed itself
     finally:
@@ -274,14 +279,7 @@ def test_stop_while_arming_the_kick_always_finds_work():
     avail = r.mem.gpa_to_host(gpa, 64) + 2          # 2-aligned; the used ring 4-aligned
     r.worker = RngQueueWorker(0, 1, desc, avail, avail + 2, 0, r.mem.table_bytes(), r.kick_fd,
                               r.call_fd)
-    r.start()
-    time.sleep(0.2)
-    r.worker.stop()
-    r.thread.join(5)
-    if r.thread.is_alive():
-        # leave the rig mapped: unmapping guest memory under a running worker would crash
-        pytest.fail("the worker did not stop: arming its kick always finds work")
-    r.thread = None
+    _run_then_stop(r, "arming its kick always finds work")
     try:
         assert r.worker.stats()["completed"] == 1       # the one chain there was
     finally:

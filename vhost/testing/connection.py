@@ -275,16 +275,19 @@ class VhostUserFrontend:
             raise
         return self
 
-    def _connect(self) -> None:
-        self._connect_socket()
-        self.mem = GuestRAM(self.mem_size, self.layout)
-
+    def _negotiate_protocol_features(self) -> None:
+        """GET_FEATURES, then (when offered) GET/SET_PROTOCOL_FEATURES with our mask."""
         self.backend_features = self.call_u64(FrontendReq.GET_FEATURES)
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
             self.backend_protocol_features = self.call_u64(FrontendReq.GET_PROTOCOL_FEATURES)
             pf = self.backend_protocol_features & self.protocol_features_mask
             self.send_message(FrontendReq.SET_PROTOCOL_FEATURES, u64(pf))
             self.protocol_features = pf
+
+    def _connect(self) -> None:
+        self._connect_socket()
+        self.mem = GuestRAM(self.mem_size, self.layout)
+        self._negotiate_protocol_features()
         if self.protocol_features & ProtocolFeature.MQ:
             self.max_queues = self.call_u64(FrontendReq.GET_QUEUE_NUM)
         else:

@@ -16,7 +16,7 @@ import ctypes
 import mmap
 import os
 
-from vhost.memory import REGION_ENTRY
+from vhost.memory import LIBC as _libc, REGION_ENTRY
 
 PAGE = mmap.PAGESIZE
 # PROT_NONE bytes on each side of a region: an index times 16 (a descriptor) or 8 (a used
@@ -24,12 +24,6 @@ PAGE = mmap.PAGESIZE
 GUARD = 2 << 20
 CANARY = 0xA5
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _PROT_NONE, _PROT_RW = 0, 3
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANON, _MAP_NORESERVE = 0x1, 0x2, 0x10, 0x20, 0x4000
 _FAILED = ctypes.c_void_p(-1).value

@@ -28,7 +28,6 @@ from protocols.vhost_user import (
     FLAG_NEED_REPLY,
     HEADER_SIZE,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     FrontendReq,
     MemoryTable,
     ProtocolFeature,
@@ -121,12 +120,7 @@ class RawFrontend(VhostUserFrontend):
 
     def _connect(self) -> None:
         self._connect_socket()
-        self.backend_features = self.call_u64(FrontendReq.GET_FEATURES)
-        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
-            self.backend_protocol_features = self.call_u64(FrontendReq.GET_PROTOCOL_FEATURES)
-            pf = self.backend_protocol_features & self.protocol_features_mask
-            self.send_message(FrontendReq.SET_PROTOCOL_FEATURES, u64(pf))
-            self.protocol_features = pf
+        self._negotiate_protocol_features()
         if self.owner:
             self.setup(FrontendReq.SET_OWNER)
         if self.wanted_features is not None:
