@@ -13,7 +13,7 @@ rate-limited), block on anything but poll(2)/io_uring, or touch memory outside t
 import logging
 import os
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, UINT64_MAX
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset, memcpy
 from libc.errno cimport errno, EINVAL, EAGAIN, EINTR, EOPNOTSUPP, EBUSY
@@ -312,6 +312,11 @@ cdef int uring_submit(uring_t *u, unsigned min_complete) noexcept nogil:
 cdef inline void complete(blk_ctx_t *ctx, slot_t *s, uint8_t status) noexcept nogil:
     if s.status != NULL:
         s.status[0] = status
+    if ctx.vq.log != NULL:
+        # migrating: every device-writable byte may have been written (IN data, even of a
+        # read that failed half-way; the ID string; the status byte), so log them all; the
+        # rest of a chain is device-readable and never written
+        vq_log_chain(&ctx.vq, &s.chain, UINT64_MAX)
     if status != S_OK:
         ctx.failed += 1
     vq_push(&ctx.vq, s.chain.head, s.used_len if status == S_OK else
@@ -732,7 +737,7 @@ cdef class BlkQueueWorker:
                   bytes serial, bint event_idx=False, bint indirect=True,
                   bint signal_call=False, bint use_io_uring=True,
                   uint64_t max_discard_sectors=0, uint64_t max_write_zeroes_sectors=0,
-                  int slots=0, double poll_us=0, bint write_through=False):
+                  int slots=0, double poll_us=0, bint write_through=False, log=None):
         cdef const unsigned char *t = region_table
         cdef int k, r
         if len(region_table) % sizeof(mem_region_t):
@@ -747,6 +752,7 @@ cdef class BlkQueueWorker:
         if vq_init(&ctx.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                    <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad queue size {num}")
+        vq_log_setup(&ctx.vq, log)
         ctx.index = index
         r = wk_init(&ctx.rt, &BLK_OPS, ctx, poll_us, signal_call)
         if r < 0:

@@ -28,6 +28,7 @@ import os
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int16_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memcmp
+from cpython.bytes cimport PyBytes_AS_STRING
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.unistd cimport read, write, close
 from posix.uio cimport iovec
@@ -389,6 +390,8 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
                 cap += take
             if done == total:
                 break
+        if vq.log != NULL:
+            vq_log_chain(vq, c, cap)      # c is reused for the next buffer: log it now
         q.heads[nbufs] = c.head
         q.lens[nbufs] = <uint32_t>cap
         nbufs += 1
@@ -402,6 +405,17 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
         cs_lo[0] = csum >> 8
     if cs_hi != NULL:
         cs_hi[0] = csum & 0xFF
+    if vq.log != NULL:
+        # written after their buffers were logged: logged again, so that a page the frontend
+        # copied in between is sent once more
+        if nb_lo != NULL:
+            vq_log_host(vq, nb_lo, 1)
+        if nb_hi != NULL:
+            vq_log_host(vq, nb_hi, 1)
+        if cs_lo != NULL:
+            vq_log_host(vq, cs_lo, 1)
+        if cs_hi != NULL:
+            vq_log_host(vq, cs_hi, 1)
     for k in range(nbufs):
         vq_push(vq, q.heads[k], q.lens[k])
     q.pending_used += nbufs
@@ -445,12 +459,15 @@ cdef inline void rxq_flush(rxq_t *q) noexcept nogil:
 
 cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                     uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
-                    const mem_region_t *regions, int nregions) noexcept nogil:
+                    const mem_region_t *regions, int nregions,
+                    const vq_log_t *log) noexcept nogil:
     cdef int r
     pthread_mutex_lock(&q.lock)
     r = vq_init(&q.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                 regions, nregions)
     if r == 0:
+        # before the queue is active: other ports' senders write into it from then on
+        vq_log_set(&q.vq, log)
         q.chain = <chain_t *>calloc(1, sizeof(chain_t))
         q.heads = <uint16_t *>calloc(num, sizeof(uint16_t))
         q.lens = <uint32_t *>calloc(num, sizeof(uint32_t))
@@ -1092,6 +1109,37 @@ cdef class Port:
             if index + 1 > switch.sw.nports:
                 switch.sw.nports = index + 1
 
+    def inject(self, bytes frame):
+        """Send `frame` into the switch as if this port's guest had sent it (no offloads): the
+        RARP announcement after a live migration (SEND_RARP), which also teaches the switch
+        the MAC's new port.  Delivered with the GIL released: other tenants' call fds are
+        signalled on the way."""
+        cdef frame_t f
+        cdef fwd_t *fw
+        cdef iovec seg
+        if self.switch is None:
+            raise ValueError("not a switch port")
+        if len(frame) < ETH_HLEN or len(frame) > MAX_FRAME:
+            raise ValueError(f"frame of {len(frame)} bytes")
+        fw = <fwd_t *>calloc(1, sizeof(fwd_t))
+        if fw == NULL:
+            raise MemoryError()
+        memset(&f, 0, sizeof(frame_t))
+        seg.iov_base = <void *>PyBytes_AS_STRING(frame)
+        seg.iov_len = len(frame)
+        f.iov = &seg
+        f.niov = 1
+        f.len = len(frame)
+        f.first = seg
+        fw.lookup_port = -1
+        try:
+            with nogil:
+                fw.now_ms = now_ms()
+                switch_forward(self.switch.sw, self.index, &f, 0, fw)
+                fwd_flush(fw)
+        finally:
+            free(fw)
+
     def detach(self):
         """Leave the switch (port shutdown); its MAC table entries, locked ones included, go
         with it."""
@@ -1193,8 +1241,10 @@ cdef class Port:
 
     def attach_rx(self, int pair, int num, uint64_t desc, uint64_t avail, uint64_t used,
                   int last_avail, bytes region_table, int call_fd, bint event_idx,
-                  bint indirect, bint signal_call=False):
+                  bint indirect, bint signal_call=False, log=None):
         cdef const unsigned char *t = region_table
+        cdef vq_log_t lg
+        vq_log_parse(log, &lg)
         if pair < 0 or pair >= MAX_PAIRS:
             raise ValueError("pair out of range")
         if self.p.rx[pair].active:
@@ -1203,7 +1253,7 @@ cdef class Port:
             raise ValueError(f"rx queue base {last_avail} is not a 16-bit index")
         if rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx, indirect,
                       call_fd, <const mem_region_t *>t,
-                      len(region_table) // sizeof(mem_region_t)) != 0:
+                      len(region_table) // sizeof(mem_region_t), &lg) != 0:
             raise ValueError(f"bad rx queue (size {num})")
         if signal_call:
             with nogil:              # a frontend's fd: never written with the GIL held
@@ -1272,9 +1322,10 @@ cdef class NetWorker:
     cdef bytes _keep
 
     def __cinit__(self, str mode, Port port, int pair=0, Switch switch=None, int tap_fd=-1,
-                  tx=None, int rx_kick=-1, bytes region_table=b""):
+                  tx=None, int rx_kick=-1, bytes region_table=b"", tx_log=None):
         """tx: None or (num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx,
-        indirect, signal_call) for the tx queue of this pair."""
+        indirect, signal_call) for the tx queue of this pair; tx_log: its QueueHandle.log
+        (tx writes nothing into guest buffers, only the used ring)."""
         cdef const unsigned char *t = region_table
         cdef int r
         self.w = <worker_t *>calloc(1, sizeof(worker_t))
@@ -1307,6 +1358,7 @@ cdef class NetWorker:
                        <const mem_region_t *>t,
                        len(region_table) // sizeof(mem_region_t)) != 0:
                 raise ValueError(f"bad tx queue (size {num})")
+            vq_log_setup(&w.tx, tx_log)
             w.has_tx = True
             wk_add_queue(&w.rt, &w.tx, kick_fd)
             w.rt.signal_call = bool(sig)      # the runtime signals call_fd once at start

@@ -12,6 +12,7 @@ cdef extern from "vhost_compat.h" nogil:
     void vq_store_release_u16(void *p, uint16_t v)
     void vq_store_u16(void *p, uint16_t v)
     void vq_copy16(void *dst, const void *src)
+    void log_or(uint8_t *p, uint8_t bit)
     int PYVHOST_DEBUG
 
 # Segments a chain may map to.  Linux asks for at most seg_max (126) data segments plus header
@@ -59,6 +60,12 @@ ctypedef struct chain_t:
     uint8_t *last_byte     # last byte of the last descriptor if device-writable and mapped
     iovec segs[MAX_SEGS]
 
+ctypedef struct vq_log_t:
+    uint8_t *log               # the frontend's log bitmap (SET_LOG_BASE mapping); NULL: off
+    uint64_t size              # its size in bytes
+    uint64_t used_gpa          # guest-physical address of the used ring, if log_used
+    bint log_used              # VHOST_VRING_F_LOG: log the used ring's writes too
+
 ctypedef struct vq_t:
     uint16_t num
     uint8_t *desc
@@ -79,11 +86,27 @@ ctypedef struct vq_t:
     uint64_t completed
     uint64_t notifies
     uint64_t kicks
+    # Dirty logging (VHOST_F_LOG_ALL, vq_log_setup): NULL when off.  Every guest write the
+    # workers make is logged through vq_log_chain / vq_log_host; vq_publish and the kick
+    # helpers log the used ring when the frontend asked for it (VHOST_VRING_F_LOG).
+    uint8_t *log
+    uint64_t log_size          # bytes of bitmap: pages [0, 8 * log_size) can be logged
+    uint64_t log_used_gpa      # guest-physical address of the used ring (log_guest_addr)
+    bint log_used
+    uint16_t log_used_from     # used index at the last logged publish
+    uint64_t log_pages         # page bits set (counted per write, not distinct pages)
+    uint64_t log_beyond        # writes the frontend's log was too small for (a frontend bug)
 
 cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                  uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
                  const mem_region_t *regions, int nregions) noexcept nogil
 cdef void vq_free(vq_t *vq) noexcept nogil
+cdef int vq_log_parse(object log, vq_log_t *out) except -1
+cdef void vq_log_set(vq_t *vq, const vq_log_t *log) noexcept nogil
+cdef int vq_log_setup(vq_t *vq, object log) except -1
+cdef void vq_log_gpa(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil
+cdef void vq_log_host(vq_t *vq, const void *p, uint64_t length) noexcept nogil
+cdef void vq_log_chain(vq_t *vq, chain_t *c, uint64_t written) noexcept nogil
 cdef int vq_translate(vq_t *vq, uint64_t gpa, uint64_t length, chain_t *c) noexcept nogil
 cdef int vq_avail_count(vq_t *vq) noexcept nogil
 cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil

@@ -5,7 +5,8 @@ released.
 Owns: walking descriptor chains (direct and INDIRECT_DESC) with every guest address and length
 checked against the region table, chain bounds (loops, over-long chains, bad `next`), the used
 ring (batched publish with release ordering), EVENT_IDX / NO_INTERRUPT call suppression and
-EVENT_IDX / NO_NOTIFY kick suppression.  Must not: touch Python objects on the data path, trust
+EVENT_IDX / NO_NOTIFY kick suppression, and the dirty log of live migration (VHOST_F_LOG_ALL:
+the bit of every guest page a worker writes, used ring included, set after the write).  Must not: touch Python objects on the data path, trust
 any value read from guest memory before checking it, or read a guest value twice (descriptors are
 copied out once).  `RingProbe` is a Python-visible handle for tests and microbenchmarks only.
 """
@@ -86,6 +87,119 @@ cdef void vq_free(vq_t *vq) noexcept nogil:
     free(vq.regions)
     vq.regions = NULL
     vq.nregions = 0
+
+
+# --- dirty logging (vhost-user spec "Migration"; the bitmap's layout as libvhost-user's
+# vu_log_write: bit (gpa / 4096) % 8 of byte gpa / 4096 / 8) ---------------------------------
+
+cdef enum:
+    LOG_PAGE_SHIFT = 12        # VHOST_LOG_PAGE = 0x1000
+
+
+cdef int vq_log_parse(object log, vq_log_t *out) except -1:
+    """QueueHandle.log -- None, or (host address, size in bytes, used-ring guest address or -1
+    for none) -- as a vq_log_t."""
+    memset(out, 0, sizeof(vq_log_t))
+    if log is None:
+        return 0
+    addr, size, used_gpa = log
+    if not addr or size <= 0:
+        raise ValueError("dirty log without a mapping")
+    out.log = <uint8_t *><uint64_t>addr
+    out.size = size
+    out.log_used = used_gpa >= 0
+    out.used_gpa = used_gpa if used_gpa >= 0 else 0
+    return 0
+
+
+cdef void vq_log_set(vq_t *vq, const vq_log_t *log) noexcept nogil:
+    """Log this queue's writes from now on (log.log NULL: stop).  Before the worker runs."""
+    vq.log = log.log
+    vq.log_size = log.size if log.log != NULL else 0
+    vq.log_used = log.log != NULL and log.log_used
+    vq.log_used_gpa = log.used_gpa
+    vq.log_used_from = vq.used_idx
+
+
+cdef int vq_log_setup(vq_t *vq, object log) except -1:
+    """vq_log_parse + vq_log_set."""
+    cdef vq_log_t l
+    vq_log_parse(log, &l)
+    vq_log_set(vq, &l)
+    return 0
+
+
+cdef void vq_log_gpa(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Mark the pages of [gpa, gpa+length) dirty (after writing them)."""
+    cdef uint64_t page, last
+    if vq.log == NULL or length == 0 or gpa > UINT64_MAX - (length - 1):
+        return
+    page = gpa >> LOG_PAGE_SHIFT
+    last = (gpa + (length - 1)) >> LOG_PAGE_SHIFT
+    while page <= last:
+        if (page >> 3) >= vq.log_size:
+            # the frontend sized its log for less memory than it gave us: count it (the
+            # protocol reports it), never write past the mapping
+            vq.log_beyond += 1
+            return
+        log_or(vq.log + (page >> 3), <uint8_t>(1 << (page & 7)))
+        vq.log_pages += 1
+        page += 1
+
+
+cdef void vq_log_host(vq_t *vq, const void *p, uint64_t length) noexcept nogil:
+    """vq_log_gpa for a host pointer into guest memory (a chain segment, a status byte)."""
+    cdef uint64_t a = <uint64_t>p, off
+    cdef int i
+    cdef mem_region_t *r
+    if vq.log == NULL:
+        return
+    for i in range(vq.nregions):
+        r = &vq.regions[i]
+        if a >= r.host and a - r.host < r.size:
+            off = a - r.host
+            if length > r.size - off:
+                length = r.size - off
+            vq_log_gpa(vq, r.gpa + off, length)
+            return
+
+
+cdef void vq_log_chain(vq_t *vq, chain_t *c, uint64_t written) noexcept nogil:
+    """Log the first `written` bytes of the chain's device-writable segments."""
+    cdef int k
+    cdef uint64_t n
+    if vq.log == NULL:
+        return
+    for k in range(c.nreadable, c.nsegs):
+        if written == 0:
+            break
+        n = c.segs[k].iov_len
+        if n > written:
+            n = written
+        vq_log_host(vq, c.segs[k].iov_base, n)
+        written -= n
+
+
+cdef inline void _log_used(vq_t *vq, uint64_t offset, uint64_t length) noexcept nogil:
+    if vq.log != NULL and vq.log_used:
+        vq_log_gpa(vq, vq.log_used_gpa + offset, length)
+
+
+cdef void _log_published(vq_t *vq) noexcept nogil:
+    """Log the used elements written since the last publish, and used->idx."""
+    cdef uint16_t n = <uint16_t>(vq.used_idx - vq.log_used_from)
+    cdef uint64_t start = vq.log_used_from & (vq.num - 1)
+    if n >= vq.num:
+        _log_used(vq, 4, 8 * <uint64_t>vq.num)
+    elif n == 0:
+        pass
+    elif start + n <= vq.num:
+        _log_used(vq, 4 + 8 * start, 8 * <uint64_t>n)
+    else:
+        _log_used(vq, 4 + 8 * start, 8 * (vq.num - start))
+        _log_used(vq, 4, 8 * (start + n - vq.num))
+    _log_used(vq, 2, 2)
+    vq.log_used_from = vq.used_idx
 
 
 cdef inline int _find_region(vq_t *vq, uint64_t gpa) noexcept nogil:
@@ -243,6 +357,8 @@ cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
 cdef void vq_publish(vq_t *vq) noexcept nogil:
     # Release: the used elements above are visible before the new index (§2.7.13.3).
     vq_store_release_u16(_used_idx(vq), vq.used_idx)
+    if vq.log != NULL:
+        _log_published(vq)
 
 
 cdef bint vq_should_notify(vq_t *vq) noexcept nogil:
@@ -277,9 +393,13 @@ cdef bint vq_enable_kick(vq_t *vq) noexcept nogil:
     cdef uint16_t flags
     if vq.event_idx:
         vq_store_u16(vq.used + 4 + 8 * <uint64_t>vq.num, vq.last_avail)
+        if vq.log != NULL:
+            _log_used(vq, 4 + 8 * <uint64_t>vq.num, 2)
     else:
         flags = vq_load_u16(vq.used)
         vq_store_u16(vq.used, flags & ~USED_F_NO_NOTIFY)
+        if vq.log != NULL:
+            _log_used(vq, 0, 2)
     vq_mb()
     return vq_load_acquire_u16(_avail_idx(vq)) != vq.last_avail
 
@@ -289,6 +409,8 @@ cdef void vq_disable_kick(vq_t *vq) noexcept nogil:
     if not vq.event_idx:
         flags = vq_load_u16(vq.used)
         vq_store_u16(vq.used, flags | USED_F_NO_NOTIFY)
+        if vq.log != NULL:
+            _log_used(vq, 0, 2)
 
 
 cdef inline size_t _chain_copy(chain_t *c, size_t offset, uint8_t *buf, size_t n,
@@ -342,7 +464,7 @@ cdef class RingProbe:
 
     def __cinit__(self, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                   uint16_t last_avail, bytes table, bint event_idx=False, bint indirect=True,
-                  int call_fd=-1):
+                  int call_fd=-1, log=None):
         cdef int n = regions_from_table(table)
         cdef const unsigned char *t = table
         self.chain = <chain_t *>calloc(1, sizeof(chain_t))
@@ -351,6 +473,7 @@ cdef class RingProbe:
         if vq_init(&self.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                    <const mem_region_t *>t, n) != 0:
             raise ValueError("bad queue parameters")
+        vq_log_setup(&self.vq, log)
 
     def __dealloc__(self):
         vq_free(&self.vq)
@@ -382,6 +505,21 @@ cdef class RingProbe:
 
     def push(self, uint16_t head, uint32_t length):
         vq_push(&self.vq, head, length)
+
+    def complete(self, uint32_t written):
+        """Push the last popped chain as a device that wrote `written` bytes into it does:
+        its writes logged (when logging), then the used element."""
+        if self.vq.log != NULL:
+            vq_log_chain(&self.vq, self.chain, written)
+        vq_push(&self.vq, self.chain.head, written)
+
+    @property
+    def log_pages(self):
+        return self.vq.log_pages
+
+    @property
+    def log_beyond(self):
+        return self.vq.log_beyond
 
     def push_many(self, uint16_t head, uint32_t length, int n):
         cdef int k

@@ -120,6 +120,8 @@ cdef void serve(rng_ctx_t *ctx, uint64_t quota) noexcept nogil:
             break
     ctx.bytes += written
     ctx.period_used += written
+    if ctx.vq.log != NULL:
+        vq_log_chain(&ctx.vq, c, written)
     vq_push(&ctx.vq, c.head, <uint32_t>written)
     ctx.pending_used += 1
 
@@ -187,7 +189,8 @@ cdef class RngQueueWorker:
     def __cinit__(self, int index, int num, uint64_t desc, uint64_t avail, uint64_t used,
                   int last_avail, bytes region_table, int kick_fd, int call_fd,
                   bint event_idx=False, bint indirect=True, bint signal_call=False,
-                  double poll_us=0, uint64_t max_bytes=0, uint64_t period_ms=1000):
+                  double poll_us=0, uint64_t max_bytes=0, uint64_t period_ms=1000,
+                  log=None):
         cdef const unsigned char *t = region_table
         cdef int r
         if len(region_table) % sizeof(mem_region_t):
@@ -203,6 +206,7 @@ cdef class RngQueueWorker:
         if vq_init(&ctx.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                    <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad queue size {num}")
+        vq_log_setup(&ctx.vq, log)
         ctx.index = index
         ctx.max_bytes = max_bytes
         ctx.period_ns = period_ms * 1000000

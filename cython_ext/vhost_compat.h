@@ -70,6 +70,14 @@ static inline void stat_add(uint64_t *counter, uint64_t n) {
     __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
 }
 
+/* Dirty log (vhost-user "Migration": one bit per 4 KiB guest page, bit p%8 of byte p/8): an
+ * atomic OR, so several workers (and the frontend clearing bits) never lose a bit; release, so
+ * the guest-memory writes it covers are visible before the frontend can see the bit and copy
+ * the page (a bit seen first would let it send the old contents and clear the bit). */
+static inline void log_or(uint8_t *p, uint8_t bit) {
+    __atomic_fetch_or(p, bit, __ATOMIC_RELEASE);
+}
+
 /* The descriptor is copied out of guest memory once, so a guest rewriting it concurrently
  * cannot make us validate one value and use another. */
 static inline void vq_copy16(void *dst, const void *src) {

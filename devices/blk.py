@@ -46,6 +46,7 @@ def create_sparse(path: str, size: int) -> None:
 
 class BlkDevice(Device):
     device_type = "block"
+    dirty_log = True          # every guest write is logged while migrating (ring.pyx)
 
     def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
@@ -177,7 +178,7 @@ class BlkDevice(Device):
             signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
-            write_through=not self.writeback)
+            write_through=not self.writeback, log=queue.log)
         self.queues.start(index, w)
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)

@@ -22,7 +22,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from protocols import virtio
+from protocols import ethernet, virtio
 from protocols import virtio_net as vn
 from protocols.vhost_user import ProtocolFeature
 from vhost.device import Device, QueueHandle, QueueWorkers, WorkerStuck, zero_counters
@@ -158,6 +158,7 @@ def default_mac(seed: str) -> bytes:
 
 class NetDevice(Device):
     device_type = "net"
+    dirty_log = True          # every guest write is logged while migrating (ring.pyx)
 
     def __init__(self, *, pairs: int = 1, mac: bytes, mtu: int = vn.DEFAULT_MTU,
                  tap: Tap | None = None, switch: Switch | None = None, port_index: int = 0,
@@ -206,7 +207,7 @@ class NetDevice(Device):
     def protocol_features(self) -> ProtocolFeature:
         return (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
                 | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE
-                | ProtocolFeature.STATUS | ProtocolFeature.NET_MTU)
+                | ProtocolFeature.STATUS | ProtocolFeature.NET_MTU | ProtocolFeature.RARP)
 
     def ack_features(self, features: int) -> None:
         self._acked = features
@@ -244,6 +245,25 @@ class NetDevice(Device):
             self.mac = bytes(mac)
             return
         raise ValueError(f"config write {offset}+{len(data)} is not allowed")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP (QEMU sends it after a live migration when the guest did not ack
+        GUEST_ANNOUNCE, which pyvhost does not offer): QEMU's RARP announcement for `mac`, out
+        of the tap (with an all-zero virtio_net_hdr: no offloads) or into the switch as if the
+        guest had sent it, so every other port and the uplink see it and the switch learns the
+        MAC at this port."""
+        frame = ethernet.rarp_announce(bytes(mac))
+        if self.tap is not None:
+            hdr = bytes(vn.HDR_SIZE if self._acked & (virtio.F_VERSION_1 | vn.F_MRG_RXBUF)
+                        else vn.LEGACY_HDR_SIZE)
+            try:
+                os.write(self.tap.fds[0], hdr + frame)      # our own tap fd, non-blocking
+            except OSError as e:
+                raise ValueError(f"RARP not sent on {self.tap.name}: {e}") from None
+        else:
+            self.port.inject(frame)
+        log.info("%s: sent a RARP announcement for %s", self.name,
+                 ":".join(f"{b:02x}" for b in mac))
 
     def set_mtu(self, mtu: int) -> None:
         if not vn.MIN_MTU <= mtu <= vn.MAX_MTU:
@@ -346,7 +366,7 @@ class NetDevice(Device):
         if rx is not None and not self.port.rx_active(pair):
             self.port.attach_rx(pair, rx.size, rx.desc, rx.avail, rx.used, rx.last_avail_idx,
                                 rx.memory.table_bytes(), rx.call_fd, rx.event_idx, rx.indirect,
-                                rx.signal_call)
+                                rx.signal_call, log=rx.log)
             rx.signal_call = False
         tx_args, table = None, b""
         if tx is not None:
@@ -359,11 +379,13 @@ class NetDevice(Device):
             if rx is None and tx is None:
                 return
             w = NetWorker("tap", self.port, pair, None, self.tap.fds[pair], tx_args,
-                          rx.kick_fd if rx is not None else -1, table)
+                          rx.kick_fd if rx is not None else -1, table,
+                          tx_log=tx.log if tx is not None else None)
         else:
             if tx is None:
                 return                       # rx is passive in switch mode
-            w = NetWorker("switch", self.port, pair, self.switch, -1, tx_args, -1, table)
+            w = NetWorker("switch", self.port, pair, self.switch, -1, tx_args, -1, table,
+                          tx_log=tx.log)
         # broken latches are cleared by start_queue for the queue that (re)started only
         self.queues.start(pair, w, queue=2 * pair + 1, clear_broken=False)
 

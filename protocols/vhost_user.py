@@ -20,6 +20,12 @@ FLAG_NEED_REPLY = 0x8
 # GET/SET_PROTOCOL_FEATURES (spec "Protocol features").
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 
+# VHOST_F_LOG_ALL: virtio feature bit 26 in vhost's use, "log all writes" (spec "Migration"):
+# while negotiated the back-end marks every guest page it writes in the log bitmap of
+# SET_LOG_BASE, one bit per VHOST_LOG_PAGE bytes (bit page % 8 of byte page / 8).
+VHOST_F_LOG_ALL = 1 << 26
+VHOST_LOG_PAGE = 0x1000
+
 # Bit 8 of the u64 in SET_VRING_KICK/CALL/ERR: "no file descriptor, use polling" (spec).
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8

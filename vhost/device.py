@@ -86,6 +86,18 @@ class QueueHandle:
     features: int = 0         # negotiated virtio features
     memory: GuestMemory = field(default_factory=GuestMemory)
     signal_call: bool = False  # write call_fd once on start (lost-interrupt recovery)
+    # Dirty logging (VHOST_F_LOG_ALL negotiated and a log set by SET_LOG_BASE): the workers
+    # mark every guest page they write, the used ring's too when log_used_gpa >= 0.
+    log_addr: int = 0         # host address of the log bitmap; 0: not logging
+    log_size: int = 0         # its size in bytes
+    log_used_gpa: int = -1    # guest address of the used ring (SET_VRING_ADDR's log address)
+
+    @property
+    def log(self):
+        """What the Cython workers take as `log`: None, or (address, size, used-ring gpa)."""
+        if not self.log_addr:
+            return None
+        return (self.log_addr, self.log_size, self.log_used_gpa)
 
     @property
     def event_idx(self) -> bool:
@@ -264,6 +276,11 @@ class Device(abc.ABC):
     abandoned: int = 0          # workers given up on (WorkerStuck)
     max_queue_size: int = 1024
     device_type: str = "unknown"
+    # Whether the workers log their guest writes when the handle carries a log
+    # (QueueHandle.log): the protocol then offers VHOST_F_LOG_ALL and LOG_SHMFD, which QEMU
+    # needs to live-migrate the guest.  A device that writes guest memory any other way must
+    # leave this False.
+    dirty_log: bool = False
 
     @abc.abstractmethod
     def features(self) -> int:

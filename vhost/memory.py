@@ -1,6 +1,6 @@
 """memory.py: guest memory as the backend sees it.
 
-Owns mapping the frontend's region fds (mmap of `size + mmap_offset` from file offset 0, then
+Owns mapping the frontend's region fds (and its dirty-log bitmap, `LogRegion`) (mmap of `size + mmap_offset` from file offset 0, then
 `base + mmap_offset`, as libvhost-user does), translating guest-physical (descriptor) and
 frontend-virtual (ring) addresses to host pointers, and the packed region table the Cython engine
 copies.  A GuestMemory is an immutable snapshot: SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG build a
@@ -40,6 +40,26 @@ class MemoryError_(ValueError):
 GuestMemoryError = MemoryError_
 
 
+def map_shared(fd: int, length: int, offset: int, what: str) -> int:
+    """mmap `length` bytes of `fd` from `offset`, shared read-write; returns the address.
+    Only a regular file (memfd, shm, hugetlbfs, an image of guest RAM) is accepted -- a device
+    (/dev/zero, /dev/mem...) or anything else is refused -- and it must be long enough, or
+    touching the tail of the mapping would SIGBUS the whole process."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise GuestMemoryError(f"bad {what} fd: {e}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        raise GuestMemoryError(f"{what} fd is not a regular file (memfd, shm or hugetlbfs)")
+    if st.st_size < offset + length:
+        raise GuestMemoryError(f"{what} fd is {st.st_size} bytes, {offset + length} needed")
+    base = LIBC.mmap(None, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset)
+    if base is None or base == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise GuestMemoryError(f"mmap of {what} failed: {os.strerror(err)}")
+    return base
+
+
 @dataclass(eq=False)
 class MappedRegion:
     """One frontend memory region mapped into this process."""
@@ -65,22 +85,7 @@ class MappedRegion:
         map_len = size + mmap_offset
         if map_len > U64_MAX or map_len >= 1 << 47:
             raise GuestMemoryError(f"region too large ({map_len:#x} bytes)")
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise GuestMemoryError(f"bad region fd: {e}") from None
-        # A regular file (memfd, shm, hugetlbfs) must be long enough, or touching the tail of
-        # the mapping would SIGBUS the whole process: reject instead.
-        # Only a file (memfd, shm, hugetlbfs, an image of guest RAM) is guest memory; a
-        # device (/dev/zero, /dev/mem...) or anything else is refused.
-        if not _stat.S_ISREG(st.st_mode):
-            raise GuestMemoryError("region fd is not a regular file (memfd, shm or hugetlbfs)")
-        if st.st_size < map_len:
-            raise GuestMemoryError(f"region fd is {st.st_size} bytes, table needs {map_len}")
-        base = LIBC.mmap(None, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if base is None or base == MAP_FAILED:
-            err = ctypes.get_errno()
-            raise GuestMemoryError(f"mmap of region failed: {os.strerror(err)}")
+        base = map_shared(fd, map_len, 0, "region")
         return cls(guest_addr, size, user_addr, mmap_offset, base, map_len)
 
     def unmap(self) -> None:
@@ -91,6 +96,37 @@ class MappedRegion:
     def overlaps(self, other: "MappedRegion") -> bool:
         return (self.guest_addr < other.guest_addr + other.size
                 and other.guest_addr < self.guest_addr + self.size)
+
+
+@dataclass(eq=False)
+class LogRegion:
+    """The frontend's dirty-log bitmap (SET_LOG_BASE), mapped shared read-write."""
+    size: int
+    map_base: int
+
+    @property
+    def host_addr(self) -> int:
+        return self.map_base
+
+    @classmethod
+    def map(cls, fd: int, size: int, offset: int) -> "LogRegion":
+        """Map `size` bytes of `fd` from `offset` (as libvhost-user); the caller closes fd."""
+        if size == 0:
+            raise GuestMemoryError("log of size 0")
+        if size >= 1 << 47 or offset >= 1 << 63:
+            raise GuestMemoryError(f"log too large ({size:#x} bytes at {offset:#x})")
+        if offset % mmap_page():
+            raise GuestMemoryError(f"log offset {offset:#x} is not page-aligned")
+        return cls(size, map_shared(fd, size, offset, "log"))
+
+    def unmap(self) -> None:
+        if self.map_base:
+            LIBC.munmap(self.map_base, self.size)
+            self.map_base = 0
+
+
+def mmap_page() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
 
 
 class GuestMemory:

@@ -22,6 +22,10 @@ Queue lifecycle (QEMU 7.2's real behaviour, see ARCHITECTURE.md and tests/data/t
   worker stopped at;
 - SET_VRING_CALL with an fd asks the next start to signal the call fd once (lost-interrupt
   recovery after a reconnect, as libvhost-user does).
+- dirty logging (live migration): with VHOST_F_LOG_ALL negotiated and a log set by
+  SET_LOG_BASE, every queue is started with the log (QueueHandle.log), the used ring's guest
+  address when SET_VRING_ADDR carried VHOST_VRING_F_LOG; a new log restarts the queues that use
+  the old one before it is unmapped.
 
 The frontend is untrusted: every field is validated at its message (a ring base fits 16 bits),
 every fd it sends is checked for its kind before anything changes (kick/call/err: an eventfd or
@@ -56,6 +60,7 @@ from protocols.vhost_user import (
     ProtocolFeature,
     VERSION,
     VERSION_MASK,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_ADDR_F_LOG,
     VRING_IDX_MASK,
@@ -68,7 +73,7 @@ from protocols.vhost_user import (
 )
 
 from .device import Device, QueueHandle, WorkerStuck
-from .memory import GuestMemory, GuestMemoryError, MappedRegion
+from .memory import GuestMemory, GuestMemoryError, LogRegion, MappedRegion
 
 log = logging.getLogger("pyvhost.protocol")
 
@@ -82,7 +87,7 @@ MAX_MEM_SLOTS = 32
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS
-    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP)
+    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP | ProtocolFeature.LOG_SHMFD)
 # The split ring's indices are 16 bits (virtio 1.2 §2.7); a larger SET_VRING_BASE is an error.
 MAX_VRING_BASE = 0xFFFF
 # Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
@@ -220,6 +225,9 @@ class _Queue:
     running: bool = False               # the device has a worker on it
     signal_call: bool = False           # write the call fd once on the next start
     run_features: int = 0               # features the running worker was started with
+    run_log: bool = False               # the running worker logs into the current log
+    log_used: bool = False              # SET_VRING_ADDR's VHOST_VRING_F_LOG
+    log_gpa: int = 0                    # ... and its log_guest_addr (the used ring's GPA)
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,8 @@ class BackendProtocol:
         self._status = 0
         self._backend_req_fd = -1
         self._memory = GuestMemory()
+        self._dirty_log: LogRegion | None = None     # SET_LOG_BASE's bitmap
+        self._log_fd = -1                            # SET_LOG_FD's eventfd (kept, unused)
         self._queues = [_Queue(i) for i in range(device.num_queues)]
         self._logged: set[str] = set()
         self._suppressed = False
@@ -318,8 +328,8 @@ class BackendProtocol:
             FrontendReq.SET_OWNER: self._set_owner,
             FrontendReq.RESET_OWNER: self._reset_owner,
             FrontendReq.SET_MEM_TABLE: self._set_mem_table,
-            FrontendReq.SET_LOG_BASE: self._not_offered_log,
-            FrontendReq.SET_LOG_FD: self._not_offered_log,
+            FrontendReq.SET_LOG_BASE: self._set_log_base,
+            FrontendReq.SET_LOG_FD: self._set_log_fd,
             FrontendReq.SET_VRING_NUM: self._set_vring_num,
             FrontendReq.SET_VRING_ADDR: self._set_vring_addr,
             FrontendReq.SET_VRING_BASE: self._set_vring_base,
@@ -349,12 +359,18 @@ class BackendProtocol:
 
     @property
     def offered_features(self) -> int:
-        return int(self.device.features()) | VHOST_USER_F_PROTOCOL_FEATURES
+        log_all = VHOST_F_LOG_ALL if self.device.dirty_log else 0
+        return int(self.device.features()) | VHOST_USER_F_PROTOCOL_FEATURES | log_all
 
     @property
     def offered_protocol_features(self) -> ProtocolFeature:
-        return ProtocolFeature(int(self.device.protocol_features())
-                               & int(SUPPORTED_PROTOCOL_FEATURES))
+        # QEMU refuses to migrate a vhost-user device without both LOG_ALL and LOG_SHMFD
+        offered = int(self.device.protocol_features()) & int(SUPPORTED_PROTOCOL_FEATURES)
+        if self.device.dirty_log:
+            offered |= ProtocolFeature.LOG_SHMFD
+        else:
+            offered &= ~ProtocolFeature.LOG_SHMFD
+        return ProtocolFeature(offered)
 
     @property
     def features(self) -> int:
@@ -461,11 +477,21 @@ class BackendProtocol:
                                                    msg_fds)))
         return replies
 
+    def _replies(self, request: int) -> bool:
+        """Whether `request` is answered by a message of its own.  SET_LOG_BASE is, with
+        LOG_SHMFD negotiated: the frontend then waits for a u64 (QEMU's
+        vhost_user_set_log_base reads one and checks only its type), so a log that cannot be
+        mapped cannot be answered with a failure it would notice, and migrating without
+        logging would corrupt the guest: a failure closes the connection."""
+        return request in REPLYING_REQUESTS or (
+            request == FrontendReq.SET_LOG_BASE
+            and bool(self._protocol_features & ProtocolFeature.LOG_SHMFD))
+
     def _refuse_over_limit(self, header, cause: str) -> list[bytes]:
         msg = _Message(header.request, header.flags, b"", [])
         name = request_name(header.request)
         self._strike(f"{name}: {cause}")
-        if header.request in REPLYING_REQUESTS:
+        if self._replies(header.request):
             self._broken(f"{name}: {cause}")
         return self._ack(msg, ACK_FAILURE)
 
@@ -540,7 +566,7 @@ class BackendProtocol:
             cause = f"malformed {e}"
         except LimitExceeded as e:
             self._strike(f"{name}: {e}")             # logged here, or ProtocolClosed
-            if msg.request in REPLYING_REQUESTS:
+            if self._replies(msg.request):
                 raise ProtocolClosed(f"{name}: {e}") from None
             return self._ack(msg, ACK_FAILURE)
         except (RequestError, GuestMemoryError) as e:
@@ -549,10 +575,10 @@ class BackendProtocol:
             cause = f"{name}: {type(e).__name__}: {e}"
             log.debug("%s%s", self._prefix, cause, exc_info=True)
         else:
-            if msg.request in REPLYING_REQUESTS:
+            if self._replies(msg.request):
                 return [build_message(msg.request, result, REPLY_FLAGS)]
             return self._ack(msg, 0)
-        if msg.request in REPLYING_REQUESTS:
+        if self._replies(msg.request):
             log.warning("%s%s; no meaningful reply, closing the connection", self._prefix, cause)
             raise ProtocolClosed(cause)
         self._log_once(cause)
@@ -609,10 +635,19 @@ class BackendProtocol:
 
     def _start(self, q: _Queue) -> None:
         desc, avail, used = q.host
+        log_addr = log_size = 0
+        if self._features & VHOST_F_LOG_ALL:
+            if self._dirty_log is None:
+                self._log_once(f"queue {q.index}: LOG_ALL negotiated before SET_LOG_BASE; "
+                               f"its writes are not logged")
+            else:
+                log_addr, log_size = self._dirty_log.host_addr, self._dirty_log.size
         handle = QueueHandle(
             index=q.index, size=q.size, desc=desc, avail=avail, used=used,
             last_avail_idx=q.base, kick_fd=q.kick_fd, call_fd=q.call_fd, err_fd=q.err_fd,
-            features=self._features, memory=self._memory, signal_call=q.signal_call)
+            features=self._features, memory=self._memory, signal_call=q.signal_call,
+            log_addr=log_addr, log_size=log_size,
+            log_used_gpa=q.log_gpa if q.log_used and log_addr else -1)
         try:
             self.device.start_queue(q.index, handle)
         except Exception as e:
@@ -622,6 +657,7 @@ class BackendProtocol:
         q.running = True
         q.signal_call = False
         q.run_features = self._features
+        q.run_log = bool(log_addr)
         log.debug("%squeue %d running (size %d, base %d)", self._prefix, q.index, q.size, q.base)
 
     def _stop(self, q: _Queue) -> int:
@@ -776,9 +812,6 @@ class BackendProtocol:
         q = self._queue_for(body.index)
         if body.flags & ~VRING_ADDR_F_LOG:
             raise RequestError(f"queue {q.index}: unknown flags {body.flags:#x}")
-        if body.flags & VRING_ADDR_F_LOG:
-            self._log_once(f"SET_VRING_ADDR: queue {q.index} asks for dirty logging, which "
-                           "was not offered; ignored")
         addr = (body.descriptor, body.used, body.available)
         host = None
         if q.size and len(self._memory):
@@ -789,6 +822,9 @@ class BackendProtocol:
         if q.running:
             self._stop(q)
         q.addr, q.host = addr, host
+        # QEMU sets VHOST_VRING_F_LOG (with the used ring's guest address) on running queues
+        # when migration starts and clears it at the end: the restart picks it up
+        q.log_used, q.log_gpa = bool(body.flags & VRING_ADDR_F_LOG), body.log
         self._reconcile(q)
 
     def _set_vring_base(self, msg, body):
@@ -853,8 +889,50 @@ class BackendProtocol:
     def _set_vring_endian(self, msg, body):
         raise RequestError("rings are always little-endian (VERSION_1 only)")
 
-    def _not_offered_log(self, msg, body):
-        raise RequestError("dirty-page logging was not offered")
+    def _set_log_base(self, msg, body):
+        if not self._protocol_features & ProtocolFeature.LOG_SHMFD:
+            # the old form (a u64, no fd, no reply): nothing we could log into
+            raise RequestError("without protocol feature LOG_SHMFD")
+        msg.expect_fds(1)
+        self._check_memory_limit(self._mapped_bytes(log=False) + body.mmap_size)
+        fd = msg.take_fd()
+        try:
+            new = LogRegion.map(fd, body.mmap_size, body.mmap_offset)
+        finally:
+            _close(fd)
+        # QEMU replaces the log while queues log into it (it grows with guest memory): stop
+        # the workers that use the old one, restart them on the new one, and only then unmap
+        # the old
+        old = self._dirty_log
+        for q in self._queues:
+            if q.running and q.run_log:
+                self._stop(q)
+        self._dirty_log = new
+        try:
+            self._reconcile_all()
+        finally:
+            if old is not None:
+                self._release_region(old)
+        log.debug("%sdirty log of %d bytes at offset %d", self._prefix, body.mmap_size,
+                  body.mmap_offset)
+        return u64(0)
+
+    def _set_log_fd(self, msg, body):
+        # The eventfd a back-end may signal after updating the log.  QEMU polls the bitmap and
+        # never sends this; kept (checked, non-blocking) for the connection, not signalled.
+        if not self.device.dirty_log:
+            raise RequestError("dirty logging was not offered")
+        msg.expect_fds(1)
+        check_event_fd(msg.fds[0], write=True)
+        _close(self._log_fd)
+        self._log_fd = msg.take_fd()
+
+    def _mapped_bytes(self, log: bool = True) -> int:
+        """Guest memory and (with log) the dirty log this connection has mapped."""
+        total = sum(r.map_len for r in self._memory.regions)
+        if log and self._dirty_log is not None:
+            total += self._dirty_log.size
+        return total
 
     def _get_config(self, msg, body):
         offset, size, flags = body.offset, body.size, body.flags
@@ -885,7 +963,8 @@ class BackendProtocol:
 
     def _set_mem_table(self, msg, body):
         msg.expect_fds(body.num_regions)
-        self._check_memory_limit(sum(r.size + r.mmap_offset for r in body.regions))
+        self._check_memory_limit(sum(r.size + r.mmap_offset for r in body.regions)
+                                 + (self._dirty_log.size if self._dirty_log else 0))
         mapped = []
         try:
             for region, fd in zip(body.regions, msg.fds):
@@ -910,8 +989,7 @@ class BackendProtocol:
                 return          # QEMU may re-add a region it already sent: nothing to do
         if len(self._memory) >= MAX_MEM_SLOTS:
             raise RequestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-        self._check_memory_limit(sum(r.map_len for r in self._memory.regions)
-                                 + region.size + region.mmap_offset)
+        self._check_memory_limit(self._mapped_bytes() + region.size + region.mmap_offset)
         fd = msg.take_fd()
         try:
             new_region = self._map(fd, region)
@@ -966,6 +1044,9 @@ class BackendProtocol:
             for q in self._queues:
                 self._release_queue_fds(q)
                 q.host = None
+            if self._dirty_log is not None:
+                self._release_region(self._dirty_log)
+                self._dirty_log = None
             if self._stuck:
                 self._leaked.extend(self._memory.regions)
                 log.error("%sleaving guest memory mapped and %d fds open for a stuck worker",
@@ -973,6 +1054,8 @@ class BackendProtocol:
             else:
                 self._memory.unmap_all()
             self._memory = GuestMemory()
+            _close(self._log_fd)
+            self._log_fd = -1
             _close(self._backend_req_fd)
             self._backend_req_fd = -1
             for fd in self._pending_fds:

@@ -9,8 +9,9 @@ One input = one device and a sequence of steps:
              pages), eventfds, either end of a pipe, /dev/null, a socket; delivered whole, split
              as the server reads it, split anywhere, or glued to the next message (its fds then
              ride with the glued bytes, as SCM_RIGHTS does)
-  SETUP      the usual start of a queue (features, a memory table or ADD_MEM_REG of a 256 KiB
-             memfd, NUM/ADDR/BASE/CALL/KICK/ENABLE), so the fuzzer reaches running workers
+  SETUP      the usual start of a queue (features, optionally a dirty log first, a memory table
+             or ADD_MEM_REG of a 256 KiB memfd, NUM/ADDR/BASE/CALL/KICK/ENABLE), so the fuzzer
+             reaches running workers (logging ones too)
   POKE       bytes written into a memfd we handed over (the guest writing its rings)
   KICK       an eventfd we handed over is written (a kick)
   RECONNECT  connection_lost and a new conversation with the same device
@@ -129,6 +130,9 @@ class Conn:
             if request in (R.ADD_MEM_REG, R.REM_MEM_REG):
                 r = vu.parse_payload(request, payload).region
                 return [r.size + r.mmap_offset]
+            if request == R.SET_LOG_BASE:
+                lg = vu.parse_payload(request, payload)
+                return [lg.mmap_size + lg.mmap_offset]
         except Exception:       # noqa: BLE001 - a payload that does not parse names no region
             pass
         return []
@@ -194,6 +198,11 @@ class Conn:
             self.send(R.SET_PROTOCOL_FEATURES, vu.u64(pf if opts & 0x40 else pf & mask >> 32))
         self.send(R.SET_OWNER, b"")
         self.send(R.GET_FEATURES, b"")
+        if opts & 0x80:         # a dirty log, as QEMU sets one before LOG_ALL at migration
+            size = 1 + inp.u16()
+            fd = self._memfd(-(-size // PAGE_SHORT) * PAGE_SHORT)
+            self.send(R.SET_LOG_BASE, vu.Log.build(dict(mmap_size=size, mmap_offset=0)),
+                      vu.VERSION, [fd])
         self.send(R.SET_FEATURES, vu.u64(offered & mask), flags)
         if not opts & 4 or self.setup_map is None:
             fd = self._memfd(SETUP_MEM)

@@ -15,9 +15,13 @@ The workers copy headers and status bytes with memcpy (guard pages catch those) 
 segments to the kernel (preadv / pwritev / getrandom), which reports a bad address as EFAULT, not
 a fault: any backing-store error is therefore a crash too (the image is a regular file and every
 request the worker accepts lies inside it).  Canary bytes in each region's page slack must stay.
+With config bit 5 the queue logs its writes (dirty logging, as while migrating) into a log
+bitmap of fuzzed size, guarded like a region (its last byte against a guard page), with a
+fuzzed used-ring log address: a bit set past the declared size faults.
 
 Layout (all fields front-consumed, see data.py): u8 config (bit 0 event_idx, bit 1 no indirect,
-bits 2-3 driver, bit 4 read-only), u8 queue size, u8 region count and per region u8 kind,
+bits 2-3 driver, bit 4 read-only, bit 5 dirty log), u8 queue size, [u16 log size, u64 used-ring
+log address (bit 63: none)], u8 region count and per region u8 kind,
 u8 pages, u16 size trim, [u64 gpa]; ring offsets u32 x3; ring state; descriptor writes; then
 raw pokes into the regions until the input ends.
 """
@@ -30,7 +34,7 @@ import tempfile
 from cython_ext.blk import BlkQueueWorker
 from cython_ext.ring import RingProbe
 from cython_ext.rng import RngQueueWorker
-from vhost.testing.guarded import PAGE, GuardedMemory
+from vhost.testing.guarded import PAGE, GuardedMemory, GuardedRegion
 
 from tests.fuzz.data import Input
 
@@ -228,9 +232,10 @@ def check_chain(c: dict, lay: Layout) -> None:
             assert c["last_byte"] == addr + n - 1, c
 
 
-def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirect: bool) -> None:
+def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirect: bool,
+              log=None) -> None:
     probe = RingProbe(lay.qsize, lay.desc, lay.avail, lay.used, last_avail,
-                      lay.mem.table_bytes(), event_idx, indirect, _CALL)
+                      lay.mem.table_bytes(), event_idx, indirect, _CALL, log=log)
     popped, broken = 0, False
     for k in range(min(lay.qsize, MAX_POPS) + 2):
         try:
@@ -242,7 +247,7 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
             break
         popped += 1
         check_chain(c, lay)
-        probe.push(c["head"], c["total_len"] & 0xFFFFFFFF)
+        probe.complete(c["total_len"] & 0xFFFFFFFF)
         if k % 7 == 6:
             probe.publish()
             probe.notify()
@@ -261,18 +266,18 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
 
 
 def run_worker(driver: str, cfg: int, lay: Layout, last_avail: int, event_idx: bool,
-               indirect: bool) -> None:
+               indirect: bool, log=None) -> None:
     table = lay.mem.table_bytes()
     if driver == "rng":
         w = RngQueueWorker(0, lay.qsize, lay.desc, lay.avail, lay.used, last_avail, table, -1,
                            _CALL, event_idx=event_idx, indirect=indirect,
-                           max_bytes=4 << 20, period_ms=3_600_000)
+                           max_bytes=4 << 20, period_ms=3_600_000, log=log)
     else:
         w = BlkQueueWorker(0, lay.qsize, lay.desc, lay.avail, lay.used, last_avail, table, -1,
                            _CALL, _FD_DIRECT, _FD_BUFFERED, bool(cfg & 0x10), IMAGE_SECTORS,
                            b"fuzz-serial", event_idx=event_idx, indirect=indirect,
                            use_io_uring=driver == "blk-uring", max_discard_sectors=64,
-                           max_write_zeroes_sectors=64)
+                           max_write_zeroes_sectors=64, log=log)
     try:
         # The runtime's own loop: with the stop flag already set each run() is one batch (and
         # the at-stop completion of in-flight I/O); a ring that feeds itself cannot hang it.
@@ -295,13 +300,23 @@ def TestOneInput(data: bytes) -> None:
     # to size^2 descriptor steps (by design, as in QEMU).  Queues past 1024 only for the probe,
     # which pops at most MAX_POPS chains.
     qsize = 1 << (qlog % (16 if driver == "probe" else 11) if qlog & 0x80 else qlog % 9)
+    log_region, log = None, None
+    if cfg & 0x20:
+        size = 1 + inp.u16()
+        used_gpa = inp.u64()
+        log_region = GuardedRegion(0, size, align_end=True)     # a guard right after its end
+        log = (log_region.host, size, -1 if used_gpa >> 63 else used_gpa)
     lay = Layout(inp, qsize)
     try:
         last_avail, delta = build(inp, lay)
         if driver == "probe":
-            run_probe(lay, last_avail, delta, event_idx, indirect)
+            run_probe(lay, last_avail, delta, event_idx, indirect, log)
         else:
-            run_worker(driver, cfg, lay, last_avail, event_idx, indirect)
+            run_worker(driver, cfg, lay, last_avail, event_idx, indirect, log)
         assert lay.mem.slack_intact(), "a write landed in a region's page slack"
+        if log_region is not None:
+            assert log_region.slack_intact(), "a log bit was set before the log's start"
     finally:
         lay.mem.close()
+        if log_region is not None:
+            log_region.close()

@@ -641,3 +641,62 @@ def test_switch_hostile_tx_chains(sockdir):
     assert sa["tx_dropped"] == len(hostile), sa
     assert sa["tx_packets"] == len(hostile)        # the good frames only
     assert stats["sw0:1"]["rx_packets"] == len(hostile)
+
+
+def is_rarp(frame: bytes) -> bool:
+    return len(frame) >= 14 and struct.unpack_from("!H", frame, 12)[0] == 0x8035
+
+
+def test_switch_send_rarp_after_migration_announces_and_moves_the_mac(sockdir):
+    """Live migration as the switch sees it: the guest with MAC_A ran behind port a, comes up
+    behind port c (the destination QEMU's device), and QEMU sends SEND_RARP there.  Every other
+    port gets QEMU's RARP announcement byte for byte, and the switch now delivers MAC_A's
+    unicast to c only."""
+    from protocols.ethernet import rarp_announce
+    from protocols.vhost_user import FrontendReq, ProtocolFeature
+    from vhost.testing.connection import WANTED_PROTOCOL_FEATURES
+    socks = [sockdir / n for n in ("a", "b", "c")]
+    with pyvhost_net(socks, switch="sw0") as be:
+        with NetFrontend(socks[0], mac=MAC_A, timeout=TIMEOUT) as a, \
+                NetFrontend(socks[1], mac=MAC_B, timeout=TIMEOUT) as b, \
+                NetFrontend(socks[2], mac=MAC_C, timeout=TIMEOUT,
+                            protocol_features=WANTED_PROTOCOL_FEATURES
+                            | ProtocolFeature.RARP) as c:
+            assert c.protocol_features & ProtocolFeature.RARP
+            # before: MAC_A is learned at port a
+            a.send(make_frame(64, dst=b"\xff" * 6, src=MAC_A, seq=1))
+            recv_matching(b, 1)
+            recv_matching(c, 1)
+            b.send(make_frame(64, dst=MAC_A, src=MAC_B, seq=2))
+            assert len(recv_matching(a, 1)) == 1
+            assert_silent(c)
+            # the guest now lives behind c: QEMU announces it
+            c.setup(FrontendReq.SEND_RARP, MAC_A + b"\0\0")
+            for nf in (a, b):
+                got = recv_matching(nf, 1, match=is_rarp)
+                assert [p.frame for p in got] == [rarp_announce(MAC_A)]
+            assert_silent(c, match=is_rarp)          # never back to the announcing port
+            # the switch learned MAC_A's new place
+            moved = make_frame(64, dst=MAC_A, src=MAC_B, seq=3)
+            b.send(moved)
+            assert [p.frame for p in recv_matching(c, 1)] == [moved]
+            assert_silent(a)
+    assert "sent a RARP announcement for 02:0a:00:00:00:01" in be.log_text()
+
+
+
+def test_tap_send_rarp_goes_out_of_the_tap(netns, sockdir):
+    """Tap mode: SEND_RARP puts QEMU's announcement on the host's side of the tap."""
+    from protocols.ethernet import ETH_P_RARP, rarp_announce
+    from protocols.vhost_user import FrontendReq, ProtocolFeature
+    from vhost.testing.connection import WANTED_PROTOCOL_FEATURES
+    sock = sockdir / "t.sock"
+    with pyvhost_net(sock, tap=TAP, netns=netns) as be:
+        wait_tap_up(netns, be)
+        with NetFrontend(sock, mac=GUEST_MAC, timeout=TIMEOUT,
+                         protocol_features=WANTED_PROTOCOL_FEATURES
+                         | ProtocolFeature.RARP) as nf:
+            with capture(netns, TAP, 1, ethertypes=(ETH_P_RARP,)) as cap:
+                nf.setup(FrontendReq.SEND_RARP, GUEST_MAC + b"\0\0")
+                got = [f for _, f in cap.frames()]
+            assert got == [rarp_announce(GUEST_MAC)]

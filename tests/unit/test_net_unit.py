@@ -28,7 +28,10 @@ def hdr(flags=0, gso=0, hdr_len=0, gso_size=0, cs_start=0, cs_off=0, nbuf=0):
 
 
 class NetRig:
-    def __init__(self, *, mrg=True, guest_csum=True, guest_tso=True, qsize=256, event_idx=True):
+    def __init__(self, *, mrg=True, guest_csum=True, guest_tso=True, qsize=256, event_idx=True,
+                 dirty_log=None):
+        """dirty_log: a vhost.testing.dirtylog.DirtyLog both queues log into (used rings
+        included), as while migrating."""
         self.ram = GuestRAM(MEM, pc_two_region_layout(MEM))
         self.ram.mm[HOLE[0]:HOLE[1]] = b"\xC3" * (HOLE[1] - HOLE[0])
         self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
@@ -54,17 +57,22 @@ class NetRig:
         self.port.attach_rx(0, qsize, self.mem.uva_to_host(d, 16 * qsize),
                             self.mem.uva_to_host(a, 6 + 2 * qsize),
                             self.mem.uva_to_host(u, 6 + 8 * qsize), 0, table, self.fds[1],
-                            event_idx, True)
+                            event_idx, True,
+                            log=self._log(dirty_log, self.rx))
         d, u, a = self.tx.addresses()
         txq = (qsize, self.mem.uva_to_host(d, 16 * qsize), self.mem.uva_to_host(a, 6 + 2 * qsize),
                self.mem.uva_to_host(u, 6 + 8 * qsize), 0, self.fds[2], self.fds[3], event_idx,
                True, False)
         self.worker = NetWorker("tap", self.port, 0, None, self.tap.fileno(), txq, self.fds[0],
-                                table)
+                                table, tx_log=self._log(dirty_log, self.tx))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.rx_bufs = {}
         self.pending = []
+
+    @staticmethod
+    def _log(dirty_log, vq):
+        return None if dirty_log is None else (dirty_log.address, dirty_log.size, vq.used_gpa)
 
     def post_rx(self, n, size):
         heads = []
@@ -302,3 +310,53 @@ def test_tx_counters_equal_the_device_mapping(rig):
     want = dict.fromkeys(COUNTER_KEYS, 0)
     want.update(NetDevice._tx_counters(rig.worker))
     assert c == want and c["requests"] == 2 and c["bytes_read"] == 60 + 1514
+
+
+def test_dirty_log_marks_rx_buffers_and_used_rings_not_tx_buffers():
+    """Migrating: a frame from the tap lands in three mergeable rx buffers; exactly the bytes
+    written (header included) and both used rings are logged, the tx frame's buffer is not."""
+    from protocols import virtio
+    from vhost.testing.dirtylog import DirtyLog, log_size_for, pages
+    dlog = DirtyLog(log_size_for(MEM))
+    rig = NetRig(dirty_log=dlog)
+    try:
+        used = pages(rig.rx.used_gpa, virtio.used_ring_size(256)) | \
+            pages(rig.tx.used_gpa, virtio.used_ring_size(256))
+        rig.ram.alloc(64 << 10)                 # buffers on pages of their own, past the rings
+        bufs = {}
+        heads = []
+        for _ in range(4):
+            g = rig.ram.alloc(1500, align=4096)
+            h = rig.rx.add_chain([(g, 1500, True)])
+            rig.rx_bufs[h] = bufs[h] = (g, 1500)
+            heads.append(h)
+        rig.rx.publish(heads)
+        rig.rx.kick()
+        frame = eth(3000)
+        rig.peer.send(hdr() + frame)
+        got = rig._used(3, 5)
+        assert sum(n for _, n in got) == HDR + len(frame)
+        written = set()
+        for head, n in got:
+            written |= pages(bufs[head][0], n)
+        dirty = dlog.dirty()
+        assert written <= dirty <= written | used
+        # the fourth buffer was not used: its page is clean
+        spare = [h for h in heads if h not in {g[0] for g in got}][0]
+        assert not pages(bufs[spare][0], 1500) & dirty
+        # tx: the device reads the frame and writes only its used ring
+        dlog.clear()
+        g = rig.ram.alloc(HDR + 1000, align=4096)
+        rig.ram.write(g, hdr() + eth(1000))
+        head = rig.tx.add_chain([(g, HDR + 1000, False)])
+        rig.tx.publish([head])
+        rig.tx.kick()
+        assert rig.peer.recv(65536)
+        assert rig.tx.wait_used(1, timeout=5) == [(head, 0)]
+        dirty = dlog.dirty()
+        assert dirty and dirty <= used
+        assert not pages(g, HDR + 1000) & dirty
+        assert dlog.tail_clean()
+    finally:
+        rig.close()
+        dlog.close()

@@ -1295,3 +1295,152 @@ def test_set_features_stops_queues_before_the_device_sees_the_change(ready):
     assert events[:2] == [("stop", 0), ("ack", feats & ~0x10000000)]
     assert 0 in dev.running                           # restarted with the new set
     assert dev.starts(0)[-1].features == feats & ~0x10000000
+
+
+# --- dirty logging (VHOST_F_LOG_ALL, LOG_SHMFD) ------------------------------------------------
+
+class LoggingDevice(FakeDevice):
+    """A FakeDevice whose workers would log (dirty_log); stop records whether the log its
+    worker had was still mapped at that moment."""
+    dirty_log = True
+
+    def __init__(self, proto_ref, **kw):
+        super().__init__(**kw)
+        self.proto_ref = proto_ref
+        self.log_mapped_at_stop = []
+
+    def stop_queue(self, index):
+        h = self.running[index]
+        if h.log is not None:
+            # the log the worker had is still mapped: its first byte is readable here
+            self.log_mapped_at_stop.append(ctypes.c_uint8.from_address(h.log_addr).value >= 0)
+        return super().stop_queue(index)
+
+
+def log_base(size, offset=0):
+    return vu.Log.build(dict(mmap_size=size, mmap_offset=offset))
+
+
+@pytest.fixture
+def logging_peer():
+    ref = []
+    p = Peer(LoggingDevice(ref))
+    yield p
+    p.proto.connection_lost()
+
+
+def test_dirty_log_offered_only_by_devices_that_log(peer, logging_peer):
+    assert not u64_of(peer.get(R.GET_FEATURES)) & vu.VHOST_F_LOG_ALL
+    assert not u64_of(peer.get(R.GET_PROTOCOL_FEATURES)) & PF.LOG_SHMFD
+    assert u64_of(logging_peer.get(R.GET_FEATURES)) & vu.VHOST_F_LOG_ALL
+    assert u64_of(logging_peer.get(R.GET_PROTOCOL_FEATURES)) & PF.LOG_SHMFD
+
+
+def test_set_log_base_replies_and_queues_log_while_log_all(logging_peer):
+    p = logging_peer
+    features = p.negotiate(u64_of(p.get(R.GET_FEATURES)) & ~vu.VHOST_F_LOG_ALL)
+    p.add_memory()
+    p.setup_ring(0)
+    p.enable(0)
+    assert p.device.running[0].log is None               # no LOG_ALL: not logging
+    lfd = memfd(4096)
+    # with LOG_SHMFD the reply is a message of its own (QEMU reads it), no NEED_REPLY needed
+    assert p.send(R.SET_LOG_BASE, log_base(4096), fds=[lfd]) == [
+        (R.SET_LOG_BASE, REPLY, vu.u64(0))]
+    assert not is_open(lfd)                              # mapped, fd closed
+    assert p.device.running[0].log is None               # still no LOG_ALL
+    # migration starts: LOG_ALL on a running queue, then VHOST_VRING_F_LOG with the used ring
+    assert p.ack(R.SET_FEATURES, vu.u64(features | vu.VHOST_F_LOG_ALL)) == 0
+    h = p.device.running[0]
+    assert h.log is not None and h.log[1] == 4096 and h.log[2] == -1
+    used_gpa = GPA + USED
+    addr = vu.VringAddr.build(dict(index=0, flags=vu.VRING_ADDR_F_LOG, descriptor=UVA + DESC,
+                                   used=UVA + USED, available=UVA + AVAIL, log=used_gpa))
+    assert p.ack(R.SET_VRING_ADDR, addr) == 0
+    assert p.device.running[0].log == (h.log_addr, 4096, used_gpa)
+    # migration ends: LOG_ALL off: the queue runs on without a log, at the index it stopped
+    p.device.advance[0] = 5
+    assert p.ack(R.SET_FEATURES, vu.u64(features)) == 0
+    assert p.device.running[0].log is None
+    assert p.device.running[0].last_avail_idx == 5
+    assert p.device.log_mapped_at_stop == [True, True]
+
+
+def test_a_new_log_restarts_the_logging_queues_before_the_old_is_unmapped(logging_peer):
+    p = logging_peer
+    features = p.negotiate()
+    assert features & vu.VHOST_F_LOG_ALL
+    p.add_memory()
+    first = memfd(4096)
+    assert p.send(R.SET_LOG_BASE, log_base(4096), fds=[first])[0][2] == vu.u64(0)
+    p.setup_ring(0)
+    p.enable(0)
+    old = p.device.running[0].log_addr
+    assert old
+    second = memfd(8192)
+    assert p.send(R.SET_LOG_BASE, log_base(8192), fds=[second])[0][2] == vu.u64(0)
+    h = p.device.running[0]
+    assert h.log_addr and h.log_size == 8192
+    assert p.device.stops(0) == [0]                   # the worker on the old log stopped ...
+    assert p.device.log_mapped_at_stop == [True]      # ... while it was still mapped
+    # the old mapping is gone now
+    with open("/proc/self/maps") as f:
+        starts = {int(line.split("-")[0], 16) for line in f}
+    assert old not in starts and h.log_addr in starts
+
+
+def test_set_log_base_refusals(logging_peer):
+    p = logging_peer
+    # LOG_SHMFD not negotiated: the old form, nothing to log into: a failure ack
+    p.send(R.SET_PROTOCOL_FEATURES, vu.u64(PF.REPLY_ACK))
+    fd = memfd(4096)
+    assert p.ack(R.SET_LOG_BASE, log_base(4096), [fd]) != 0
+    assert not is_open(fd)
+    # negotiated: a log that cannot be mapped closes the connection (the frontend would take
+    # any reply for success and migrate without a log)
+    for payload, fds in ((log_base(8192), [memfd(4096)]),        # fd shorter than the log
+                         (log_base(4096), [eventfd()]),          # not a regular file
+                         (log_base(4096, 100), [memfd(8192)]),   # unaligned offset
+                         (log_base(4096), [])):                  # no fd
+        q = Peer(LoggingDevice([]))
+        q.negotiate()
+        with pytest.raises(ProtocolClosed):
+            q.send(R.SET_LOG_BASE, payload, fds=fds)
+        assert all(not is_open(f) for f in fds)
+        q.proto.connection_lost()
+
+
+def test_log_counts_towards_the_memory_limit():
+    p = Peer(LoggingDevice([]))
+    p.proto = BackendProtocol(p.device, name="test", limits=Limits(max_guest_memory=MEM_SIZE
+                                                                   + 4096))
+    p.negotiate()
+    p.add_memory()
+    fd = memfd(8192)
+    with pytest.raises(ProtocolClosed):
+        p.send(R.SET_LOG_BASE, log_base(8192), fds=[fd])
+    assert not is_open(fd)
+    p.proto.connection_lost()
+
+
+def test_set_log_fd_kept_checked_and_closed_at_the_end(logging_peer):
+    p = logging_peer
+    p.negotiate()
+    fd = memfd(4096)
+    assert p.ack(R.SET_LOG_FD, fds=[fd]) != 0              # not an eventfd
+    assert not is_open(fd)
+    efd = os.eventfd(0, os.EFD_CLOEXEC)                    # blocking: made non-blocking
+    assert p.ack(R.SET_LOG_FD, fds=[efd]) == 0
+    assert is_open(efd) and fcntl.fcntl(efd, fcntl.F_GETFL) & os.O_NONBLOCK
+    p.proto.connection_lost()
+    assert not is_open(efd)
+
+
+def test_connection_lost_unmaps_the_log(logging_peer):
+    p = logging_peer
+    p.negotiate()
+    assert p.send(R.SET_LOG_BASE, log_base(4096), fds=[memfd(4096)])[0][2] == vu.u64(0)
+    addr = p.proto._dirty_log.host_addr
+    p.proto.connection_lost()
+    with open("/proc/self/maps") as f:
+        assert addr not in {int(line.split("-")[0], 16) for line in f}

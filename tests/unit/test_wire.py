@@ -131,3 +131,15 @@ def test_blk_layouts():
     assert raw[vb.WRITEBACK_OFFSET] == 1
     assert raw[34:36] == (2).to_bytes(2, "little")
     assert raw[56] == 1
+
+
+def test_rarp_announcement_is_qemus():
+    """protocols.ethernet.rarp_announce builds what QEMU's announce_self_create does."""
+    from protocols.ethernet import rarp_announce
+    mac = bytes.fromhex("525400123456")
+    f = rarp_announce(mac)
+    assert len(f) == 60
+    assert f[:6] == b"\xff" * 6 and f[6:12] == mac
+    assert f[12:22] == bytes.fromhex("8035" "0001" "0800" "06" "04" "0003")
+    assert f[22:28] == mac and f[28:32] == bytes(4) and f[32:38] == mac
+    assert f[38:] == bytes(22)

@@ -26,10 +26,13 @@ from protocols.vhost_user import (
     MAX_MEM_TABLE_REGIONS,
     VERSION,
     VERSION_MASK,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_ADDR_F_LOG,
     Config,
     FrontendReq,
     Header,
+    Log,
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
@@ -46,7 +49,7 @@ from vhost.testing.virtqueue import DEFAULT_TIMEOUT, VirtQueue
 # Protocol features negotiated when offered (QEMU asks for more; these are what we implement).
 WANTED_PROTOCOL_FEATURES = (
     ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.CONFIG
-    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD
 )
 MAX_REPLY_PAYLOAD = 4096
 
@@ -240,6 +243,38 @@ class VhostUserFrontend:
             raise VhostUserError(f"ack of {request_name(request)}: payload of {len(reply)} "
                                  f"bytes, expected a u64")
         return int.from_bytes(reply, "little")
+
+    # -- dirty logging, as QEMU's vhost_migration_log does it around a live migration --
+
+    def log_start(self, log) -> None:
+        """Migration starts: SET_LOG_BASE with `log` (a vhost.testing.dirtylog.DirtyLog; the
+        backend's u64 reply is read, as with LOG_SHMFD it must be), SET_FEATURES with
+        VHOST_F_LOG_ALL added (acked), then SET_VRING_ADDR with VHOST_VRING_F_LOG and the used
+        ring's guest address for every queue -- all while the queues run."""
+        if not self.backend_features & VHOST_F_LOG_ALL:
+            raise FrontendError("the backend does not offer VHOST_F_LOG_ALL")
+        if not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise FrontendError("LOG_SHMFD was not negotiated")
+        reply = self.call(FrontendReq.SET_LOG_BASE,
+                          Log.build(dict(mmap_size=log.size, mmap_offset=0)), [log.fd])
+        if len(reply) != 8:
+            raise VhostUserError(f"reply to SET_LOG_BASE: {len(reply)} bytes, expected a u64")
+        self.features |= VHOST_F_LOG_ALL
+        self.setup(FrontendReq.SET_FEATURES, u64(self.features))
+        self._set_vring_addrs(log=True)
+
+    def log_stop(self) -> None:
+        """Migration ends (or is cancelled): LOG_ALL off, rings without VHOST_VRING_F_LOG."""
+        self.features &= ~VHOST_F_LOG_ALL
+        self.setup(FrontendReq.SET_FEATURES, u64(self.features))
+        self._set_vring_addrs(log=False)
+
+    def _set_vring_addrs(self, log: bool) -> None:
+        for vq in self.queues:
+            desc, used, avail = vq.addresses()
+            self.setup(FrontendReq.SET_VRING_ADDR, VringAddr.build(dict(
+                index=vq.index, flags=VRING_ADDR_F_LOG if log else 0, descriptor=desc,
+                used=used, available=avail, log=vq.used_gpa if log else 0)))
 
     def replace_call_fd(self, queue: int, fd: int) -> int:
         """Hand the backend `fd` (an eventfd this frontend now owns) as the call fd of `queue`
