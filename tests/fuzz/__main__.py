@@ -4,8 +4,8 @@
 Runs one fuzz target of tests/fuzz under atheris (libFuzzer).  Exit status 0: no crash; non-zero:
 libFuzzer found one and wrote the input to the artifacts directory (crash-<sha1>), or a
 --reproduce input still fails.  New coverage-increasing inputs go to --corpus (default: a
-temporary directory, removed afterwards); the committed seeds in tests/fuzz/corpus/TARGET are
-always read, never written.  libFuzzer ends the process with exit(), so it runs in a child
+temporary directory, removed afterwards); the committed seeds in tests/fuzz/corpus/TARGET and
+the inputs that once crashed in tests/fuzz/crashes/TARGET are always read, never written.  libFuzzer ends the process with exit(), so it runs in a child
 process and this one cleans up after it.
 
 Order matters for native coverage: libFuzzer (atheris's core module) is loaded into the global
@@ -33,6 +33,7 @@ from tests.fuzz import INSTRUMENT, TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
+CRASHES = os.path.join(HERE, "crashes")      # inputs that once crashed: always read as seeds
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -163,9 +164,9 @@ def child(args) -> int:
     else:
         os.makedirs(args.corpus, exist_ok=True)
         dirs = [args.corpus]
-        seeds = os.path.join(CORPUS, args.target)
-        if not args.no_seeds and os.path.isdir(seeds):
-            dirs.append(seeds)
+        for seeds in (os.path.join(CORPUS, args.target), os.path.join(CRASHES, args.target)):
+            if not args.no_seeds and os.path.isdir(seeds):
+                dirs.append(seeds)
     atheris.Setup([sys.argv[0]] + flags + list(args.libfuzzer) + dirs, one_input,
                   internal_libfuzzer=True)
     atheris.Fuzz()          # ends the process itself (0, or non-zero on a crash)

@@ -51,6 +51,23 @@ def test_fuzz_target_finds_no_crash(target, tmp_path):
         assert "native coverage (SanitizerCoverage)" in r.stderr, r.stderr[:3000]
 
 
+CRASHES = Path(REPO_ROOT) / "tests" / "fuzz" / "crashes"
+CRASH_INPUTS = sorted(p for p in CRASHES.glob("*/*") if p.is_file() and p.name != "README.md")
+
+
+@pytest.mark.parametrize("path", CRASH_INPUTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_input_fuzzing_crashed_on_runs_clean_now(path, tmp_path):
+    """The inputs long fuzz runs crashed on (tests/fuzz/crashes/TARGET/, see its README):
+    each one replayed through its target must not fail any more."""
+    r = fuzz(path.parent.name, "--reproduce", str(path), artifacts=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-6000:]
+    assert "Running: " in r.stderr, r.stderr[-3000:]
+
+
+def test_there_are_recorded_crash_inputs():
+    assert CRASH_INPUTS, f"no inputs under {CRASHES}"
+
+
 @pytest.mark.parametrize("how", ["raise", "segv"])
 def test_a_crash_fails_the_run_and_keeps_its_input(how, tmp_path):
     seeds = tmp_path / "seeds"
