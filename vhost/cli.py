@@ -49,6 +49,9 @@ def device_parser(dtype: DeviceType) -> argparse.ArgumentParser:
     else:
         p.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
     p.add_argument("--fd", type=int, metavar="FDNUM", help="inherited listening socket fd")
+    p.add_argument("--client", action="store_true",
+                   help="connect to --socket-path, where QEMU listens (-chardev socket,"
+                        "server=on), and re-dial whenever the connection drops")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=None,
@@ -108,6 +111,8 @@ def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.
         p.error("exactly one of --socket-path and --fd is required")
     if args.fd is not None and args.fd < 0:
         p.error("--fd must be a non-negative file descriptor")
+    if args.client and args.fd is not None:
+        p.error("--client connects to --socket-path; it does not take --fd")
     values = {o.attr: getattr(args, o.attr) for o in dtype.cli_options()}
     names = Names(cli=True)
     try:
@@ -117,6 +122,7 @@ def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.
         keep = {f for f in cls.__dataclass_fields__}
         specs = []
         for kw in kwargs:
+            kw = dict(kw, mode="client" if args.client else "server")
             spec = cls(**{k: v for k, v in kw.items() if k in keep}, listen_fd=args.fd)
             dtype.check(spec, names, False)
             specs.append(spec)

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 import devices
-from .devtype import BASE_KEYS, MAX_SOCKET_PATH, Names, Option, OptionProblem
+from .devtype import BASE_KEYS, MAX_SOCKET_PATH, MODES, Names, Option, OptionProblem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # systemd's FileDescriptorName= (LISTEN_FDNAMES) allows up to 255 characters without ':';
@@ -198,8 +198,11 @@ def _options(c: _Checker, options, t: dict, where: str) -> dict:
 def _device(c: _Checker, dtype, t: dict, where: str):
     options = dtype.toml_options()
     c.unknown(t, set(BASE_KEYS) | {o.name for o in options}, where)
+    mode = c.take(t, where, "mode", str, "server")
+    if mode not in MODES:
+        c.fail(where, f"mode must be \"server\" or \"client\", not {mode!r}")
     spec = dtype.spec_class()(name=t["name"], socket=c.take(t, where, "socket", str),
-                              **_options(c, options, t, where))
+                              mode=mode, **_options(c, options, t, where))
     c.socket_path(where, spec.socket)
     try:
         dtype.check(spec, Names(cli=False), c.check_files)

@@ -134,7 +134,12 @@ class Option:
 
 
 # The keys every [[device]] has besides its type's options (vhost/config.py checks them).
-BASE_KEYS = ("name", "type", "socket")
+BASE_KEYS = ("name", "type", "socket", "mode")
+# `mode`: "server" (we listen on `socket`, QEMU connects: `-chardev socket,path=...`) or "client"
+# (QEMU listens, `-chardev socket,server=on,...`, libvirt's mode='server'; we connect and re-dial
+# whenever the connection drops, so a backend restart needs nothing from QEMU: OVS-DPDK's
+# dpdkvhostuserclient).
+MODES = ("server", "client")
 
 
 class Names:
@@ -192,11 +197,12 @@ class DeviceType:
     # -- specs --------------------------------------------------------------------------------
 
     def spec_class(self):
-        """The frozen spec dataclass of this type: name, socket, one field per option, type,
-        listen_fd (command line --fd only; not compared, so it never looks like a change)."""
+        """The frozen spec dataclass of this type: name, socket, mode, one field per option,
+        type, listen_fd (command line --fd only; not compared, so it never looks like a change)."""
         cls = self.__dict__.get("_spec_cls")
         if cls is None:
-            fields = [("name", str), ("socket", "str | None", field(default=None))]
+            fields = [("name", str), ("socket", "str | None", field(default=None)),
+                      ("mode", str, field(default="server"))]
             fields += [(o.attr, object, field(default=o.default)) for o in self.options
                        if o.where != "cli"]
             fields += [("type", str, field(default=self.name)),

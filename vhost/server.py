@@ -5,7 +5,10 @@ knows no device (it is handed one); the service layer above it is vhost/service.
 Listens on a Unix stream socket (`--socket-path`, created 0600 unless told otherwise, a stale
 socket file replaced) or an inherited listening socket (`--fd`, socket activation), accepts on
 the event loop and serves one frontend connection at a time (vhost-user is 1:1), each with a
-fresh `BackendProtocol`.
+fresh `BackendProtocol`.  In client mode (`--client`, `mode = "client"`) it connects to the
+socket QEMU listens on instead, and re-dials with bounded back-off (DIAL_FIRST_RETRY doubling up
+to DIAL_MAX_RETRY) whenever there is no connection, so QEMU needs nothing when the backend
+restarts.
 
 The conversation with a frontend runs in a control thread of its own, not on the event loop:
 the protocol is synchronous and some messages (GET_VRING_BASE, SET_MEM_TABLE, the disconnect
@@ -46,6 +49,12 @@ SEND_TIMEOUT = 10.0
 # Reads handled per wake-up before checking for a stop request again.
 READS_PER_WAKEUP = 64
 LISTEN_BACKLOG = 4
+# Client mode: the first re-dial after a failed connect or a dropped connection, doubling up
+# to the bound.  QEMU's own reconnect has a 1 s granularity; 2 s keeps a restarted QEMU's guest
+# waiting at most that long for its disk, while a backend whose QEMU is gone for good costs
+# one failed connect(2) every 2 s.
+DIAL_FIRST_RETRY = 0.05
+DIAL_MAX_RETRY = 2.0
 
 
 class ServerError(Exception):
@@ -195,9 +204,12 @@ class Server:
     def __init__(self, device_factory_or_device, *, socket_path: str | None = None,
                  listen_fd: int | None = None, on_ready=None, on_connection=None,
                  socket_mode: int = 0o600, socket_group: str | None = None,
-                 name: str | None = None, limits: Limits | None = None):
+                 name: str | None = None, limits: Limits | None = None, client: bool = False):
         if (socket_path is None) == (listen_fd is None):
             raise ValueError("exactly one of socket_path and listen_fd is required")
+        if client and socket_path is None:
+            raise ValueError("client mode connects to a socket_path")
+        self.client = client
         self._device_source = device_factory_or_device
         self.socket_path = socket_path
         self.listen_fd = listen_fd
@@ -264,6 +276,9 @@ class Server:
         loop = asyncio.get_running_loop()
         self._loop, self._task = loop, asyncio.current_task()
         self._identity = None
+        if self.client:
+            await self._dial_forever(loop)
+            return
         if self.socket_path is not None:
             listener, self._identity = _bind_unix(self.socket_path, self.socket_mode,
                                                   self.socket_group)
@@ -289,6 +304,46 @@ class Server:
                 raise
         finally:
             self._close_listener()
+
+    async def _dial_forever(self, loop) -> None:
+        """Client mode: connect to socket_path, serve the conversation, dial again; while the
+        frontend is not there, retry with back-off (logged once per outage)."""
+        self._where = self.socket_path
+        try:
+            if self._stopping:
+                return
+            if self._on_ready is not None:
+                result = self._on_ready(self)
+                if inspect.isawaitable(result):
+                    await result
+            log.info("connecting to %s (client mode)", self._where,
+                     extra={"fields": self._log_fields})
+            delay, waiting = DIAL_FIRST_RETRY, False
+            while True:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.setblocking(False)
+                try:
+                    await loop.sock_connect(conn, self.socket_path)
+                except OSError as e:
+                    conn.close()
+                    if not waiting:
+                        log.info("no frontend at %s (%s); retrying every %g s at most",
+                                 self._where, e.strerror or e, DIAL_MAX_RETRY,
+                                 extra={"fields": self._log_fields})
+                        waiting = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, DIAL_MAX_RETRY)
+                    continue
+                except BaseException:
+                    conn.close()
+                    raise
+                delay, waiting = DIAL_FIRST_RETRY, False
+                await self._serve_connection(loop, conn)
+                if self._stopping:
+                    return
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
 
     async def _serve_connection(self, loop, conn: socket.socket) -> None:
         """One frontend: its conversation runs in a control thread of its own (see the module

@@ -141,13 +141,20 @@ class Service:
                 log.warning("%s: the socket-activated socket is %s, not the configured %s; "
                             "serving the inherited one", spec.name, bound, spec.socket,
                             extra=_fields(device=spec.name))
+        client = spec.mode == "client"
+        if client and listen_fd is not None:
+            if spec.name in self.activation:
+                log.warning("%s: client mode connects to %s; the socket-activated socket is "
+                            "not used", spec.name, spec.socket, extra=_fields(device=spec.name))
+                os.close(listen_fd)
+            listen_fd = None
         if listen_fd is not None:
             socket_path = None
         svc = self.config.service
         server = Server(dev, socket_path=socket_path, listen_fd=listen_fd, name=spec.name,
                         socket_mode=svc.socket_mode, socket_group=svc.socket_group,
                         on_connection=self._on_connection,
-                        limits=_limits(svc))
+                        limits=_limits(svc), client=client)
         return DeviceRuntime(spec=spec, device=dev, server=server)
 
     def _close_device(self, rt: DeviceRuntime, log_stats: bool = True) -> None:
@@ -419,6 +426,8 @@ def _find(config: cfg.Config, name: str):
 
 def _describe(spec) -> str:
     where = spec.socket if spec.listen_fd is None else f"fd {spec.listen_fd}"
+    if spec.mode == "client":
+        return f"{devices.get(spec.type).describe(spec)} connecting to {spec.socket}"
     return f"{devices.get(spec.type).describe(spec)} on {where}"
 
 

@@ -106,6 +106,8 @@ BAD = [
      "max-message-fds must be 8..1024, not 4"),
     ("rng period", lambda t: f'[[device]]\nname = "r"\ntype = "rng"\nsocket = "{t}/r.sock"\n'
      'period = 0\n', 'device "r": period must be positive, not 0'),
+    ("bad device mode", lambda t: _blk(t, mode="listen"),
+     'device "vda": mode must be "server" or "client", not \'listen\''),
     ("not toml", lambda t: "[[device]\n", "not valid TOML"),
     ("bad section", lambda t: "[devices]\n", "unknown key 'devices'"),
     # found by tests/fuzz/config.py: each raised something other than ConfigError, or a
@@ -169,6 +171,28 @@ def test_good_config_round_trip(tmp):
                    + _blk(tmp))
     svc = cfg.load(path2).service
     assert (svc.max_guest_memory, svc.max_message_fds) == (64 << 30, 16)
+
+
+
+def test_device_mode_key_and_client_flag(tmp):
+    """mode = "client" (QEMU listens, we connect); server by default; --client on the command
+    line means the same, and takes no --fd."""
+    from vhost import cli
+    conf = cfg.load(_write(tmp, _blk(tmp, mode="client") + _blk(tmp, "vdb")))
+    assert conf.device("vda").mode == "client" and conf.device("vdb").mode == "server"
+    assert conf.device("vda") != cfg.load(_write(tmp, _blk(tmp) + _blk(tmp, "vdb"))).device(
+        "vda")                                  # a mode change is a change (SIGHUP restarts it)
+    img = tmp / "x.img"
+    img.write_bytes(bytes(4096))
+    _, c = cli.parse_device(devices.get("block"), ["--socket-path", f"{tmp}/q.sock",
+                                                   "--blk-file", str(img), "--client"])
+    assert c.devices[0].mode == "client"
+    _, c = cli.parse_device(devices.get("block"), ["--socket-path", f"{tmp}/q.sock",
+                                                   "--blk-file", str(img)])
+    assert c.devices[0].mode == "server"
+    with pytest.raises(SystemExit):
+        cli.parse_device(devices.get("block"), ["--fd", "3", "--blk-file", str(img),
+                                                "--client"])
 
 
 def test_check_and_serve_refuse_bad_files_with_one_line(tmp):

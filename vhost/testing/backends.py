@@ -54,6 +54,22 @@ class Backend:
             return ""
 
 
+def wait_log(proc: subprocess.Popen, log_path: Path, text: str, timeout: float) -> bool:
+    """True once ``text`` is in the log at ``log_path``; False if the process exited first.
+    Raises BackendError on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if text in log_path.read_text(errors="replace"):
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise BackendError(f"{text!r} not logged within {timeout} s")
+
+
 def wait_socket(proc: subprocess.Popen, sock: Path, timeout: float,
                  extra_ready: Path | None = None) -> bool:
     """True once ``sock`` exists as a socket (and ``extra_ready`` exists, if given); False if the
@@ -85,13 +101,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> tuple[int, bo
 
 
 def _start(cmd: list[str], sock: Path, log_path: Path, *, env: dict | None = None,
-           cwd: str | None = None, timeout: float, ready_file: Path | None = None
-           ) -> tuple[subprocess.Popen, bool]:
+           cwd: str | None = None, timeout: float, ready_file: Path | None = None,
+           ready_text: str | None = None) -> tuple[subprocess.Popen, bool]:
+    """Start `cmd` (output to log_path) and wait until it is ready: its socket exists, or
+    (ready_text, a client-mode backend that creates no socket) that line is logged."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 env=env, cwd=cwd, close_fds=True)
     try:
-        ok = wait_socket(proc, sock, timeout, ready_file)
+        ok = (wait_log(proc, log_path, ready_text, timeout) if ready_text else
+              wait_socket(proc, sock, timeout, ready_file))
     except BaseException:
         stop_process(proc)
         raise
@@ -170,24 +189,29 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
 
 @contextlib.contextmanager
 def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = False,
-                num_queues: int = 1, extra: Sequence[str] = (), timeout: float = 30.0
-                ) -> Iterator[Backend]:
+                num_queues: int = 1, extra: Sequence[str] = (), timeout: float = 30.0,
+                client: bool = False) -> Iterator[Backend]:
     """Our backend, ``python -m vhost.programs pyvhost-blk``, serving ``img`` on ``sock``. Waits for the
-    socket; at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s."""
+    socket (client: for the backend to start dialing ``sock``, where the frontend listens);
+    at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s."""
     img, sock = Path(img), Path(sock)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
+    if not client:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
     log_path = sock.parent / f"{sock.name}.pyvhost.log"
     cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-blk", "--socket-path", str(sock),
            "--blk-file", str(img), "--num-queues", str(num_queues)]
     if read_only:
         cmd.append("--read-only")
+    if client:
+        cmd.append("--client")
     cmd += list(extra)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc, ok = _start(cmd, sock, log_path, env=env, cwd=str(REPO_ROOT), timeout=timeout)
+    proc, ok = _start(cmd, sock, log_path, env=env, cwd=str(REPO_ROOT), timeout=timeout,
+                      ready_text="connecting to" if client else None)
     if not ok:
         raise BackendError(
             f"pyvhost blk backend exited ({proc.returncode}) before creating {sock}; log tail:\n"

@@ -13,6 +13,7 @@ import tests, devices, vhost.server, vhost.service or vhost.config.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -66,7 +67,8 @@ class VhostUserFrontend:
     `two_regions` (QEMU's PC layout with a hole), `use_add_mem_reg` (None: ADD_MEM_REG when
     CONFIGURE_MEM_SLOTS is offered, as QEMU does; True: require it; False: always
     SET_MEM_TABLE), `protocol_features` (mask of protocol features we may negotiate),
-    `device_features` (device-specific feature bits we accept), `timeout` (seconds, every wait).
+    `device_features` (device-specific feature bits we accept), `timeout` (seconds, every wait),
+    `listen` (QEMU's `server=on`: listen at socket_path and accept a backend in client mode).
     """
 
     def __init__(self, socket_path: str | os.PathLike, *, mem_size: int = 64 * MiB,
@@ -76,7 +78,7 @@ class VhostUserFrontend:
                  use_add_mem_reg: bool | None = None,
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
                  device_features: int = 0,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, listen: bool = False):
         if two_regions and regions is not None:
             raise ValueError("give either two_regions or regions, not both")
         if num_queues < 1:
@@ -94,6 +96,10 @@ class VhostUserFrontend:
         self.protocol_features_mask = int(protocol_features)
         self.device_features_mask = device_features
         self.timeout = timeout
+        # listen: play QEMU with `-chardev socket,server=on`: listen at socket_path and wait
+        # for a backend in client mode to connect (bind first: see listen_now)
+        self.listen = listen
+        self.listener: socket.socket | None = None
 
         self.sock: socket.socket | None = None
         self.mem: GuestRAM | None = None
@@ -140,7 +146,37 @@ class VhostUserFrontend:
 
     # -- socket level --
 
+    def listen_now(self) -> None:
+        """Bind and listen at socket_path (a stale file is replaced) without waiting for the
+        backend yet; connect() then accepts."""
+        if self.listener is not None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(self.socket_path)
+            s.listen(1)
+        except BaseException:
+            s.close()
+            raise
+        self.listener = s
+
+    def _accept_socket(self) -> None:
+        self.listen_now()
+        self.listener.settimeout(self.timeout)
+        try:
+            conn, _ = self.listener.accept()
+        except socket.timeout:
+            raise VhostUserError(f"no backend connected to {self.socket_path} within "
+                                 f"{self.timeout}s") from None
+        conn.settimeout(self.timeout)
+        self.sock = conn
+
     def _connect_socket(self) -> None:
+        if self.listen:
+            self._accept_socket()
+            return
         deadline = time.monotonic() + self.timeout
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -467,6 +503,11 @@ class VhostUserFrontend:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
         for fd in self._eventfds:
             os.close(fd)
         self._eventfds = []
