@@ -118,7 +118,9 @@ def _start(cmd: list[str], sock: Path, log_path: Path, *, env: dict | None = Non
 
 
 @contextlib.contextmanager
-def _managed(backend: Backend, check_exit: bool) -> Iterator[Backend]:
+def _managed(backend: Backend, check_exit: bool, unlink: bool = True) -> Iterator[Backend]:
+    """Stop the backend at the end (SIGTERM; with check_exit it must exit 0) and remove its
+    socket file (unless `unlink` is False: a client-mode backend's socket is the frontend's)."""
     try:
         yield backend
     except BaseException:
@@ -132,8 +134,9 @@ def _managed(backend: Backend, check_exit: bool) -> Iterator[Backend]:
                 f"({'killed after 10 s' if killed else f'exit code {rc}'}); log tail:\n"
                 f"{tail(backend.log_text(), 40)}")
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(backend.sock)
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(backend.sock)
 
 
 @contextlib.contextmanager
@@ -216,7 +219,8 @@ def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool
         raise BackendError(
             f"pyvhost blk backend exited ({proc.returncode}) before creating {sock}; log tail:\n"
             f"{tail(log_path.read_text(errors='replace'), 40)}")
-    with _managed(Backend("pyvhost-blk", proc, sock, log_path, cmd), check_exit=True) as b:
+    with _managed(Backend("pyvhost-blk", proc, sock, log_path, cmd), check_exit=True,
+                  unlink=not client) as b:
         yield b
 
 

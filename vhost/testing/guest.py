@@ -604,12 +604,15 @@ def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
 
 
 def blk_device_args(sock: str | os.PathLike, num_queues: int = 1, idx: int = 0,
-                    extra: str = "") -> list[str]:
-    """QEMU args attaching a vhost-user-blk-pci device to the backend listening on ``sock``."""
+                    extra: str = "", server: bool = False) -> list[str]:
+    """QEMU args attaching a vhost-user-blk-pci device to the backend listening on ``sock``
+    (``server``: QEMU listens there, for a backend in client mode, and takes it back whenever
+    it reconnects)."""
     dev = f"vhost-user-blk-pci,chardev=blkc{idx},num-queues={num_queues}"
     if extra:
         dev += "," + extra
-    return ["-chardev", f"socket,id=blkc{idx},path={sock}", "-device", dev]
+    chardev = f"socket,id=blkc{idx},path={sock}" + (",server=on,wait=off" if server else "")
+    return ["-chardev", chardev, "-device", dev]
 
 
 
