@@ -11,6 +11,11 @@ interrupts always armed (a guest's virtio-blk), a short busy-poll of the used ri
 sleeping on the call eventfd.  Random offsets are seeded per (workload, round, queue), so both
 backends see the same sequence.
 
+A third row per workload, `pyvhost+log`, measures the same pyvhost process while the driver has
+turned dirty logging on as QEMU does during a live migration (SET_LOG_BASE, VHOST_F_LOG_ALL,
+VHOST_VRING_F_LOG), with a thread clearing the bitmap every 100 ms as QEMU's dirty sync does;
+its `vs_pyvhost` ratios are the cost of logging.
+
 Workloads: 4 KiB randread / randwrite at QD 1, 32, 128; 64 KiB sequential read / write at QD 16;
 4 KiB randread at QD 32 on each of 2 queues (two driver threads).  Per (workload, medium,
 backend): IOPS, MiB/s, p50/p99 latency (us), backend CPU seconds per million I/Os, the rounds'
@@ -42,6 +47,7 @@ from typing import Iterator, Sequence
 
 from bench.loadgen import QueueLoad, hist_percentile, merge_hists
 from vhost.testing.blk import Frontend
+from vhost.testing.dirtylog import DirtyLog, log_size_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -344,12 +350,30 @@ def _run_loads(loads: list[QueueLoad], op: str, kw: dict, seeds: list[int | None
     return out
 
 
+class LoggingRun:
+    """A pyvhost BackendProc measured with dirty logging on (the `pyvhost+log` rows): the same
+    process, another name."""
+    dirty_log = True
+
+    def __init__(self, backend: BackendProc):
+        self.backend = backend
+        self.name = f"{backend.name}+log"
+
+    def __getattr__(self, attr):
+        return getattr(self.backend, attr)
+
+
+# QEMU syncs (reads and clears) the dirty log once per migration iteration; 100 ms is a busy
+# migration's pace, and a cleared bit makes the next write to that page a real store again.
+LOG_CLEAR_INTERVAL = 0.1
+
+
 def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, warmup: float,
             seed: int, others: Sequence[BackendProc] = (), spin_us: float = 50.0,
             interrupts: str = "always", indirect: bool = True,
             driver_cpus: frozenset | None = None) -> dict:
     """Connect, warm up, measure `duration` seconds of `wl`; the backend's CPU time is sampled
-    around the measured interval only."""
+    around the measured interval only.  A LoggingRun turns dirty logging on first."""
     per = 1 if indirect else 3
     qsize = max(128, _pow2_at_least(wl.qd * per))
     need = wl.queues * (wl.qd * (wl.bs + 128) + 32 * qsize) + 4 * MiB
@@ -357,8 +381,21 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
     kw = dict(random=wl.random, range_len=size // wl.bs * wl.bs, spin_us=spin_us,
               interrupts=interrupts, stall_timeout=STALL_TIMEOUT, keep_hist=True)
     seeds = [seed * 16 + q if wl.random else None for q in range(wl.queues)]
+    dlog = clearing = None
+    stop_clearing = threading.Event()
+    seen = [0]                  # dirty pages the clearing thread found (proof logging is on)
     with Frontend(backend.sock, num_queues=wl.queues, queue_size=qsize, mem_size=mem_size,
                   timeout=FRONTEND_TIMEOUT) as fe:
+        if getattr(backend, "dirty_log", False):
+            dlog = DirtyLog(log_size_for(mem_size))
+            fe.log_start(dlog)
+
+            def clear():
+                while not stop_clearing.wait(LOG_CLEAR_INTERVAL):
+                    seen[0] += len(dlog.dirty())
+                    dlog.clear()
+            clearing = threading.Thread(target=clear, daemon=True)
+            clearing.start()
         loads = [QueueLoad(fe, q, depth=wl.qd, block_size=wl.bs, indirect=indirect)
                  for q in range(wl.queues)]
         try:
@@ -375,6 +412,11 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
         finally:
             for ld in loads:
                 ld.close()
+            if clearing is not None:
+                stop_clearing.set()
+                clearing.join(5)
+    if dlog is not None:
+        dlog.close()
     ops = sum(r["ops"] for r in res)
     nbytes = sum(r["bytes"] for r in res)
     elapsed = max(r["elapsed_s"] for r in res)
@@ -402,7 +444,8 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
                                                                  for r in res),
         calls=sum(r["calls"] for r in res), sleeps=sum(r["sleeps"] for r in res),
         batches=sum(r["batches"] for r in res),
-        queue_size=qsize, event_idx=res[0]["event_idx"], indirect=res[0]["indirect"])
+        queue_size=qsize, event_idx=res[0]["event_idx"], indirect=res[0]["indirect"],
+        dirty_pages_cleared=seen[0] if dlog is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,20 +542,22 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                 pv = pyvhost_backend(medium, wd, pyvhost_extra, backend_cpus)
                 stack.callback(_stop_checked, pv)
                 backends.append(pv)
+                measured = [pv, LoggingRun(pv)]
                 try:
                     qsd = qsd_backend(medium, wd, backend_cpus)
                     stack.callback(_stop_checked, qsd)
                     backends.append(qsd)
+                    measured.append(qsd)
                 except BenchError as e:
                     say(f"[{mname}] QSD unavailable: {e}")
                 for b in backends:
                     say(f"[{mname}] {b.name}: {' '.join(b.command)}  {b.options} {b.notes}")
                 for wl in wls:
-                    runs: dict[str, list[dict]] = {b.name: [] for b in backends}
+                    runs: dict[str, list[dict]] = {b.name: [] for b in measured}
                     for rnd in range(rounds):
-                        for b in backends:          # A B A B ...
+                        for b in measured:          # A A' B A A' B ...
                             seed = zlib.crc32(f"{wl.name}/{rnd}".encode()) & 0xFFFFFF
-                            others = [o for o in backends if o is not b]
+                            others = [o for o in backends if o is not getattr(b, "backend", b)]
                             try:
                                 if not b.alive():
                                     _restart(b)
@@ -536,10 +581,12 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                                                    driver=sorted(driver_cpus))
                             runs[b.name].append(m)
                     summary = {b.name: _summarize(medium, wl, b, runs[b.name])
-                               for b in backends}
+                               for b in measured}
                     if "qsd" in summary:
-                        summary["pyvhost"]["vs_qsd"] = _ratios(summary["pyvhost"],
-                                                               summary["qsd"])
+                        for name in ("pyvhost", "pyvhost+log"):
+                            summary[name]["vs_qsd"] = _ratios(summary[name], summary["qsd"])
+                    summary["pyvhost+log"]["vs_pyvhost"] = _ratios(summary["pyvhost+log"],
+                                                                   summary["pyvhost"])
                     rows.extend(summary.values())
                 for b in backends:                 # exit status into the rows
                     rc, killed = b.stop()
@@ -577,31 +624,35 @@ def _f(v, fmt):
 
 
 def format_table(rows: list[dict]) -> str:
-    hdr = (f"{'medium':6s} {'workload':20s} {'backend':7s} {'IOPS':>9s} {'+-%':>5s} "
+    hdr = (f"{'medium':6s} {'workload':20s} {'backend':11s} {'IOPS':>9s} {'+-%':>5s} "
            f"{'MiB/s':>8s} {'p50us':>8s} {'p99us':>8s} {'cpu/MIO':>8s} "
            f"{'xIOPS':>6s} {'xp99':>5s} {'xCPU':>5s}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         v = r.get("vs_qsd") or {}
         lines.append(
-            f"{r['medium']:6s} {r['workload']:20s} {r['backend']:7s} {_f(r['iops'], '9.0f')} "
+            f"{r['medium']:6s} {r['workload']:20s} {r['backend']:11s} {_f(r['iops'], '9.0f')} "
             f"{_f(r['iops_spread_pct'], '5.1f')} {_f(r['mib_s'], '8.1f')} "
             f"{_f(r['p50_us'], '8.1f')} {_f(r['p99_us'], '8.1f')} "
             f"{_f(r['cpu_s_per_mio'], '8.2f')} {_f(v.get('iops'), '6.2f')} "
             f"{_f(v.get('p99'), '5.2f')} {_f(v.get('cpu_per_mio'), '5.2f')}"
+            + (f"  (logging: x{r['vs_pyvhost']['iops']:.2f} IOPS, "
+               f"x{_f(r['vs_pyvhost']['cpu_per_mio'], '.2f')} CPU of pyvhost)"
+               if r.get("vs_pyvhost") and r["vs_pyvhost"].get("iops") else "")
             + (f"  ({r['failed_rounds']} failed)" if r["failed_rounds"] else "")
             + (f"  ({r['errors']} I/O errors)" if r["errors"] else ""))
     lines.append("")
     lines.append("+-%: IOPS spread over the rounds (max-min)/mean; cpu/MIO: backend CPU seconds "
                  "(all threads) per million I/Os; x*: pyvhost / QSD from the same run "
-                 "(xIOPS > 1 and xp99, xCPU < 1 favour pyvhost)")
+                 "(xIOPS > 1 and xp99, xCPU < 1 favour pyvhost); pyvhost+log: the same "
+                 "pyvhost with dirty logging on, as during a live migration")
     seen = set()
     for r in rows:
         key = (r["medium"], r["backend"])
         if key in seen:
             continue
         seen.add(key)
-        lines.append(f"{r['medium']:6s} {r['backend']:7s}: {' '.join(r['command'])}")
+        lines.append(f"{r['medium']:6s} {r['backend']:11s}: {' '.join(r['command'])}")
         extra = [f"{k}={v}" for k, v in r["options"].items()] + r["notes"]
         if extra:
             lines.append(f"{'':15s}{'; '.join(extra)}")

@@ -115,6 +115,11 @@ def targets(results: dict) -> list[dict]:
         out.append(dict(target=f"blk {medium} 4k randread QD32: CPU per I/O <= QSD",
                         value=(p["cpu_s_per_mio"] / q["cpu_s_per_mio"])
                         if p and q and q.get("cpu_s_per_mio") else None, goal="<= 1.0", ok=None))
+        lg = _get(blk, medium=medium, workload="4k-randread-qd32", backend="pyvhost+log")
+        out.append(dict(target=f"blk {medium} 4k randread QD32: IOPS with dirty logging on "
+                               f"(live migration) / off",
+                        value=(lg["iops"] / p["iops"]) if lg and p and p["iops"] else None,
+                        goal="reported", ok=None))
     net = results.get("net", {}).get("rows") or []
     for size in (64, 1500):
         pv = [r["mpps"] for r in net if r.get("backend") == "pyvhost" and r.get("pkt_len") == size
