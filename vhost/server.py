@@ -290,12 +290,8 @@ class Server:
         self._listener = listener
         log.info("listening on %s", self._where, extra={"fields": self._log_fields})
         try:
-            if self._stopping:
+            if not await self._ready():
                 return
-            if self._on_ready is not None:
-                result = self._on_ready(self)
-                if inspect.isawaitable(result):
-                    await result
             while True:
                 conn, _ = await loop.sock_accept(listener)
                 await self._serve_connection(loop, conn)
@@ -305,17 +301,23 @@ class Server:
         finally:
             self._close_listener()
 
+    async def _ready(self) -> bool:
+        """Call on_ready (plain or async) unless stopping already; False: stop instead."""
+        if self._stopping:
+            return False
+        if self._on_ready is not None:
+            result = self._on_ready(self)
+            if inspect.isawaitable(result):
+                await result
+        return True
+
     async def _dial_forever(self, loop) -> None:
         """Client mode: connect to socket_path, serve the conversation, dial again; while the
         frontend is not there, retry with back-off (logged once per outage)."""
         self._where = self.socket_path
         try:
-            if self._stopping:
+            if not await self._ready():
                 return
-            if self._on_ready is not None:
-                result = self._on_ready(self)
-                if inspect.isawaitable(result):
-                    await result
             log.info("connecting to %s (client mode)", self._where,
                      extra={"fields": self._log_fields})
             delay, waiting = DIAL_FIRST_RETRY, False
