@@ -8,8 +8,9 @@
   the markers are registered in pyproject.toml next to `qsd` and `dpdk`, which tests set
   themselves.
 * Shared fixtures: `tmp` and `sockdir` (a short directory under /tmp for AF_UNIX socket paths,
-  removed afterwards; a test module may define its own `tmp`, which then wins) and `loop_name`
-  (every test using it runs under asyncio and under uvloop).
+  removed afterwards; a test module may define its own `tmp`, which then wins), `loop_name`
+  (every test using it runs under asyncio and under uvloop) and `image` (a 1 MiB image of
+  random bytes for the in-memory ring rig; a module may define its own).
 
 The helpers the tests share (frontend driver, backend launchers, namespaces, guests, DPDK) are
 in vhost/testing; the in-process server harness is tests/inprocess.py.  Test modules never
@@ -65,3 +66,14 @@ def loop_name(request):
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
     return request.param
+
+
+RIG_IMAGE_SIZE = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 1 MiB image file of random bytes (the ring rig's backing store); its path."""
+    p = tmp_path / "disk.img"
+    p.write_bytes(os.urandom(RIG_IMAGE_SIZE))
+    return str(p)

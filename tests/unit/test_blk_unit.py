@@ -11,13 +11,6 @@ from vhost.testing.ringrig import Rig
 IMG = 1 << 20
 
 
-@pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(os.urandom(IMG))
-    return str(p)
-
-
 @pytest.fixture(params=["io_uring", "sync"])
 def rig(request, image):
     r = Rig(image, use_io_uring=request.param == "io_uring")

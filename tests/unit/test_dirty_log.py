@@ -12,14 +12,6 @@ from protocols import virtio, virtio_blk as vb
 from vhost.testing.dirtylog import DirtyLog, log_size_for, pages
 from vhost.testing.ringrig import MEM, QueueRig, Rig
 
-IMG_SIZE = 1 << 20
-
-
-@pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(os.urandom(IMG_SIZE))
-    return str(p)
 
 
 @pytest.fixture

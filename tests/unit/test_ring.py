@@ -13,14 +13,6 @@ from protocols import virtio_blk as vb
 from vhost.testing import hostile
 from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM, Rig
 
-IMG_SIZE = 1 << 20
-
-
-@pytest.fixture
-def image(tmp_path):
-    p = tmp_path / "disk.img"
-    p.write_bytes(os.urandom(IMG_SIZE))
-    return str(p)
 
 
 @pytest.fixture(params=["io_uring", "sync"])
