@@ -157,11 +157,18 @@ def test_a_flood_of_source_macs_is_capped_and_others_keep_flowing(tmp):
             t = threading.Thread(target=ping_pong)
             t.start()
             try:
+                # a flood can be over before the ping-pong thread has had a few round trips
+                # (CI measured 2 in one 20000-frame flood); repeat it, bounded, until at least
+                # five round trips ran under it. A repeat refreshes the same limit - 1 entries
+                # and is refused for the rest, so the table's state does not change.
                 t0 = time.monotonic()
-                for i in range(0, n, 500):
-                    c.send_many([make_frame(60, dst=MAC_C, src=m, seq=i)
-                                 for m in flood_macs[i:i + 500]])
-                c.wait_tx(TIMEOUT)
+                rounds = 0
+                while rounds < 5 and (rounds == 0 or len(latencies) < 5):
+                    for i in range(0, n, 500):
+                        c.send_many([make_frame(60, dst=MAC_C, src=m, seq=i)
+                                     for m in flood_macs[i:i + 500]])
+                    c.wait_tx(TIMEOUT)
+                    rounds += 1
                 flood_s = time.monotonic() - t0
             finally:
                 flooding.clear()
@@ -190,8 +197,8 @@ def test_a_flood_of_source_macs_is_capped_and_others_keep_flowing(tmp):
         assert sv.stop() == 0, sv.log_text()
     st = exit_stats(sv)
     assert st["c"]["mac_entries"] == limit, st["c"]
-    assert st["c"]["mac_learn_refused"] == n - (limit - 1), st["c"]
-    assert st["c"]["hairpin_filtered"] == n
+    assert st["c"]["mac_learn_refused"] == rounds * (n - (limit - 1)), (st["c"], rounds)
+    assert st["c"]["hairpin_filtered"] == rounds * n
     assert st["a"]["mac_learn_refused"] == st["b"]["mac_learn_refused"] == 0
     # aged entries are reclaimed at most once a second, whatever the flood rate
     assert st["switch:sw0"]["reclaims"] <= flood_s + 2, (st["switch:sw0"], flood_s)
