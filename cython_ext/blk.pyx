@@ -523,6 +523,7 @@ cdef int finish(blk_ctx_t *ctx, slot_t *s, long res) noexcept nogil:
         return 1
     if res == -EAGAIN or res == -EINTR:
         return 1
+    vq_failpoint(FP_AFTER_IO)
     if s.op == OP_READ or s.op == OP_WRITE:
         if res == <long>s.nbytes:
             if s.op == OP_READ:
@@ -729,6 +730,7 @@ cdef class BlkQueueWorker:
     cdef blk_ctx_t *ctx
     cdef readonly int index
     cdef readonly bint uses_io_uring
+    cdef readonly int resubmit_count     # requests recovered from the inflight region
     cdef bytes _keep_table
 
     def __cinit__(self, int index, int num, uint64_t desc, uint64_t avail, uint64_t used,
@@ -737,7 +739,8 @@ cdef class BlkQueueWorker:
                   bytes serial, bint event_idx=False, bint indirect=True,
                   bint signal_call=False, bint use_io_uring=True,
                   uint64_t max_discard_sectors=0, uint64_t max_write_zeroes_sectors=0,
-                  int slots=0, double poll_us=0, bint write_through=False, log=None):
+                  int slots=0, double poll_us=0, bint write_through=False, log=None,
+                  inflight=None):
         cdef const unsigned char *t = region_table
         cdef int k, r
         if len(region_table) % sizeof(mem_region_t):
@@ -753,6 +756,9 @@ cdef class BlkQueueWorker:
                    <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
             raise ValueError(f"bad queue size {num}")
         vq_log_setup(&ctx.vq, log)
+        # inflight tracking: after a restart this resumes after what the last backend popped
+        # and hands those requests out again first (ring.pyx vq_inflight_setup)
+        self.resubmit_count = vq_inflight_from(&ctx.vq, inflight)
         ctx.index = index
         r = wk_init(&ctx.rt, &BLK_OPS, ctx, poll_us, signal_call)
         if r < 0:
@@ -862,7 +868,7 @@ cdef class BlkQueueWorker:
             uring_enters=c.uring_enters, enter_errors=c.enter_errors,
             buffered_fallbacks=c.buffered_fallbacks, poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
             broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
-            max_inflight=c.max_inflight,
+            max_inflight=c.max_inflight, resubmitted=c.vq.resubmitted,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})
 

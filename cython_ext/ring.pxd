@@ -13,6 +13,7 @@ cdef extern from "vhost_compat.h" nogil:
     void vq_store_u16(void *p, uint16_t v)
     void vq_copy16(void *dst, const void *src)
     void log_or(uint8_t *p, uint8_t bit)
+    int fp_hit(int *count)
     int PYVHOST_DEBUG
 
 # Segments a chain may map to.  Linux asks for at most seg_max (126) data segments plus header
@@ -38,6 +39,15 @@ cdef enum:
     F_AVAIL = 10            # avail ring corrupt: queue broken
     F_IO = 11               # backing store error
     NUM_FAULTS = 12
+
+# Fail points: where a test may have the process SIGKILL itself (vq_failpoint; armed by
+# PYVHOST_FAILPOINT=name:n, see ring.pyx FAILPOINTS), to check what a restart recovers.
+cdef enum:
+    FP_NONE = 0
+    FP_AFTER_POP = 1        # a head was popped (and marked in flight), its I/O not issued
+    FP_AFTER_IO = 2         # a request's I/O is done, its used element not written
+    FP_AFTER_PUSH = 3       # a used element is written, used->idx not yet
+    FP_MID_PUBLISH = 4      # used->idx is published, the batch's heads still marked in flight
 
 ctypedef struct mem_region_t:
     uint64_t gpa
@@ -96,6 +106,18 @@ ctypedef struct vq_t:
     uint16_t log_used_from     # used index at the last logged publish
     uint64_t log_pages         # page bits set (counted per write, not distinct pages)
     uint64_t log_beyond        # writes the frontend's log was too small for (a frontend bug)
+    # Inflight tracking (INFLIGHT_SHMFD, vq_inflight_setup): NULL when off.  vq_pop marks a
+    # head in flight, vq_publish clears the heads it made visible; after a restart the
+    # region says what was popped and never completed, and vq_pop hands those out again
+    # (submission order) before the avail ring.
+    uint8_t *inflight          # this queue's QueueRegionSplit in the frontend's inflight fd
+    uint64_t inflight_counter  # submission counter of the next popped head
+    uint16_t *inflight_batch   # heads pushed since the last publish
+    uint32_t inflight_batch_n
+    uint16_t *resubmit         # heads to hand out again, in submission order
+    uint32_t resubmit_n
+    uint32_t resubmit_pos
+    uint64_t resubmitted       # heads handed out again since the worker started
 
 cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                  uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
@@ -103,6 +125,9 @@ cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t
 cdef void vq_free(vq_t *vq) noexcept nogil
 cdef int vq_log_parse(object log, vq_log_t *out) except -1
 cdef void vq_log_set(vq_t *vq, const vq_log_t *log) noexcept nogil
+cdef void vq_failpoint(int point) noexcept nogil
+cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogil
+cdef int vq_inflight_from(vq_t *vq, object inflight) except -1
 cdef int vq_log_setup(vq_t *vq, object log) except -1
 cdef void vq_log_gpa(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil
 cdef void vq_log_host(vq_t *vq, const void *p, uint64_t length) noexcept nogil

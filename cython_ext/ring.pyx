@@ -6,14 +6,19 @@ Owns: walking descriptor chains (direct and INDIRECT_DESC) with every guest addr
 checked against the region table, chain bounds (loops, over-long chains, bad `next`), the used
 ring (batched publish with release ordering), EVENT_IDX / NO_INTERRUPT call suppression and
 EVENT_IDX / NO_NOTIFY kick suppression, and the dirty log of live migration (VHOST_F_LOG_ALL:
-the bit of every guest page a worker writes, used ring included, set after the write).  Must not: touch Python objects on the data path, trust
+the bit of every guest page a worker writes, used ring included, set after the write), and
+inflight tracking (INFLIGHT_SHMFD: which heads were popped and not yet completed, kept in the
+frontend's inflight region so that a restarted backend resubmits exactly those).  Must not: touch Python objects on the data path, trust
 any value read from guest memory before checking it, or read a guest value twice (descriptors are
 copied out once).  `RingProbe` is a Python-visible handle for tests and microbenchmarks only.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memcpy, memset
-from posix.unistd cimport write
+from posix.unistd cimport write, getpid
+from posix.signal cimport kill
+from libc.signal cimport SIGKILL
+import os as _os
 
 cdef enum:
     DESC_F_NEXT = 1
@@ -46,6 +51,9 @@ C_CONSTANTS = {
     "virtio.VIRTQ_AVAIL_F_NO_INTERRUPT": AVAIL_F_NO_INTERRUPT,
     "virtio.VIRTQ_USED_F_NO_NOTIFY": USED_F_NO_NOTIFY,
     "virtio.DESC_SIZE": sizeof(vring_desc_t), "virtio.MAX_QUEUE_SIZE": MAX_INDIRECT,
+    "vhost_user.INFLIGHT_VERSION": INFLIGHT_VERSION,
+    "vhost_user.INFLIGHT_HEADER_SIZE": IF_DESC_OFF,
+    "vhost_user.INFLIGHT_DESC_SIZE": IF_DESC_SIZE,
 }
 
 
@@ -56,6 +64,53 @@ cdef inline uint16_t *_avail_idx(vq_t *vq) noexcept nogil:
 
 cdef inline uint16_t *_used_idx(vq_t *vq) noexcept nogil:
     return <uint16_t *>(vq.used + 2)
+
+
+cdef enum:
+    # The split ring's inflight region, QueueRegionSplit of the vhost-user spec ("Inflight I/O
+    # tracking"), one per queue in the GET_INFLIGHT_FD fd (protocols/vhost_user.py
+    # inflight_queue_size lays them out): u64 features, u16 version, u16 desc_num,
+    # u16 last_batch_head, u16 used_idx, then desc_num DescStateSplit entries of
+    # {u8 inflight, u8 padding[5], u16 next, u64 counter}.
+    IF_VERSION_OFF = 8
+    IF_DESC_NUM_OFF = 10
+    IF_LAST_BATCH_OFF = 12
+    IF_USED_IDX_OFF = 14
+    IF_DESC_OFF = 16
+    IF_DESC_SIZE = 16
+    IF_DS_COUNTER_OFF = 8
+    INFLIGHT_VERSION = 1
+
+
+# --- fail points (tests) -----------------------------------------------------------------------
+#
+# PYVHOST_FAILPOINT=name:n (read once, at import): the n-th time any worker passes the named
+# point, the process sends itself SIGKILL -- a kill -9 at exactly that instruction, which is
+# what inflight tracking must survive (tests/integration/test_inflight.py).  Unset: one load of
+# a never-written int per pass.
+FAILPOINTS = {"after-pop": FP_AFTER_POP, "after-io": FP_AFTER_IO, "after-push": FP_AFTER_PUSH,
+              "mid-publish": FP_MID_PUBLISH}
+cdef int _fp_point = FP_NONE
+cdef int _fp_count = 0
+
+
+def _arm_failpoint(spec):
+    global _fp_point, _fp_count
+    name, _, n = spec.partition(":")
+    if name not in FAILPOINTS:
+        raise ValueError(f"PYVHOST_FAILPOINT: unknown point {name!r} (one of "
+                         f"{', '.join(sorted(FAILPOINTS))})")
+    _fp_count = int(n or "1")
+    _fp_point = FAILPOINTS[name]
+
+
+if _os.environ.get("PYVHOST_FAILPOINT"):
+    _arm_failpoint(_os.environ["PYVHOST_FAILPOINT"])
+
+
+cdef void vq_failpoint(int point) noexcept nogil:
+    if _fp_point == point and fp_hit(&_fp_count):
+        kill(getpid(), SIGKILL)
 
 
 cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
@@ -87,6 +142,138 @@ cdef void vq_free(vq_t *vq) noexcept nogil:
     free(vq.regions)
     vq.regions = NULL
     vq.nregions = 0
+    free(vq.inflight_batch)
+    vq.inflight_batch = NULL
+    free(vq.resubmit)
+    vq.resubmit = NULL
+    vq.resubmit_n = vq.resubmit_pos = 0
+    vq.inflight = NULL
+
+
+# --- inflight tracking (vhost-user spec "Inflight I/O tracking", split virtqueue) ---------------
+#
+# Popped: desc[head].counter = counter++, then desc[head].inflight = 1.  Pushed: last_batch_head
+# = head.  Published: used->idx, then desc[head].inflight = 0 for every head the publish made
+# visible, then the region's used_idx = used->idx.  So after a kill at any instruction, a head
+# is either visible in the used ring or marked in flight; the only window where both hold is
+# between used->idx and the region's used_idx, and there the used ring itself names the heads
+# (libvhost-user fixes up only last_batch_head, which is one head; our batches are many).
+
+ctypedef struct _resub_t:
+    uint64_t counter
+    uint16_t head
+
+
+cdef int _resub_cmp(const void *a, const void *b) noexcept nogil:
+    cdef const _resub_t *x = <const _resub_t *>a
+    cdef const _resub_t *y = <const _resub_t *>b
+    if x.counter != y.counter:
+        return -1 if x.counter < y.counter else 1
+    return <int>x.head - <int>y.head
+
+
+cdef inline uint8_t *_inflight_desc(vq_t *vq, uint16_t head) noexcept nogil:
+    return vq.inflight + IF_DESC_OFF + IF_DESC_SIZE * <uint64_t>head
+
+
+cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogil:
+    """Track this queue's heads in the inflight region at `addr` (`size` bytes) from now on,
+    before the worker runs and after vq_init.  A region of another version or ring size is
+    started afresh (QEMU hands a zeroed one after GET_INFLIGHT_FD).  One that a previous
+    backend used is recovered: the heads of a half-published batch are cleared, the heads
+    still in flight become the resubmit list (submission order) and last_avail resumes after
+    them (used->idx + in flight, whatever SET_VRING_BASE said: QEMU sends used->idx after a
+    backend died, which would complete twice what finished out of order).  Returns the number
+    of heads to resubmit, or -1 (region too small, no memory)."""
+    cdef uint8_t *r = <uint8_t *>addr
+    cdef uint64_t need = IF_DESC_OFF + IF_DESC_SIZE * <uint64_t>vq.num
+    cdef uint16_t rused, n, k, head
+    cdef uint32_t i, cnt = 0
+    cdef uint8_t *d
+    cdef _resub_t *tmp
+    cdef uint64_t top = 0
+    if r == NULL or size < need:
+        return -1
+    vq.inflight_batch = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
+    vq.resubmit = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
+    if vq.inflight_batch == NULL or vq.resubmit == NULL:
+        return -1
+    vq.inflight_batch_n = 0
+    vq.resubmit_n = vq.resubmit_pos = 0
+    vq.inflight_counter = 0
+    vq.inflight = r
+    if vq_load_u16(r + IF_VERSION_OFF) != INFLIGHT_VERSION or \
+            vq_load_u16(r + IF_DESC_NUM_OFF) != vq.num:
+        memset(r, 0, need)
+        vq_store_u16(r + IF_DESC_NUM_OFF, vq.num)
+        vq_store_u16(r + IF_USED_IDX_OFF, vq.used_idx)
+        vq_wmb()
+        vq_store_u16(r + IF_VERSION_OFF, INFLIGHT_VERSION)
+        return 0
+    # A kill between used->idx and the region's used_idx: the heads in between completed.
+    rused = vq_load_u16(r + IF_USED_IDX_OFF)
+    n = <uint16_t>(vq.used_idx - rused)
+    if n > vq.num:          # not a state we leave: the frontend's region or guest lies
+        n = vq.num
+    for k in range(n):
+        head = <uint16_t>(<uint32_t *>(vq.used + 4 + 8 * <uint64_t>(
+            <uint16_t>(rused + k) & (vq.num - 1))))[0]
+        if head < vq.num:
+            _inflight_desc(vq, head)[0] = 0
+    vq_store_u16(r + IF_USED_IDX_OFF, vq.used_idx)
+    tmp = <_resub_t *>malloc(vq.num * sizeof(_resub_t))
+    if tmp == NULL:
+        vq.inflight = NULL
+        return -1
+    for i in range(vq.num):
+        d = _inflight_desc(vq, <uint16_t>i)
+        if d[0]:
+            d[0] = 1
+            tmp[cnt].counter = (<uint64_t *>(d + IF_DS_COUNTER_OFF))[0]
+            tmp[cnt].head = <uint16_t>i
+            if tmp[cnt].counter >= top:
+                top = tmp[cnt].counter + 1
+            cnt += 1
+    if cnt > 1:
+        qsort(tmp, cnt, sizeof(_resub_t), _resub_cmp)
+    for i in range(cnt):
+        vq.resubmit[i] = tmp[i].head
+    free(tmp)
+    vq.resubmit_n = cnt
+    vq.inflight_counter = top
+    vq.last_avail = <uint16_t>(vq.used_idx + cnt)
+    return <int>cnt
+
+
+cdef int vq_inflight_from(vq_t *vq, object inflight) except -1:
+    """QueueHandle.inflight -- None, or (host address, size in bytes) -- set up on vq."""
+    if inflight is None:
+        return 0
+    addr, size = inflight
+    if not addr:
+        raise ValueError("inflight region without a mapping")
+    r = vq_inflight_setup(vq, addr, size)
+    if r < 0:
+        raise ValueError(f"inflight region of {size} bytes cannot track a ring of {vq.num}")
+    return r
+
+
+cdef inline void _inflight_mark(vq_t *vq, uint16_t head) noexcept nogil:
+    cdef uint8_t *d = _inflight_desc(vq, head)
+    (<uint64_t *>(d + IF_DS_COUNTER_OFF))[0] = vq.inflight_counter
+    vq.inflight_counter += 1
+    vq_wmb()                # the counter is in place before the head counts as in flight
+    d[0] = 1
+
+
+cdef void _inflight_published(vq_t *vq) noexcept nogil:
+    cdef uint32_t k
+    vq_wmb()                # used->idx is stored before any head stops counting as in flight
+    for k in range(vq.inflight_batch_n):
+        _inflight_desc(vq, vq.inflight_batch[k])[0] = 0
+    vq_wmb()
+    vq_store_u16(vq.inflight + IF_USED_IDX_OFF, vq.used_idx)
+    vq.inflight_batch_n = 0
 
 
 # --- dirty logging (vhost-user spec "Migration"; the bitmap's layout as libvhost-user's
@@ -268,15 +455,15 @@ cdef int vq_avail_count(vq_t *vq) noexcept nogil:
 cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
     """Take the next available chain into c.  Returns 1 with c filled (c.fault says whether it
     is usable), 0 when the ring is empty, -1 when the avail ring is corrupt (queue broken)."""
-    cdef uint16_t avail_idx, head, i, table_size
-    cdef uint32_t count
-    cdef vring_desc_t d
-    cdef uint8_t *table
-    cdef bint in_indirect = False
-    cdef bint seen_writable = False
-    cdef int f
+    cdef uint16_t avail_idx, head
     if vq.broken:
         return -1
+    if vq.resubmit_pos < vq.resubmit_n:
+        # after a restart, what the previous backend popped and never completed comes first
+        head = vq.resubmit[vq.resubmit_pos]
+        vq.resubmit_pos += 1
+        vq.resubmitted += 1
+        return _walk(vq, head, c)
     avail_idx = vq_load_acquire_u16(_avail_idx(vq))
     if avail_idx == vq.last_avail:
         return 0
@@ -290,7 +477,22 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
         vq.faults[F_AVAIL] += 1
         return -1
     vq.last_avail += 1
+    if vq.inflight != NULL:
+        _inflight_mark(vq, head)
+    if _fp_point:
+        vq_failpoint(FP_AFTER_POP)
+    return _walk(vq, head, c)
 
+
+cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
+    """Walk the chain at `head` (< vq.num) into c; returns 1 (c.fault says if usable)."""
+    cdef uint16_t i, table_size
+    cdef uint32_t count
+    cdef vring_desc_t d
+    cdef uint8_t *table
+    cdef bint in_indirect = False
+    cdef bint seen_writable = False
+    cdef int f
     c.head = head
     c.fault = F_NONE
     c.nsegs = 0
@@ -348,10 +550,20 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
 cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
     """Write one used element; it becomes visible to the driver at vq_publish."""
     cdef uint8_t *e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
+    if vq.inflight != NULL:
+        if vq.inflight_batch_n >= vq.num:
+            # a guest that offers one head over and over can make a batch longer than the
+            # ring: publish what we have so the list never overflows
+            vq_publish(vq)
+        vq.inflight_batch[vq.inflight_batch_n] = head
+        vq.inflight_batch_n += 1
+        vq_store_u16(vq.inflight + IF_LAST_BATCH_OFF, head)
     (<uint32_t *>e)[0] = head
     (<uint32_t *>e)[1] = length
     vq.used_idx += 1
     vq.completed += 1
+    if _fp_point:
+        vq_failpoint(FP_AFTER_PUSH)
 
 
 cdef void vq_publish(vq_t *vq) noexcept nogil:
@@ -359,6 +571,10 @@ cdef void vq_publish(vq_t *vq) noexcept nogil:
     vq_store_release_u16(_used_idx(vq), vq.used_idx)
     if vq.log != NULL:
         _log_published(vq)
+    if _fp_point:
+        vq_failpoint(FP_MID_PUBLISH)
+    if vq.inflight != NULL:
+        _inflight_published(vq)
 
 
 cdef bint vq_should_notify(vq_t *vq) noexcept nogil:
@@ -391,6 +607,8 @@ cdef void vq_notify(vq_t *vq) noexcept nogil:
 cdef bint vq_enable_kick(vq_t *vq) noexcept nogil:
     """Ask the driver to kick again before sleeping; True if work arrived meanwhile."""
     cdef uint16_t flags
+    if vq.resubmit_pos < vq.resubmit_n:
+        return True         # heads to resubmit are work the avail ring does not show
     if vq.event_idx:
         vq_store_u16(vq.used + 4 + 8 * <uint64_t>vq.num, vq.last_avail)
         if vq.log != NULL:
@@ -461,10 +679,11 @@ cdef class RingProbe:
     fine here; the workers never use this class)."""
     cdef vq_t vq
     cdef chain_t *chain
+    cdef readonly int resubmit_count     # heads recovered from the inflight region
 
     def __cinit__(self, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                   uint16_t last_avail, bytes table, bint event_idx=False, bint indirect=True,
-                  int call_fd=-1, log=None):
+                  int call_fd=-1, log=None, inflight=None):
         cdef int n = regions_from_table(table)
         cdef const unsigned char *t = table
         self.chain = <chain_t *>calloc(1, sizeof(chain_t))
@@ -474,10 +693,15 @@ cdef class RingProbe:
                    <const mem_region_t *>t, n) != 0:
             raise ValueError("bad queue parameters")
         vq_log_setup(&self.vq, log)
+        self.resubmit_count = vq_inflight_from(&self.vq, inflight)
 
     def __dealloc__(self):
         vq_free(&self.vq)
         free(self.chain)
+
+    @property
+    def resubmitted(self):
+        return self.vq.resubmitted
 
     def pop(self):
         """None when empty; raises RuntimeError when broken; else a dict describing the chain

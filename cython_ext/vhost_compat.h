@@ -48,6 +48,10 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Fail points (ring.pyx vq_failpoint): true on the n-th pass of any thread. */
+static inline int fp_hit(int *count) {
+    return __atomic_sub_fetch(count, 1, __ATOMIC_SEQ_CST) == 0;
+}
 static inline int load_flag(const int *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }

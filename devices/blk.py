@@ -47,6 +47,7 @@ def create_sparse(path: str, size: int) -> None:
 class BlkDevice(Device):
     device_type = "block"
     dirty_log = True          # every guest write is logged while migrating (ring.pyx)
+    inflight_tracking = True  # restarts resubmit what was in flight (ring.pyx, INFLIGHT_SHMFD)
 
     def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
@@ -178,8 +179,12 @@ class BlkDevice(Device):
             signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
-            write_through=not self.writeback, log=queue.log)
+            write_through=not self.writeback, log=queue.log, inflight=queue.inflight)
         self.queues.start(index, w)
+        if w.resubmit_count:
+            log.info("queue %d: resubmitting %d requests a previous backend left in flight "
+                     "(inflight region); resuming at avail %d", index,
+                     w.resubmit_count, w.last_avail)
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)
 

@@ -172,6 +172,36 @@ Inflight = Struct(
     "queue_size" / Int16ul,
 )
 
+# The inflight region's split-ring layout (spec "Inflight I/O tracking"): per queue a
+# QueueRegionSplit -- u64 features, u16 version, u16 desc_num, u16 last_batch_head,
+# u16 used_idx -- followed by desc_num DescStateSplit {u8 inflight, u8 padding[5], u16 next,
+# u64 counter}.  The layout of the fd as a whole is the back-end's to choose (the front-end only
+# keeps it and hands it back); queues follow each other, each rounded up to INFLIGHT_ALIGNMENT
+# as libvhost-user does.
+INFLIGHT_VERSION = 1
+INFLIGHT_HEADER_SIZE = 16
+INFLIGHT_DESC_SIZE = 16
+INFLIGHT_ALIGNMENT = 64
+InflightQueueHeader = Struct(
+    "features" / Int64ul,
+    "version" / Int16ul,
+    "desc_num" / Int16ul,
+    "last_batch_head" / Int16ul,
+    "used_idx" / Int16ul,
+)
+DescStateSplit = Struct(
+    "inflight" / Int8ul,
+    "padding" / Bytes(5),
+    "next" / Int16ul,
+    "counter" / Int64ul,
+)
+
+
+def inflight_queue_size(queue_size: int) -> int:
+    """Bytes one queue of `queue_size` descriptors takes in the inflight fd."""
+    raw = INFLIGHT_HEADER_SIZE + INFLIGHT_DESC_SIZE * queue_size
+    return (raw + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
+
 # "Device configuration space" (GET/SET_CONFIG): the payload is `size` bytes long.
 CONFIG_HEADER_SIZE = 12
 CONFIG_FLAG_WRITABLE = 0x0

@@ -91,6 +91,10 @@ class QueueHandle:
     log_addr: int = 0         # host address of the log bitmap; 0: not logging
     log_size: int = 0         # its size in bytes
     log_used_gpa: int = -1    # guest address of the used ring (SET_VRING_ADDR's log address)
+    # Inflight tracking (INFLIGHT_SHMFD negotiated and an inflight fd set): this queue's
+    # QueueRegionSplit, where the worker marks what it popped and has not completed.
+    inflight_addr: int = 0    # host address; 0: not tracking
+    inflight_size: int = 0    # bytes of this queue's part of the region
 
     @property
     def log(self):
@@ -98,6 +102,13 @@ class QueueHandle:
         if not self.log_addr:
             return None
         return (self.log_addr, self.log_size, self.log_used_gpa)
+
+    @property
+    def inflight(self):
+        """What the Cython workers take as `inflight`: None, or (address, size)."""
+        if not self.inflight_addr:
+            return None
+        return (self.inflight_addr, self.inflight_size)
 
     @property
     def event_idx(self) -> bool:
@@ -281,6 +292,12 @@ class Device(abc.ABC):
     # needs to live-migrate the guest.  A device that writes guest memory any other way must
     # leave this False.
     dirty_log: bool = False
+    # Whether the workers track popped-but-not-completed heads in the frontend's inflight
+    # region when the handle carries one (QueueHandle.inflight): the protocol then offers
+    # INFLIGHT_SHMFD, and a restarted backend resubmits what the killed one left in flight.
+    # Only for a device whose requests may be done twice (blk: reads and writes of the same
+    # bytes); never for one that consumes guest buffers (net rx).
+    inflight_tracking: bool = False
 
     @abc.abstractmethod
     def features(self) -> int:

@@ -1,6 +1,7 @@
 """memory.py: guest memory as the backend sees it.
 
-Owns mapping the frontend's region fds (and its dirty-log bitmap, `LogRegion`) (mmap of `size + mmap_offset` from file offset 0, then
+Owns mapping the frontend's region fds (and its dirty-log bitmap and inflight region,
+`SharedRegion`) (mmap of `size + mmap_offset` from file offset 0, then
 `base + mmap_offset`, as libvhost-user does), translating guest-physical (descriptor) and
 frontend-virtual (ring) addresses to host pointers, and the packed region table the Cython engine
 copies.  A GuestMemory is an immutable snapshot: SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG build a
@@ -99,8 +100,9 @@ class MappedRegion:
 
 
 @dataclass(eq=False)
-class LogRegion:
-    """The frontend's dirty-log bitmap (SET_LOG_BASE), mapped shared read-write."""
+class SharedRegion:
+    """A frontend-shared mapping that is not guest RAM, mapped read-write: the dirty-log bitmap
+    (SET_LOG_BASE) or the inflight region (GET/SET_INFLIGHT_FD)."""
     size: int
     map_base: int
 
@@ -109,20 +111,23 @@ class LogRegion:
         return self.map_base
 
     @classmethod
-    def map(cls, fd: int, size: int, offset: int) -> "LogRegion":
+    def map(cls, fd: int, size: int, offset: int, what: str = "log") -> "SharedRegion":
         """Map `size` bytes of `fd` from `offset` (as libvhost-user); the caller closes fd."""
         if size == 0:
-            raise GuestMemoryError("log of size 0")
+            raise GuestMemoryError(f"{what} of size 0")
         if size >= 1 << 47 or offset >= 1 << 63:
-            raise GuestMemoryError(f"log too large ({size:#x} bytes at {offset:#x})")
+            raise GuestMemoryError(f"{what} too large ({size:#x} bytes at {offset:#x})")
         if offset % mmap_page():
-            raise GuestMemoryError(f"log offset {offset:#x} is not page-aligned")
-        return cls(size, map_shared(fd, size, offset, "log"))
+            raise GuestMemoryError(f"{what} offset {offset:#x} is not page-aligned")
+        return cls(size, map_shared(fd, size, offset, what))
 
     def unmap(self) -> None:
         if self.map_base:
             LIBC.munmap(self.map_base, self.size)
             self.map_base = 0
+
+
+LogRegion = SharedRegion
 
 
 def mmap_page() -> int:

@@ -26,6 +26,11 @@ Queue lifecycle (QEMU 7.2's real behaviour, see ARCHITECTURE.md and tests/data/t
   SET_LOG_BASE, every queue is started with the log (QueueHandle.log), the used ring's guest
   address when SET_VRING_ADDR carried VHOST_VRING_F_LOG; a new log restarts the queues that use
   the old one before it is unmapped.
+- inflight tracking (backend restarts without loss, devices with `inflight_tracking`):
+  GET_INFLIGHT_FD creates a sealed memfd for the split rings' inflight regions and answers with
+  it (a `Reply` carrying the fd); SET_INFLIGHT_FD installs the one the frontend kept (after a
+  restart: the one the killed backend filled).  Queues of the size the region was laid out for
+  start with their part (QueueHandle.inflight); a new region restarts the queues using the old.
 
 The frontend is untrusted: every field is validated at its message (a ring base fits 16 bits),
 every fd it sends is checked for its kind before anything changes (kick/call/err: an eventfd or
@@ -55,6 +60,7 @@ from protocols.vhost_user import (
     FrontendReq,
     HEADER_SIZE,
     Header,
+    Inflight,
     MAX_CONFIG_SIZE,
     MessageError,
     ProtocolFeature,
@@ -67,13 +73,14 @@ from protocols.vhost_user import (
     VRING_NOFD_MASK,
     VringState,
     build_message,
+    inflight_queue_size,
     parse_payload,
     request_name,
     u64,
 )
 
 from .device import Device, QueueHandle, WorkerStuck
-from .memory import GuestMemory, GuestMemoryError, LogRegion, MappedRegion
+from .memory import GuestMemory, GuestMemoryError, MappedRegion, SharedRegion
 
 log = logging.getLogger("pyvhost.protocol")
 
@@ -87,7 +94,8 @@ MAX_MEM_SLOTS = 32
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS
-    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP | ProtocolFeature.LOG_SHMFD)
+    | ProtocolFeature.NET_MTU | ProtocolFeature.RARP | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.INFLIGHT_SHMFD)
 # The split ring's indices are 16 bits (virtio 1.2 §2.7); a larger SET_VRING_BASE is an error.
 MAX_VRING_BASE = 0xFFFF
 # Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
@@ -107,6 +115,18 @@ REPLYING_REQUESTS = frozenset({
 })
 
 REPLY_FLAGS = VERSION | FLAG_REPLY
+
+
+class Reply(bytes):
+    """A reply message (or, from a handler, a reply payload) that carries file descriptors
+    (SCM_RIGHTS), e.g. GET_INFLIGHT_FD's memfd.  The fds are borrowed: the protocol keeps them open until it is done with them (at
+    least until the next receive() or connection_lost()), the sender only passes them on."""
+    fds: tuple[int, ...]
+
+    def __new__(cls, data: bytes, fds=()):
+        obj = super().__new__(cls, data)
+        obj.fds = tuple(fds)
+        return obj
 
 
 class ProtocolClosed(Exception):
@@ -226,6 +246,7 @@ class _Queue:
     signal_call: bool = False           # write the call fd once on the next start
     run_features: int = 0               # features the running worker was started with
     run_log: bool = False               # the running worker logs into the current log
+    run_inflight: bool = False          # the running worker tracks in the inflight region
     log_used: bool = False              # SET_VRING_ADDR's VHOST_VRING_F_LOG
     log_gpa: int = 0                    # ... and its log_guest_addr (the used ring's GPA)
 
@@ -316,8 +337,13 @@ class BackendProtocol:
         self._status = 0
         self._backend_req_fd = -1
         self._memory = GuestMemory()
-        self._dirty_log: LogRegion | None = None     # SET_LOG_BASE's bitmap
+        self._dirty_log: SharedRegion | None = None     # SET_LOG_BASE's bitmap
         self._log_fd = -1                            # SET_LOG_FD's eventfd (kept, unused)
+        # inflight tracking: the mapped region, how it is laid out, and the memfd we created
+        # for GET_INFLIGHT_FD (kept open while its reply may still be on its way)
+        self._inflight: SharedRegion | None = None
+        self._inflight_layout = (0, 0)               # (num_queues, queue_size)
+        self._inflight_fd = -1
         self._queues = [_Queue(i) for i in range(device.num_queues)]
         self._logged: set[str] = set()
         self._suppressed = False
@@ -353,6 +379,8 @@ class BackendProtocol:
             FrontendReq.GET_STATUS: self._get_status,
             FrontendReq.NET_SET_MTU: self._net_set_mtu,
             FrontendReq.SEND_RARP: self._send_rarp,
+            FrontendReq.GET_INFLIGHT_FD: self._get_inflight_fd,
+            FrontendReq.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- read-only state ----------------------------------------------------------------------
@@ -366,10 +394,9 @@ class BackendProtocol:
     def offered_protocol_features(self) -> ProtocolFeature:
         # QEMU refuses to migrate a vhost-user device without both LOG_ALL and LOG_SHMFD
         offered = int(self.device.protocol_features()) & int(SUPPORTED_PROTOCOL_FEATURES)
-        if self.device.dirty_log:
-            offered |= ProtocolFeature.LOG_SHMFD
-        else:
-            offered &= ~ProtocolFeature.LOG_SHMFD
+        for feature, wanted in ((ProtocolFeature.LOG_SHMFD, self.device.dirty_log),
+                                (ProtocolFeature.INFLIGHT_SHMFD, self.device.inflight_tracking)):
+            offered = offered | feature if wanted else offered & ~feature
         return ProtocolFeature(offered)
 
     @property
@@ -576,7 +603,8 @@ class BackendProtocol:
             log.debug("%s%s", self._prefix, cause, exc_info=True)
         else:
             if self._replies(msg.request):
-                return [build_message(msg.request, result, REPLY_FLAGS)]
+                reply = build_message(msg.request, result, REPLY_FLAGS)
+                return [Reply(reply, result.fds) if isinstance(result, Reply) else reply]
             return self._ack(msg, 0)
         if self._replies(msg.request):
             log.warning("%s%s; no meaningful reply, closing the connection", self._prefix, cause)
@@ -647,7 +675,8 @@ class BackendProtocol:
             last_avail_idx=q.base, kick_fd=q.kick_fd, call_fd=q.call_fd, err_fd=q.err_fd,
             features=self._features, memory=self._memory, signal_call=q.signal_call,
             log_addr=log_addr, log_size=log_size,
-            log_used_gpa=q.log_gpa if q.log_used and log_addr else -1)
+            log_used_gpa=q.log_gpa if q.log_used and log_addr else -1,
+            **self._inflight_for(q))
         try:
             self.device.start_queue(q.index, handle)
         except Exception as e:
@@ -658,7 +687,30 @@ class BackendProtocol:
         q.signal_call = False
         q.run_features = self._features
         q.run_log = bool(log_addr)
+        q.run_inflight = bool(handle.inflight_addr)
         log.debug("%squeue %d running (size %d, base %d)", self._prefix, q.index, q.size, q.base)
+
+    def _inflight_for(self, q: _Queue) -> dict:
+        """q's part of the inflight region, as QueueHandle keywords (none: not tracked)."""
+        nq, qsize = self._inflight_layout
+        if self._inflight is None or q.index >= nq:
+            return {}
+        if q.size != qsize:
+            self._log_once(f"queue {q.index}: size {q.size}, but the inflight region is laid "
+                           f"out for {qsize}; its requests are not tracked")
+            return {}
+        per = inflight_queue_size(qsize)
+        return dict(inflight_addr=self._inflight.host_addr + q.index * per, inflight_size=per)
+
+    def _restart_users(self, uses, install) -> None:
+        """Replace a mapping running workers use (`uses(q)`: whether q's worker uses the old
+        one or is to use the new one): stop those workers, install() the new mapping,
+        restart them on it."""
+        for q in self._queues:
+            if q.running and uses(q):
+                self._stop(q)
+        install()
+        self._reconcile_all()
 
     def _stop(self, q: _Queue) -> int:
         """Stop a running queue; keep and return the avail index it stopped at."""
@@ -897,19 +949,16 @@ class BackendProtocol:
         self._check_memory_limit(self._mapped_bytes(log=False) + body.mmap_size)
         fd = msg.take_fd()
         try:
-            new = LogRegion.map(fd, body.mmap_size, body.mmap_offset)
+            new = SharedRegion.map(fd, body.mmap_size, body.mmap_offset, "log")
         finally:
             _close(fd)
         # QEMU replaces the log while queues log into it (it grows with guest memory): stop
         # the workers that use the old one, restart them on the new one, and only then unmap
         # the old
         old = self._dirty_log
-        for q in self._queues:
-            if q.running and q.run_log:
-                self._stop(q)
-        self._dirty_log = new
         try:
-            self._reconcile_all()
+            self._restart_users(lambda q: q.run_log,
+                                lambda: setattr(self, "_dirty_log", new))
         finally:
             if old is not None:
                 self._release_region(old)
@@ -927,12 +976,77 @@ class BackendProtocol:
         _close(self._log_fd)
         self._log_fd = msg.take_fd()
 
-    def _mapped_bytes(self, log: bool = True) -> int:
-        """Guest memory and (with log) the dirty log this connection has mapped."""
+    def _mapped_bytes(self, log: bool = True, inflight: bool = True) -> int:
+        """Guest memory, (with log) the dirty log and (with inflight) the inflight region
+        this connection has mapped."""
         total = sum(r.map_len for r in self._memory.regions)
         if log and self._dirty_log is not None:
             total += self._dirty_log.size
+        if inflight and self._inflight is not None:
+            total += self._inflight.size
         return total
+
+    def _inflight_layout_of(self, body) -> tuple[int, int, int]:
+        """Check GET/SET_INFLIGHT_FD's queue count and size; (queues, size, bytes needed)."""
+        if not self._protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            raise RequestError("without protocol feature INFLIGHT_SHMFD")
+        nq, qsize = body.num_queues, body.queue_size
+        if not 1 <= nq <= len(self._queues):
+            raise RequestError(f"{nq} queues (the device has {len(self._queues)})")
+        limit = min(int(self.device.max_queue_size), virtio.MAX_QUEUE_SIZE)
+        if not _is_pow2(qsize) or qsize > limit:
+            raise RequestError(f"queue size {qsize} is not a power of two <= {limit}")
+        return nq, qsize, nq * inflight_queue_size(qsize)
+
+    def _install_inflight(self, region: SharedRegion, layout: tuple[int, int],
+                          fd: int) -> None:
+        old, old_fd = self._inflight, self._inflight_fd
+
+        def install():
+            self._inflight, self._inflight_layout, self._inflight_fd = region, layout, fd
+        try:
+            # a running queue that tracks in the old region, or has a part in the new one
+            self._restart_users(lambda q: q.run_inflight or q.index < layout[0], install)
+        finally:
+            if old is not None:
+                self._release_region(old)
+            if old_fd >= 0 and old_fd != fd:
+                _close(old_fd)
+
+    def _get_inflight_fd(self, msg, body):
+        # The frontend asks for a region for `num_queues` rings of `queue_size`; it keeps the
+        # fd and hands it back with SET_INFLIGHT_FD after every (re)connect.  Ours is a memfd
+        # sealed against shrinking, so nobody can make our mapping SIGBUS.
+        nq, qsize, size = self._inflight_layout_of(body)
+        self._check_memory_limit(self._mapped_bytes(inflight=False) + size)
+        fd = os.memfd_create("pyvhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            region = SharedRegion.map(fd, size, 0, "inflight region")
+        except BaseException:
+            _close(fd)
+            raise
+        self._install_inflight(region, (nq, qsize), fd)
+        log.debug("%sinflight region of %d bytes for %d queues of %d", self._prefix, size, nq,
+                  qsize)
+        return Reply(Inflight.build(dict(mmap_size=size, mmap_offset=0, num_queues=nq,
+                                            queue_size=qsize)), (fd,))
+
+    def _set_inflight_fd(self, msg, body):
+        msg.expect_fds(1)
+        nq, qsize, size = self._inflight_layout_of(body)
+        if body.mmap_size < size:
+            raise RequestError(f"inflight region of {body.mmap_size} bytes, {nq} queues of "
+                               f"{qsize} need {size}")
+        self._check_memory_limit(self._mapped_bytes(inflight=False) + body.mmap_size)
+        fd = msg.take_fd()
+        try:
+            region = SharedRegion.map(fd, body.mmap_size, body.mmap_offset, "inflight region")
+        finally:
+            _close(fd)
+        self._install_inflight(region, (nq, qsize), -1)
 
     def _get_config(self, msg, body):
         offset, size, flags = body.offset, body.size, body.flags
@@ -1047,6 +1161,11 @@ class BackendProtocol:
             if self._dirty_log is not None:
                 self._release_region(self._dirty_log)
                 self._dirty_log = None
+            if self._inflight is not None:
+                self._release_region(self._inflight)
+                self._inflight = None
+            _close(self._inflight_fd)
+            self._inflight_fd = -1
             if self._stuck:
                 self._leaked.extend(self._memory.regions)
                 log.error("%sleaving guest memory mapped and %d fds open for a stuck worker",

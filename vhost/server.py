@@ -75,12 +75,18 @@ def _peer_description(conn: socket.socket) -> str:
 
 
 def _send_all(conn: socket.socket, data: bytes) -> None:
-    """sendall for a non-blocking socket: replies are tiny, but never spin or drop them."""
+    """sendall for a non-blocking socket: replies are tiny, but never spin or drop them.  A
+    reply with fds (protocol.Reply) sends them with its first bytes (SCM_RIGHTS)."""
     view = memoryview(data)
+    fds = list(getattr(data, "fds", ()))
     poller = None
     while view:
         try:
-            sent = conn.send(view)
+            if fds:
+                sent = socket.send_fds(conn, [view], fds)
+                fds = []
+            else:
+                sent = conn.send(view)
         except (BlockingIOError, InterruptedError):
             if poller is None:                  # poll, not select: fds may be >= 1024
                 poller = select.poll()

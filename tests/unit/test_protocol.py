@@ -1444,3 +1444,124 @@ def test_connection_lost_unmaps_the_log(logging_peer):
     p.proto.connection_lost()
     with open("/proc/self/maps") as f:
         assert addr not in {int(line.split("-")[0], 16) for line in f}
+
+
+# --- inflight tracking (GET/SET_INFLIGHT_FD) -------------------------------------------------
+
+class InflightDevice(FakeDevice):
+    inflight_tracking = True
+
+
+def inflight_msg(nq, qsize, size=0, offset=0):
+    return vu.Inflight.build(dict(mmap_size=size, mmap_offset=offset, num_queues=nq,
+                                  queue_size=qsize))
+
+
+def mapped_starts():
+    with open("/proc/self/maps") as f:
+        return {int(line.split("-")[0], 16) for line in f}
+
+
+@pytest.fixture
+def inflight_peer():
+    p = Peer(InflightDevice())
+    yield p
+    p.proto.connection_lost()
+
+
+def test_inflight_offered_only_by_devices_that_track(peer, inflight_peer):
+    assert not u64_of(peer.get(R.GET_PROTOCOL_FEATURES)) & PF.INFLIGHT_SHMFD
+    assert u64_of(inflight_peer.get(R.GET_PROTOCOL_FEATURES)) & PF.INFLIGHT_SHMFD
+
+
+def test_get_inflight_fd_answers_with_a_sealed_memfd_the_queues_track_in(inflight_peer):
+    p = inflight_peer
+    p.negotiate()
+    replies = p.proto.receive(msg(R.GET_INFLIGHT_FD, inflight_msg(2, QSIZE)), [])
+    assert len(replies) == 1 and len(replies[0].fds) == 1
+    req, flags, body = parse_reply(replies[0])
+    assert (req, flags) == (R.GET_INFLIGHT_FD, REPLY)
+    info = vu.Inflight.parse(body)
+    per = vu.inflight_queue_size(QSIZE)
+    assert (info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size) == \
+        (2 * per, 0, 2, QSIZE)
+    fd = replies[0].fds[0]
+    assert os.fstat(fd).st_size == 2 * per
+    with pytest.raises(OSError):                 # sealed: the frontend cannot shrink it
+        os.ftruncate(fd, 0)
+    p.add_memory()
+    p.setup_ring(0)
+    p.setup_ring(1)
+    p.enable(0)
+    p.enable(1)
+    h0, h1 = p.device.running[0], p.device.running[1]
+    assert h0.inflight_addr and h1.inflight_addr == h0.inflight_addr + per
+    assert h0.inflight == (h0.inflight_addr, per)
+    p.proto.connection_lost()                    # the fd the reply borrowed is ours: closed
+    assert not is_open(fd) and h0.inflight_addr not in mapped_starts()
+
+
+def test_set_inflight_fd_replaces_the_region_under_running_queues(inflight_peer):
+    p = inflight_peer
+    p.negotiate()
+    p.add_memory()
+    p.setup_ring(0)
+    p.enable(0)
+    assert p.device.running[0].inflight is None          # no region yet: not tracking
+    per = vu.inflight_queue_size(QSIZE)
+    first = memfd(per)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, QSIZE, per), [first]) == 0
+    assert not is_open(first)                             # mapped, fd closed
+    old = p.device.running[0].inflight_addr
+    assert old and p.device.stops(0) == [0]               # restarted to pick it up
+    second = memfd(2 * 4096)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, QSIZE, 2 * 4096), [second]) == 0
+    new = p.device.running[0].inflight_addr
+    assert new != old and new in mapped_starts() and old not in mapped_starts()
+    # a queue of another size than the region's is served without tracking
+    p.setup_ring(1, size=QSIZE // 2)
+    p.enable(1)
+    assert 1 in p.device.running and p.device.running[1].inflight is None
+
+
+def test_inflight_refusals(inflight_peer):
+    p = inflight_peer
+    per = vu.inflight_queue_size(QSIZE)
+    # not negotiated: refused (GET has a reply of its own: the connection closes)
+    p.send(R.SET_PROTOCOL_FEATURES, vu.u64(PF.REPLY_ACK))
+    fd = memfd(per)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, QSIZE, per), [fd]) != 0
+    assert not is_open(fd)
+    p.negotiate()
+    for payload, fds in ((inflight_msg(1, QSIZE, per), [memfd(per - 64)]),   # fd too short
+                         (inflight_msg(1, QSIZE, per - 64), [memfd(per)]),    # size too small
+                         (inflight_msg(3, QSIZE, 3 * per), [memfd(3 * per)]),  # > num_queues
+                         (inflight_msg(0, QSIZE, per), [memfd(per)]),          # no queues
+                         (inflight_msg(1, 100, per), [memfd(per)]),           # not a power of 2
+                         (inflight_msg(1, QSIZE, per, 100), [memfd(2 * per)]),  # unaligned
+                         (inflight_msg(1, QSIZE, per), [eventfd()]),           # not a file
+                         (inflight_msg(1, QSIZE, per), [])):                   # no fd
+        assert p.ack(R.SET_INFLIGHT_FD, payload, fds) != 0
+        assert all(not is_open(f) for f in fds)
+    assert p.proto._inflight is None
+    for bad in (inflight_msg(3, QSIZE), inflight_msg(1, 3 * QSIZE)):
+        q = Peer(InflightDevice())
+        q.negotiate()
+        with pytest.raises(ProtocolClosed):
+            q.send(R.GET_INFLIGHT_FD, bad)
+        q.proto.connection_lost()
+
+
+def test_inflight_region_counts_towards_the_memory_limit():
+    p = Peer(InflightDevice())
+    per = vu.inflight_queue_size(1024)
+    p.proto = BackendProtocol(p.device, name="test",
+                              limits=Limits(max_guest_memory=MEM_SIZE + per))
+    p.negotiate()
+    p.add_memory()
+    fd = memfd(2 * per)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(2, 1024, 2 * per), [fd]) != 0
+    assert not is_open(fd) and p.proto._inflight is None
+    fd = memfd(per)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, 1024, per), [fd]) == 0
+    p.proto.connection_lost()

@@ -46,6 +46,16 @@ class Backend:
     log_path: Path
     command: list[str]
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. fallbacks taken
+    # the process was meant to die by SIGKILL (kill9, or a PYVHOST_FAILPOINT it was given):
+    # its exit is not checked at the end
+    expect_kill: bool = False
+
+    def kill9(self, timeout: float = 10.0) -> int:
+        """kill -9 the backend now and reap it; returns its exit status."""
+        self.expect_kill = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        return self.proc.wait(timeout)
 
     def log_text(self) -> str:
         try:
@@ -128,7 +138,9 @@ def _managed(backend: Backend, check_exit: bool, unlink: bool = True) -> Iterato
         raise
     else:
         rc, killed = stop_process(backend.proc)
-        if check_exit and (killed or rc != 0):
+        if backend.expect_kill and rc == -signal.SIGKILL:
+            pass
+        elif check_exit and (killed or rc != 0):
             raise BackendError(
                 f"{backend.name} did not exit cleanly on SIGTERM "
                 f"({'killed after 10 s' if killed else f'exit code {rc}'}); log tail:\n"
@@ -193,10 +205,12 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
 @contextlib.contextmanager
 def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = False,
                 num_queues: int = 1, extra: Sequence[str] = (), timeout: float = 30.0,
-                client: bool = False) -> Iterator[Backend]:
+                client: bool = False, failpoint: str | None = None) -> Iterator[Backend]:
     """Our backend, ``python -m vhost.programs pyvhost-blk``, serving ``img`` on ``sock``. Waits for the
     socket (client: for the backend to start dialing ``sock``, where the frontend listens);
-    at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s."""
+    at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s (or died
+    by SIGKILL, when `kill9()` or `failpoint` -- PYVHOST_FAILPOINT, cython_ext/ring.pyx --
+    was meant to kill it)."""
     img, sock = Path(img), Path(sock)
     if not client:
         with contextlib.suppress(FileNotFoundError):
@@ -213,13 +227,17 @@ def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("PYVHOST_FAILPOINT", None)
+    if failpoint:
+        env["PYVHOST_FAILPOINT"] = failpoint
     proc, ok = _start(cmd, sock, log_path, env=env, cwd=str(REPO_ROOT), timeout=timeout,
                       ready_text="connecting to" if client else None)
     if not ok:
         raise BackendError(
             f"pyvhost blk backend exited ({proc.returncode}) before creating {sock}; log tail:\n"
             f"{tail(log_path.read_text(errors='replace'), 40)}")
-    with _managed(Backend("pyvhost-blk", proc, sock, log_path, cmd), check_exit=True,
+    with _managed(Backend("pyvhost-blk", proc, sock, log_path, cmd,
+                          expect_kill=bool(failpoint)), check_exit=True,
                   unlink=not client) as b:
         yield b
 

@@ -104,12 +104,13 @@ class Frontend(VhostUserFrontend):
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
                  device_features: int = BLK_DRIVER_FEATURES,
                  seed: int | None = None, max_segments: int = 8,
-                 timeout: float = DEFAULT_TIMEOUT, listen: bool = False):
+                 timeout: float = DEFAULT_TIMEOUT, listen: bool = False,
+                 inflight: bool = False):
         super().__init__(socket_path, mem_size=mem_size, num_queues=num_queues,
                          queue_size=queue_size, two_regions=two_regions, event_idx=event_idx,
                          indirect=indirect, regions=regions, use_add_mem_reg=use_add_mem_reg,
                          protocol_features=protocol_features, device_features=device_features,
-                         timeout=timeout, listen=listen)
+                         timeout=timeout, listen=listen, inflight=inflight)
         self.rng = random.Random(seed) if seed is not None else None
         self.max_segments = max(1, max_segments)
 
@@ -205,11 +206,16 @@ class Frontend(VhostUserFrontend):
         return BlkResult(status, data, used_len)
 
     def submit_many(self, requests: Sequence[BlkRequest], queue: int | Sequence[int] = 0,
-                    depth: int = 32, timeout: float | None = None) -> list[BlkResult]:
+                    depth: int = 32, timeout: float | None = None,
+                    on_disconnect=None) -> list[BlkResult]:
         """Run `requests` keeping up to `depth` in flight per queue; results in request order.
         `queue` may be a list of queues: requests are dealt round-robin and all those queues run
         concurrently.  `timeout` (default: the frontend's) bounds each wait for progress.
-        Requests in flight together may complete in any order: don't overlap writes."""
+        Requests in flight together may complete in any order: don't overlap writes.
+        `on_disconnect()`: called when the backend goes away with requests outstanding (it
+        brings up a new backend and calls `reconnect()`); the outstanding requests are then
+        waited for on the new connection, as a guest under QEMU `reconnect=1` would.  A head
+        returned that is not outstanding (completed twice) raises RingError."""
         if not self._started:
             raise FrontendError("not connected")
         timeout = self.timeout if timeout is None else timeout
@@ -287,8 +293,14 @@ class Frontend(VhostUserFrontend):
                         except OSError:
                             pass
                     busy = "; ".join(self.queues[q].describe() for q in qids if inflight[q])
-                    raise VhostUserError(f"backend disconnected with {remaining} requests "
-                                         f"outstanding: {busy}")
+                    if on_disconnect is None:
+                        raise VhostUserError(f"backend disconnected with {remaining} requests "
+                                             f"outstanding: {busy}")
+                    poller.unregister(fd)
+                    on_disconnect()
+                    poller.register(self.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+                    deadline = time.monotonic() + timeout
+                    break
             for q in qids:
                 self.queues[q].drain_call()
         return results  # type: ignore[return-value]

@@ -37,6 +37,7 @@ from protocols.vhost_user import (
     MemoryTable,
     ProtocolFeature,
     SingleMemoryRegion,
+    Inflight,
     VringAddr,
     VringState,
     build_message,
@@ -44,6 +45,7 @@ from protocols.vhost_user import (
     u64,
 )
 from vhost.testing.errors import FrontendError, VhostUserError
+from vhost.testing.inflight import InflightRegion
 from vhost.testing.ram import MiB, GuestRAM, Region, one_region_layout, pc_two_region_layout
 from vhost.testing.virtqueue import DEFAULT_TIMEOUT, VirtQueue
 
@@ -68,7 +70,10 @@ class VhostUserFrontend:
     CONFIGURE_MEM_SLOTS is offered, as QEMU does; True: require it; False: always
     SET_MEM_TABLE), `protocol_features` (mask of protocol features we may negotiate),
     `device_features` (device-specific feature bits we accept), `timeout` (seconds, every wait),
-    `listen` (QEMU's `server=on`: listen at socket_path and accept a backend in client mode).
+    `listen` (QEMU's `server=on`: listen at socket_path and accept a backend in client mode),
+    `inflight` (negotiate INFLIGHT_SHMFD when offered and, as QEMU's vhost-user-blk does, get
+    an inflight region once and hand it back at every (re)connect; `reconnect()` is QEMU's
+    `reconnect=1` after the backend died).
     """
 
     def __init__(self, socket_path: str | os.PathLike, *, mem_size: int = 64 * MiB,
@@ -78,7 +83,8 @@ class VhostUserFrontend:
                  use_add_mem_reg: bool | None = None,
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
                  device_features: int = 0,
-                 timeout: float = DEFAULT_TIMEOUT, listen: bool = False):
+                 timeout: float = DEFAULT_TIMEOUT, listen: bool = False,
+                 inflight: bool = False):
         if two_regions and regions is not None:
             raise ValueError("give either two_regions or regions, not both")
         if num_queues < 1:
@@ -93,7 +99,11 @@ class VhostUserFrontend:
                        pc_two_region_layout(mem_size) if two_regions else
                        one_region_layout(mem_size))
         self.use_add_mem_reg = use_add_mem_reg
-        self.protocol_features_mask = int(protocol_features)
+        self.protocol_features_mask = int(protocol_features) | (
+            ProtocolFeature.INFLIGHT_SHMFD if inflight else 0)
+        self.want_inflight = inflight
+        self.inflight: InflightRegion | None = None     # kept across reconnects, as QEMU does
+        self.reconnects = 0
         self.device_features_mask = device_features
         self.timeout = timeout
         # listen: play QEMU with `-chardev socket,server=on`: listen at socket_path and wait
@@ -211,11 +221,16 @@ class VhostUserFrontend:
         if sent != len(msg):
             raise VhostUserError(f"sending {request_name(request)}: short write {sent}/{len(msg)}")
 
-    def _recv_exact(self, n: int, what: str) -> bytes:
+    def _recv_exact(self, n: int, what: str, fds: list | None = None) -> bytes:
+        """n bytes of the reply to `what`; with `fds`, the fds riding on them are added."""
         buf = bytearray()
         while len(buf) < n:
             try:
-                chunk = self.sock.recv(n - len(buf))
+                if fds is not None:
+                    chunk, got, _, _ = socket.recv_fds(self.sock, n - len(buf), 4)
+                    fds.extend(got)
+                else:
+                    chunk = self.sock.recv(n - len(buf))
             except socket.timeout:
                 raise TimeoutError(f"no reply to {what} within {self.timeout}s") from None
             except OSError as e:
@@ -226,10 +241,11 @@ class VhostUserFrontend:
             buf += chunk
         return bytes(buf)
 
-    def recv_reply(self, request: int) -> bytes:
-        """Read one reply and check it answers `request`; returns its payload."""
+    def recv_reply(self, request: int, fds: list | None = None) -> bytes:
+        """Read one reply and check it answers `request`; returns its payload (with `fds`:
+        the fds it carried are appended there)."""
         name = request_name(request)
-        hdr = Header.parse(self._recv_exact(HEADER_SIZE, name))
+        hdr = Header.parse(self._recv_exact(HEADER_SIZE, name, fds))
         if hdr.size > MAX_REPLY_PAYLOAD:
             raise VhostUserError(f"reply to {name}: payload size {hdr.size} is implausible")
         payload = self._recv_exact(hdr.size, name) if hdr.size else b""
@@ -358,6 +374,63 @@ class VhostUserFrontend:
     def _connect(self) -> None:
         self._connect_socket()
         self.mem = GuestRAM(self.mem_size, self.layout)
+        self._handshake()
+        for q in range(self.num_queues):
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._eventfds.append(kick)
+            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._eventfds.append(call)
+            self.queues.append(VirtQueue(self.mem, q, self.queue_size,
+                                         event_idx=self.has_event_idx,
+                                         kick_fd=kick, call_fd=call))
+        self._setup_rings([0] * self.num_queues)
+        self._started = True
+        self._after_start()
+
+    def reconnect(self) -> None:
+        """The backend died (or is being replaced): what QEMU does with `reconnect=1` (or, when
+        listening, when a client-mode backend dials again).  The guest's RAM, rings and
+        requests stay as they are; a new connection runs the setup again with the inflight
+        region kept from the first, each ring's base set to its used index (QEMU's
+        virtio_queue_restore_last_avail_idx: it could not ask the dead backend)."""
+        if not self._started:
+            raise FrontendError("reconnect() before connect()")
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._connect_socket()
+        self._handshake()
+        self._setup_rings([vq.used_idx() for vq in self.queues])
+        self.reconnects += 1
+
+    def _setup_inflight(self) -> None:
+        """QEMU's vhost_user_blk_start: GET_INFLIGHT_FD the first time, SET_INFLIGHT_FD with
+        the same fd every time."""
+        if not (self.want_inflight and self.protocol_features & ProtocolFeature.INFLIGHT_SHMFD):
+            return
+        if self.inflight is None:
+            fds: list[int] = []
+            self.send_message(FrontendReq.GET_INFLIGHT_FD, Inflight.build(dict(
+                mmap_size=0, mmap_offset=0, num_queues=self.num_queues,
+                queue_size=self.queue_size)))
+            try:
+                reply = self.recv_reply(FrontendReq.GET_INFLIGHT_FD, fds)
+                if len(fds) != 1:
+                    raise VhostUserError(f"GET_INFLIGHT_FD reply carries {len(fds)} fds")
+                info = Inflight.parse(reply)
+                self.inflight = InflightRegion(info.queue_size, info.num_queues, fd=fds.pop(),
+                                               mmap_size=info.mmap_size,
+                                               mmap_offset=info.mmap_offset)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        r = self.inflight
+        self.setup(FrontendReq.SET_INFLIGHT_FD, Inflight.build(dict(
+            mmap_size=r.mmap_size, mmap_offset=r.mmap_offset, num_queues=r.num_queues,
+            queue_size=r.queue_size)), [r.fd])
+
+    def _handshake(self) -> None:
+        """Features, queue count, owner, config, inflight region, SET_FEATURES, memory."""
         self._negotiate_protocol_features()
         if self.protocol_features & ProtocolFeature.MQ:
             self.max_queues = self.call_u64(FrontendReq.GET_QUEUE_NUM)
@@ -371,6 +444,7 @@ class VhostUserFrontend:
 
         if self.protocol_features & ProtocolFeature.CONFIG:
             self._read_device_config()
+        self._setup_inflight()
 
         wanted = (self._driver_features() | virtio.F_VERSION_1 | virtio.F_ANY_LAYOUT
                   | (virtio.F_RING_EVENT_IDX if self.want_event_idx else 0)
@@ -382,18 +456,12 @@ class VhostUserFrontend:
 
         self._send_memory_table()
 
-        for q in range(self.num_queues):
-            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._eventfds.append(kick)
-            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._eventfds.append(call)
-            self.queues.append(VirtQueue(self.mem, q, self.queue_size,
-                                         event_idx=self.has_event_idx,
-                                         kick_fd=kick, call_fd=call))
+    def _setup_rings(self, bases: Sequence[int]) -> None:
         for vq in self.queues:
             q = vq.index
             self.setup(FrontendReq.SET_VRING_NUM, VringState.build(dict(index=q, num=vq.size)))
-            self.setup(FrontendReq.SET_VRING_BASE, VringState.build(dict(index=q, num=0)))
+            self.setup(FrontendReq.SET_VRING_BASE, VringState.build(dict(index=q,
+                                                                         num=bases[q])))
             desc, used, avail = vq.addresses()
             self.setup(FrontendReq.SET_VRING_ADDR, VringAddr.build(dict(
                 index=q, flags=0, descriptor=desc, used=used, available=avail, log=0)))
@@ -403,8 +471,6 @@ class VhostUserFrontend:
             for vq in self.queues:
                 self.setup(FrontendReq.SET_VRING_ENABLE,
                            VringState.build(dict(index=vq.index, num=1)))
-        self._started = True
-        self._after_start()
 
     # -- hooks for the device drivers --
 
@@ -511,6 +577,9 @@ class VhostUserFrontend:
         for fd in self._eventfds:
             os.close(fd)
         self._eventfds = []
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         if self.mem is not None:
             self.mem.close()
 

@@ -3,7 +3,8 @@
 vhost/memory.py, and a queue worker run synchronously (`run_until_idle`) or as a thread:
 `QueueRig` is that plumbing for any worker (the rng tests build theirs on it), `Rig` adds a
 BlkQueueWorker on an image file (optionally logging into a dirty log: `log`, as
-QueueHandle.log).
+QueueHandle.log; optionally tracking in an inflight region: `inflight`, as
+QueueHandle.inflight).
 Must not: open sockets or start processes; hold test assertions beyond `assert_serving`;
 import tests, devices, vhost.server, vhost.service or vhost.config."""
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Rig(QueueRig):
 
     def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
                  read_only=False, use_io_uring=True, start_idx=0, capacity=None,
-                 poll_us=0.0, log=None):
+                 poll_us=0.0, log=None, inflight=None):
         super().__init__(two_regions=two_regions, event_idx=event_idx, qsize=qsize)
         if start_idx:
             # resume mid-stream (index wrap tests): avail, used and our shadows agree
@@ -115,7 +116,7 @@ class Rig(QueueRig):
             self.kick_fd, self.call_fd, self.fd, self.fd, read_only, self.capacity,
             b"rig-serial-0123456789", event_idx=event_idx, indirect=True,
             use_io_uring=use_io_uring, max_discard_sectors=1 << 21,
-            max_write_zeroes_sectors=1 << 21, poll_us=poll_us, log=log)
+            max_write_zeroes_sectors=1 << 21, poll_us=poll_us, log=log, inflight=inflight)
 
     # -- buffers --
     def buf(self, data: bytes | int, fill=0xEE) -> int:
