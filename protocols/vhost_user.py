@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct, this
+from construct import Array, Bytes, Default, Int8ul, Int16ul, Int32ul, Int64ul, Struct, this
 
 # Header flags (spec "Message Specification").
 VERSION = 0x1
@@ -170,6 +170,9 @@ Inflight = Struct(
     "mmap_offset" / Int64ul,
     "num_queues" / Int16ul,
     "queue_size" / Int16ul,
+    # C's struct VhostUserInflight is padded to its u64 alignment: QEMU and libvhost-user send
+    # and expect 24 bytes, and QEMU refuses a GET_INFLIGHT_FD reply of any other size
+    "padding" / Default(Bytes(4), bytes(4)),
 )
 
 # The inflight region's split-ring layout (spec "Inflight I/O tracking"): per queue a

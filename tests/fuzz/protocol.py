@@ -9,7 +9,8 @@ One input = one device and a sequence of steps:
              pages), eventfds, either end of a pipe, /dev/null, a socket; delivered whole, split
              as the server reads it, split anywhere, or glued to the next message (its fds then
              ride with the glued bytes, as SCM_RIGHTS does)
-  SETUP      the usual start of a queue (features, optionally a dirty log first, a memory table
+  SETUP      the usual start of a queue (features, optionally a dirty log first, optionally an
+             inflight region got or handed back, a memory table
              or ADD_MEM_REG of a 256 KiB memfd, NUM/ADDR/BASE/CALL/KICK/ENABLE), so the fuzzer
              reaches running workers (logging ones too)
   POKE       bytes written into a memfd we handed over (the guest writing its rings)
@@ -130,7 +131,7 @@ class Conn:
             if request in (R.ADD_MEM_REG, R.REM_MEM_REG):
                 r = vu.parse_payload(request, payload).region
                 return [r.size + r.mmap_offset]
-            if request == R.SET_LOG_BASE:
+            if request in (R.SET_LOG_BASE, R.SET_INFLIGHT_FD):
                 lg = vu.parse_payload(request, payload)
                 return [lg.mmap_size + lg.mmap_offset]
         except Exception:       # noqa: BLE001 - a payload that does not parse names no region
@@ -148,6 +149,8 @@ class Conn:
             h = vu.Header.parse(r[:vu.HEADER_SIZE])
             assert h.flags == REPLY_FLAGS and h.size == len(r) - vu.HEADER_SIZE, (h, r)
             assert h.request in self.requests, h        # a reply or ack echoes a request
+            for fd in getattr(r, "fds", ()):                # borrowed: still the protocol's
+                os.fstat(fd)
 
     def send(self, request: int, payload: bytes, flags: int = vu.VERSION, fds=(),
              size: int | None = None, delivery: int = 0) -> None:
@@ -203,6 +206,18 @@ class Conn:
             fd = self._memfd(-(-size // PAGE_SHORT) * PAGE_SHORT)
             self.send(R.SET_LOG_BASE, vu.Log.build(dict(mmap_size=size, mmap_offset=0)),
                       vu.VERSION, [fd])
+        # mask bits 63 / 62 (no feature): an inflight region as QEMU's vhost-user-blk gets it
+        # (GET_INFLIGHT_FD) or hands one back after a restart (SET_INFLIGHT_FD; POKE may
+        # scribble on it: a frontend's garbage is recovered from)
+        nq = 1 + q % max(1, len(self.proto.queues))
+        if mask >> 63 & 1:
+            self.send(R.GET_INFLIGHT_FD, vu.Inflight.build(dict(
+                mmap_size=0, mmap_offset=0, num_queues=nq, queue_size=qsize)))
+        if mask >> 62 & 1:
+            size = nq * vu.inflight_queue_size(qsize)
+            self.send(R.SET_INFLIGHT_FD, vu.Inflight.build(dict(
+                mmap_size=size, mmap_offset=0, num_queues=nq, queue_size=qsize)), flags,
+                [self._memfd(size)])
         self.send(R.SET_FEATURES, vu.u64(offered & mask), flags)
         if not opts & 4 or self.setup_map is None:
             fd = self._memfd(SETUP_MEM)

@@ -15,13 +15,16 @@ The workers copy headers and status bytes with memcpy (guard pages catch those) 
 segments to the kernel (preadv / pwritev / getrandom), which reports a bad address as EFAULT, not
 a fault: any backing-store error is therefore a crash too (the image is a regular file and every
 request the worker accepts lies inside it).  Canary bytes in each region's page slack must stay.
+With config bit 6 the queue tracks its heads in an inflight region, fresh or fuzzed (recovery
+from whatever a frontend hands back), guarded the same way.
 With config bit 5 the queue logs its writes (dirty logging, as while migrating) into a log
 bitmap of fuzzed size, guarded like a region (its last byte against a guard page), with a
 fuzzed used-ring log address: a bit set past the declared size faults.
 
 Layout (all fields front-consumed, see data.py): u8 config (bit 0 event_idx, bit 1 no indirect,
-bits 2-3 driver, bit 4 read-only, bit 5 dirty log), u8 queue size, [u16 log size, u64 used-ring
-log address (bit 63: none)], u8 region count and per region u8 kind,
+bits 2-3 driver, bit 4 read-only, bit 5 dirty log, bit 6 inflight region), u8 queue size,
+[u16 log size, u64 used-ring log address (bit 63: none)], [u8 (bit 0: recovered, then the
+region's bytes)], u8 region count and per region u8 kind,
 u8 pages, u16 size trim, [u64 gpa]; ring offsets u32 x3; ring state; descriptor writes; then
 raw pokes into the regions until the input ends.
 """
@@ -34,6 +37,7 @@ import tempfile
 from cython_ext.blk import BlkQueueWorker
 from cython_ext.ring import RingProbe
 from cython_ext.rng import RngQueueWorker
+from protocols import vhost_user as vu
 from vhost.testing.guarded import PAGE, GuardedMemory, GuardedRegion
 
 from tests.fuzz.data import Input
@@ -233,9 +237,10 @@ def check_chain(c: dict, lay: Layout) -> None:
 
 
 def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirect: bool,
-              log=None) -> None:
+              log=None, inflight=None) -> None:
     probe = RingProbe(lay.qsize, lay.desc, lay.avail, lay.used, last_avail,
-                      lay.mem.table_bytes(), event_idx, indirect, _CALL, log=log)
+                      lay.mem.table_bytes(), event_idx, indirect, _CALL, log=log,
+                      inflight=inflight)
     popped, broken = 0, False
     for k in range(min(lay.qsize, MAX_POPS) + 2):
         try:
@@ -256,7 +261,7 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
     probe.enable_kick()
     probe.disable_kick()
     _, alen, ulen = ring_sizes(lay.qsize)
-    if lay.used + ulen <= lay.avail or lay.avail + alen <= lay.used:
+    if inflight is None and (lay.used + ulen <= lay.avail or lay.avail + alen <= lay.used):
         # (when the used ring overlaps the avail ring, what we push changes what is available)
         assert (broken or popped == min(delta, MAX_POPS + 2)) and (not broken or delta > 0), \
             (popped, delta)
@@ -266,7 +271,7 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
 
 
 def run_worker(driver: str, cfg: int, lay: Layout, last_avail: int, event_idx: bool,
-               indirect: bool, log=None) -> None:
+               indirect: bool, log=None, inflight=None) -> None:
     table = lay.mem.table_bytes()
     if driver == "rng":
         w = RngQueueWorker(0, lay.qsize, lay.desc, lay.avail, lay.used, last_avail, table, -1,
@@ -277,7 +282,7 @@ def run_worker(driver: str, cfg: int, lay: Layout, last_avail: int, event_idx: b
                            _CALL, _FD_DIRECT, _FD_BUFFERED, bool(cfg & 0x10), IMAGE_SECTORS,
                            b"fuzz-serial", event_idx=event_idx, indirect=indirect,
                            use_io_uring=driver == "blk-uring", max_discard_sectors=64,
-                           max_write_zeroes_sectors=64, log=log)
+                           max_write_zeroes_sectors=64, log=log, inflight=inflight)
     try:
         # The runtime's own loop: with the stop flag already set each run() is one batch (and
         # the at-stop completion of in-flight I/O); a ring that feeds itself cannot hang it.
@@ -306,13 +311,25 @@ def TestOneInput(data: bytes) -> None:
         used_gpa = inp.u64()
         log_region = GuardedRegion(0, size, align_end=True)     # a guard right after its end
         log = (log_region.host, size, -1 if used_gpa >> 63 else used_gpa)
+    inflight_region, inflight = None, None
+    if cfg & 0x40:
+        # inflight tracking on a region that is fresh (zeroes) or one a previous backend (or a
+        # hostile frontend) left: fuzzed bytes with a valid version and ring size, so that
+        # recovery runs; its last byte sits against a guard page
+        size = vu.inflight_queue_size(qsize)
+        inflight_region = GuardedRegion(0, size, align_end=True)
+        if inp.u8() & 1:
+            inflight_region.write(0, inp.bytes(size).ljust(size, b"\0"))
+            inflight_region.write(8, struct.pack("<HH", vu.INFLIGHT_VERSION, qsize))
+        inflight = (inflight_region.host, size)
     lay = Layout(inp, qsize)
     try:
         last_avail, delta = build(inp, lay)
         if driver == "probe":
-            run_probe(lay, last_avail, delta, event_idx, indirect, log)
+            run_probe(lay, last_avail, delta, event_idx, indirect, log, inflight)
         else:
-            run_worker(driver, cfg, lay, last_avail, event_idx, indirect, log)
+            run_worker(driver, cfg, lay, last_avail, event_idx, indirect, log,
+                       inflight if driver != "rng" else None)
         assert lay.mem.slack_intact(), "a write landed in a region's page slack"
         if log_region is not None:
             assert log_region.slack_intact(), "a log bit was set before the log's start"
@@ -320,3 +337,6 @@ def TestOneInput(data: bytes) -> None:
         lay.mem.close()
         if log_region is not None:
             log_region.close()
+        if inflight_region is not None:
+            assert inflight_region.slack_intact(), "a write before the inflight region"
+            inflight_region.close()

@@ -23,7 +23,9 @@ PAYLOADS = {
                            st.fixed_dictionaries(dict(padding=u64, region=region)), 40),
     "Log": (vu.Log, st.fixed_dictionaries(dict(mmap_size=u64, mmap_offset=u64)), 16),
     "Inflight": (vu.Inflight, st.fixed_dictionaries(dict(
-        mmap_size=u64, mmap_offset=u64, num_queues=u16, queue_size=u16)), 20),
+        # 24: C's struct VhostUserInflight is padded to 8 (QEMU checks the reply's size)
+        mmap_size=u64, mmap_offset=u64, num_queues=u16, queue_size=u16,
+        padding=st.just(bytes(4)))), 24),
     "DeviceState": (vu.DeviceState, st.fixed_dictionaries(dict(
         transfer_direction=u32, migration_phase=u32)), 8),
     "Iotlb": (vu.Iotlb, st.fixed_dictionaries(dict(

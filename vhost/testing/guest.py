@@ -604,14 +604,18 @@ def run_guest(script: str, *, devices: Sequence[str] = (), mem: str = "256M",
 
 
 def blk_device_args(sock: str | os.PathLike, num_queues: int = 1, idx: int = 0,
-                    extra: str = "", server: bool = False) -> list[str]:
+                    extra: str = "", server: bool = False,
+                    reconnect: int | None = None) -> list[str]:
     """QEMU args attaching a vhost-user-blk-pci device to the backend listening on ``sock``
     (``server``: QEMU listens there, for a backend in client mode, and takes it back whenever
-    it reconnects)."""
+    it reconnects; ``reconnect``: QEMU re-dials a backend that went away after that many
+    seconds, libvirt's ``<reconnect enabled='yes' timeout='N'/>``)."""
     dev = f"vhost-user-blk-pci,chardev=blkc{idx},num-queues={num_queues}"
     if extra:
         dev += "," + extra
     chardev = f"socket,id=blkc{idx},path={sock}" + (",server=on,wait=off" if server else "")
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
     return ["-chardev", chardev, "-device", dev]
 
 
