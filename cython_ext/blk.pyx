@@ -734,13 +734,13 @@ cdef class BlkQueueWorker:
     cdef bytes _keep_table
 
     def __cinit__(self, int index, int num, uint64_t desc, uint64_t avail, uint64_t used,
-                  int last_avail, bytes region_table, int kick_fd, int call_fd,
+                  uint32_t last_avail, bytes region_table, int kick_fd, int call_fd,
                   int fd_direct, int fd_buffered, bint read_only, uint64_t capacity_sectors,
                   bytes serial, bint event_idx=False, bint indirect=True,
                   bint signal_call=False, bint use_io_uring=True,
                   uint64_t max_discard_sectors=0, uint64_t max_write_zeroes_sectors=0,
                   int slots=0, double poll_us=0, bint write_through=False, log=None,
-                  inflight=None):
+                  inflight=None, bint packed=False):
         cdef const unsigned char *t = region_table
         cdef int k, r
         if len(region_table) % sizeof(mem_region_t):
@@ -753,8 +753,9 @@ cdef class BlkQueueWorker:
         self.index = index
         ctx = self.ctx
         if vq_init(&ctx.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
-                   <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
-            raise ValueError(f"bad queue size {num}")
+                   <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t),
+                   packed) != 0:
+            raise ValueError(f"bad queue size {num} or base {last_avail:#x}")
         vq_log_setup(&ctx.vq, log)
         # inflight tracking: after a restart this resumes after what the last backend popped
         # and hands those requests out again first (ring.pyx vq_inflight_setup)
@@ -847,7 +848,8 @@ cdef class BlkQueueWorker:
 
     @property
     def last_avail(self):
-        return self.ctx.vq.last_avail
+        """Where the queue is (GET_VRING_BASE's value; packed: positions and wrap counters)."""
+        return vq_base(&self.ctx.vq)
 
     @property
     def broken(self):
@@ -867,7 +869,7 @@ cdef class BlkQueueWorker:
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
             uring_enters=c.uring_enters, enter_errors=c.enter_errors,
             buffered_fallbacks=c.buffered_fallbacks, poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
-            broken=bool(c.vq.broken), last_avail=c.vq.last_avail, inflight=c.inflight,
+            broken=bool(c.vq.broken), last_avail=vq_base(&c.vq), inflight=c.inflight,
             max_inflight=c.max_inflight, resubmitted=c.vq.resubmitted,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})

@@ -297,6 +297,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
     cdef size_t done = 0, cap, n, src_off = 0, take, l
     cdef int nbufs = 0, r, k, si = 0, csum_mode
     cdef size_t si_off = 0
+    cdef vq_pos_t start = vq_tell(vq)        # to put back what this frame popped
     cdef uint8_t *nb_lo = NULL
     cdef uint8_t *nb_hi = NULL
     cdef uint8_t *cs_lo = NULL
@@ -330,7 +331,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
         else:
             r = vq_pop(vq, c)
         if r != 1:
-            vq.last_avail -= nbufs           # put the buffers back: nothing was published
+            vq_seek(vq, start)               # put the buffers back: nothing was published
             if r < 0:
                 q.stats[ST_RX_FAULT] += 1
                 return DELIVER_DROPPED
@@ -347,7 +348,7 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
             q.stats[ST_RX_FAULT] += 1
             return DELIVER_DROPPED
         if not mrg_rxbuf and c.total_len < total:
-            vq.last_avail -= 1               # too small for the frame: leave it for later
+            vq_seek(vq, start)               # too small for the frame: leave it for later
             q.stats[ST_RX_TOO_SMALL] += 1
             return DELIVER_DROPPED
         # copy into this chain's segments
@@ -458,13 +459,13 @@ cdef inline void rxq_flush(rxq_t *q) noexcept nogil:
 
 
 cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
-                    uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
+                    uint32_t last_avail, bint event_idx, bint indirect, int call_fd,
                     const mem_region_t *regions, int nregions,
-                    const vq_log_t *log) noexcept nogil:
+                    const vq_log_t *log, bint packed) noexcept nogil:
     cdef int r
     pthread_mutex_lock(&q.lock)
     r = vq_init(&q.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
-                regions, nregions)
+                regions, nregions, packed)
     if r == 0:
         # before the queue is active: other ports' senders write into it from then on
         vq_log_set(&q.vq, log)
@@ -480,13 +481,13 @@ cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint6
     return r
 
 
-cdef uint16_t rxq_detach(rxq_t *q) noexcept nogil:
+cdef uint32_t rxq_detach(rxq_t *q) noexcept nogil:
     """Stop delivering to q; when this returns nobody uses its ring or its call fd any more."""
-    cdef uint16_t last
+    cdef uint32_t last
     cdef int fd
     pthread_mutex_lock(&q.lock)
     fd = rxq_publish(q)
-    last = q.vq.last_avail
+    last = vq_base(&q.vq)
     q.active = False
     vq_free(&q.vq)
     free(q.chain)
@@ -1240,8 +1241,8 @@ cdef class Port:
                 pthread_mutex_unlock(&self.p.rx[k].lock)
 
     def attach_rx(self, int pair, int num, uint64_t desc, uint64_t avail, uint64_t used,
-                  int last_avail, bytes region_table, int call_fd, bint event_idx,
-                  bint indirect, bint signal_call=False, log=None):
+                  uint32_t last_avail, bytes region_table, int call_fd, bint event_idx,
+                  bint indirect, bint signal_call=False, log=None, bint packed=False):
         cdef const unsigned char *t = region_table
         cdef vq_log_t lg
         vq_log_parse(log, &lg)
@@ -1249,19 +1250,19 @@ cdef class Port:
             raise ValueError("pair out of range")
         if self.p.rx[pair].active:
             raise RuntimeError(f"rx queue of pair {pair} already attached")
-        if not 0 <= last_avail <= 0xFFFF:
+        if not packed and last_avail > 0xFFFF:
             raise ValueError(f"rx queue base {last_avail} is not a 16-bit index")
         if rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx, indirect,
                       call_fd, <const mem_region_t *>t,
-                      len(region_table) // sizeof(mem_region_t), &lg) != 0:
-            raise ValueError(f"bad rx queue (size {num})")
+                      len(region_table) // sizeof(mem_region_t), &lg, packed) != 0:
+            raise ValueError(f"bad rx queue (size {num}, base {last_avail:#x})")
         if signal_call:
             with nogil:              # a frontend's fd: never written with the GIL held
                 wk_signal(call_fd)
 
     def detach_rx(self, int pair):
         """Stop delivering to this rx queue; returns its last avail index."""
-        cdef uint16_t last
+        cdef uint32_t last
         if not self.p.rx[pair].active:
             raise KeyError(pair)
         with nogil:
@@ -1324,7 +1325,7 @@ cdef class NetWorker:
     def __cinit__(self, str mode, Port port, int pair=0, Switch switch=None, int tap_fd=-1,
                   tx=None, int rx_kick=-1, bytes region_table=b"", tx_log=None):
         """tx: None or (num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx,
-        indirect, signal_call) for the tx queue of this pair; tx_log: its QueueHandle.log
+        indirect, signal_call[, packed]) for the tx queue of this pair; tx_log: its QueueHandle.log
         (tx writes nothing into guest buffers, only the used ring)."""
         cdef const unsigned char *t = region_table
         cdef int r
@@ -1353,11 +1354,13 @@ cdef class NetWorker:
             if w.bounce == NULL:
                 raise MemoryError()
         if tx is not None:
-            num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx, indirect, sig = tx
+            num, desc, avail, used, last_avail, kick_fd, call_fd, event_idx, indirect, sig = \
+                tx[:10]
+            packed = len(tx) > 10 and bool(tx[10])
             if vq_init(&w.tx, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                        <const mem_region_t *>t,
-                       len(region_table) // sizeof(mem_region_t)) != 0:
-                raise ValueError(f"bad tx queue (size {num})")
+                       len(region_table) // sizeof(mem_region_t), packed) != 0:
+                raise ValueError(f"bad tx queue (size {num}, base {last_avail:#x})")
             vq_log_setup(&w.tx, tx_log)
             w.has_tx = True
             wk_add_queue(&w.rt, &w.tx, kick_fd)
@@ -1399,7 +1402,7 @@ cdef class NetWorker:
 
     @property
     def tx_last_avail(self):
-        return self.w.tx.last_avail if self.w.has_tx else None
+        return vq_base(&self.w.tx) if self.w.has_tx else None
 
     def tx_faults(self):
         from cython_ext.ring import FAULT_NAMES

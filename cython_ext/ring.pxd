@@ -61,6 +61,13 @@ ctypedef struct vring_desc_t:
     uint16_t flags
     uint16_t next
 
+# A packed-ring descriptor (virtio 1.2 §2.8.13 pvirtq_desc).
+ctypedef struct pvring_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t id
+    uint16_t flags
+
 ctypedef struct chain_t:
     uint16_t head
     int fault              # F_* of the walk/translation, F_NONE if the chain is usable
@@ -78,11 +85,20 @@ ctypedef struct vq_log_t:
 
 ctypedef struct vq_t:
     uint16_t num
-    uint8_t *desc
-    uint8_t *avail
-    uint8_t *used
-    uint16_t last_avail
-    uint16_t used_idx          # next used index we publish (shadow of used->idx)
+    uint8_t *desc              # split: descriptor table; packed: the descriptor ring
+    uint8_t *avail             # split: avail ring; packed: driver event suppression
+    uint8_t *used              # split: used ring; packed: device event suppression
+    uint16_t last_avail        # split: free-running index; packed: ring position
+    uint16_t used_idx          # split: next used index we publish (shadow of used->idx);
+                               # packed: ring position of the next used descriptor
+    # Packed virtqueue (VIRTIO_F_RING_PACKED, virtio 1.2 §2.8): the same calls, another layout.
+    bint packed
+    bint avail_wrap            # wrap counter of last_avail (starts 1)
+    bint used_wrap             # wrap counter of used_idx (starts 1)
+    uint16_t *pk_ndescs        # ring descriptors each outstanding buffer took (by id % num)
+    int pk_first               # position of the batch's first used descriptor, -1: none;
+    uint16_t pk_first_flags    # its flags are stored last, at vq_publish (one release)
+    uint16_t pk_log_from       # first position written since the last publish (dirty log)
     uint16_t signalled_used
     bint signalled_used_valid
     bint event_idx
@@ -119,9 +135,19 @@ ctypedef struct vq_t:
     uint32_t resubmit_pos
     uint64_t resubmitted       # heads handed out again since the worker started
 
+# Where a queue is: the value GET_VRING_BASE reports and SET_VRING_BASE gives.  Split: the avail
+# index.  Packed (as QEMU's virtio_queue_packed_get_last_avail_idx): bits 0-14 the avail
+# position, 15 its wrap counter, 16-30 the used position, 31 its wrap counter.
+ctypedef struct vq_pos_t:
+    uint16_t last_avail
+    bint avail_wrap
+
 cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
-                 uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
-                 const mem_region_t *regions, int nregions) noexcept nogil
+                 uint32_t base, bint event_idx, bint indirect, int call_fd,
+                 const mem_region_t *regions, int nregions, bint packed=*) noexcept nogil
+cdef uint32_t vq_base(vq_t *vq) noexcept nogil
+cdef vq_pos_t vq_tell(vq_t *vq) noexcept nogil
+cdef void vq_seek(vq_t *vq, vq_pos_t pos) noexcept nogil
 cdef void vq_free(vq_t *vq) noexcept nogil
 cdef int vq_log_parse(object log, vq_log_t *out) except -1
 cdef void vq_log_set(vq_t *vq, const vq_log_t *log) noexcept nogil

@@ -26,6 +26,12 @@ cdef enum:
     DESC_F_INDIRECT = 4
     AVAIL_F_NO_INTERRUPT = 1
     USED_F_NO_NOTIFY = 1
+    # packed ring (§2.8.1, §2.8.10)
+    PDESC_F_AVAIL = 1 << 7
+    PDESC_F_USED = 1 << 15
+    EVENT_F_ENABLE = 0
+    EVENT_F_DISABLE = 1
+    EVENT_F_DESC = 2
 
 # True when built with PYVHOST_DEBUG_BUILD=1 (bounds checks, line tracing).
 DEBUG_BUILD = bool(PYVHOST_DEBUG)
@@ -50,6 +56,10 @@ C_CONSTANTS = {
     "virtio.VIRTQ_DESC_F_INDIRECT": DESC_F_INDIRECT,
     "virtio.VIRTQ_AVAIL_F_NO_INTERRUPT": AVAIL_F_NO_INTERRUPT,
     "virtio.VIRTQ_USED_F_NO_NOTIFY": USED_F_NO_NOTIFY,
+    "virtio.VIRTQ_DESC_F_AVAIL": PDESC_F_AVAIL, "virtio.VIRTQ_DESC_F_USED": PDESC_F_USED,
+    "virtio.RING_EVENT_FLAGS_ENABLE": EVENT_F_ENABLE,
+    "virtio.RING_EVENT_FLAGS_DISABLE": EVENT_F_DISABLE,
+    "virtio.RING_EVENT_FLAGS_DESC": EVENT_F_DESC,
     "virtio.DESC_SIZE": sizeof(vring_desc_t), "virtio.MAX_QUEUE_SIZE": MAX_INDIRECT,
     "vhost_user.INFLIGHT_VERSION": INFLIGHT_VERSION,
     "vhost_user.INFLIGHT_HEADER_SIZE": IF_DESC_OFF,
@@ -114,8 +124,8 @@ cdef void vq_failpoint(int point) noexcept nogil:
 
 
 cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
-                 uint16_t last_avail, bint event_idx, bint indirect, int call_fd,
-                 const mem_region_t *regions, int nregions) noexcept nogil:
+                 uint32_t base, bint event_idx, bint indirect, int call_fd,
+                 const mem_region_t *regions, int nregions, bint packed=False) noexcept nogil:
     memset(vq, 0, sizeof(vq_t))
     if num == 0 or (num & (num - 1)) != 0:
         return -1
@@ -123,9 +133,29 @@ cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t
     vq.desc = <uint8_t *>desc
     vq.avail = <uint8_t *>avail
     vq.used = <uint8_t *>used
-    vq.last_avail = last_avail
-    # Resume where the frontend's used ring is: after a reconnect used->idx is authoritative.
-    vq.used_idx = vq_load_u16(_used_idx(vq))
+    vq.packed = packed
+    if packed:
+        # positions and wrap counters as SET_VRING_BASE encodes them; a base without the
+        # used half (DPDK's frontends) means used == avail, as at every stop
+        vq.last_avail = base & 0x7FFF
+        vq.avail_wrap = (base >> 15) & 1
+        if base >> 16:
+            vq.used_idx = (base >> 16) & 0x7FFF
+            vq.used_wrap = (base >> 31) & 1
+        else:
+            vq.used_idx = vq.last_avail
+            vq.used_wrap = vq.avail_wrap
+        if vq.last_avail >= num or vq.used_idx >= num:
+            return -1
+        vq.pk_first = -1
+        vq.pk_ndescs = <uint16_t *>calloc(num, sizeof(uint16_t))
+        if vq.pk_ndescs == NULL:
+            return -1
+    else:
+        vq.last_avail = <uint16_t>base
+        # Resume where the frontend's used ring is: after a reconnect used->idx is
+        # authoritative.
+        vq.used_idx = vq_load_u16(_used_idx(vq))
     vq.event_idx = event_idx
     vq.indirect = indirect
     vq.call_fd = call_fd
@@ -144,6 +174,8 @@ cdef void vq_free(vq_t *vq) noexcept nogil:
     vq.nregions = 0
     free(vq.inflight_batch)
     vq.inflight_batch = NULL
+    free(vq.pk_ndescs)
+    vq.pk_ndescs = NULL
     free(vq.resubmit)
     vq.resubmit = NULL
     vq.resubmit_n = vq.resubmit_pos = 0
@@ -192,8 +224,8 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
     cdef uint8_t *d
     cdef _resub_t *tmp
     cdef uint64_t top = 0
-    if r == NULL or size < need:
-        return -1
+    if r == NULL or size < need or vq.packed:
+        return -1               # (the packed inflight layout is not implemented)
     vq.inflight_batch = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
     vq.resubmit = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
     if vq.inflight_batch == NULL or vq.resubmit == NULL:
@@ -449,7 +481,168 @@ cdef int vq_translate(vq_t *vq, uint64_t gpa, uint64_t length, chain_t *c) noexc
 
 
 cdef int vq_avail_count(vq_t *vq) noexcept nogil:
+    """Chains the driver made available (packed: 1 if at least one, else 0)."""
+    if vq.packed:
+        return _pk_is_avail(vq_load_acquire_u16(vq.desc + 16 * <uint64_t>vq.last_avail + 14),
+                            vq.avail_wrap)
     return <uint16_t>(vq_load_acquire_u16(_avail_idx(vq)) - vq.last_avail)
+
+
+cdef uint32_t vq_base(vq_t *vq) noexcept nogil:
+    if vq.packed:
+        return (<uint32_t>vq.last_avail | (<uint32_t>vq.avail_wrap << 15)
+                | (<uint32_t>vq.used_idx << 16) | (<uint32_t>vq.used_wrap << 31))
+    return vq.last_avail
+
+
+cdef vq_pos_t vq_tell(vq_t *vq) noexcept nogil:
+    cdef vq_pos_t p
+    p.last_avail = vq.last_avail
+    p.avail_wrap = vq.avail_wrap
+    return p
+
+
+cdef void vq_seek(vq_t *vq, vq_pos_t pos) noexcept nogil:
+    """Put back what was popped since vq_tell (nothing of it was pushed)."""
+    vq.last_avail = pos.last_avail
+    vq.avail_wrap = pos.avail_wrap
+
+
+# --- the packed ring (virtio 1.2 §2.8) -------------------------------------------------------
+
+cdef inline bint _pk_is_avail(uint16_t flags, bint wrap) noexcept nogil:
+    # available: AVAIL != USED and AVAIL == the wrap counter (§2.8.1)
+    return (((flags & PDESC_F_AVAIL) != 0) != ((flags & PDESC_F_USED) != 0)) and \
+        ((flags & PDESC_F_AVAIL) != 0) == wrap
+
+
+cdef int _pop_packed(vq_t *vq, chain_t *c) noexcept nogil:
+    """vq_pop for a packed ring: the chain is the descriptors from last_avail on while NEXT
+    is set (or one INDIRECT descriptor, whose table is walked to its length); the buffer id
+    is the last descriptor's.  A bad chain is still consumed to its end (bounded by the ring
+    size), so that the ring stays in step with the driver."""
+    cdef uint16_t pos = vq.last_avail, n, k, tsize
+    cdef bint wrap = vq.avail_wrap
+    cdef bint seen_writable = False
+    cdef pvring_desc_t d, t
+    cdef uint8_t *table
+    cdef uint32_t count = 0
+    cdef uint16_t flags = vq_load_acquire_u16(vq.desc + 16 * <uint64_t>pos + 14)
+    if not _pk_is_avail(flags, wrap):
+        return 0
+    # (acquire: the rest of the chain, written before the head's flags, is read after them)
+    c.fault = F_NONE
+    c.nsegs = 0
+    c.nreadable = 0
+    c.total_len = 0
+    c.last_byte = NULL
+    while True:
+        if count >= vq.num:
+            if c.fault == F_NONE:
+                c.fault = F_LOOP
+            break
+        vq_copy16(&d, vq.desc + 16 * <uint64_t>pos)
+        count += 1
+        pos += 1
+        if pos >= vq.num:
+            pos = 0
+            wrap = not wrap
+        c.head = d.id
+        if c.fault == F_NONE:
+            if d.flags & DESC_F_INDIRECT:
+                if (not vq.indirect or (d.flags & DESC_F_NEXT) or d.len == 0
+                        or d.len % 16 != 0 or d.len // 16 > MAX_INDIRECT):
+                    c.fault = F_INDIRECT
+                else:
+                    table = _host_range(vq, d.addr, d.len)
+                    if table == NULL:
+                        c.fault = F_INDIRECT
+                    else:
+                        # §2.8.19: the table's descriptors are the buffer, in order
+                        tsize = <uint16_t>(d.len // 16)
+                        for k in range(tsize):
+                            vq_copy16(&t, table + 16 * <uint64_t>k)
+                            if t.flags & DESC_F_INDIRECT:
+                                c.fault = F_INDIRECT
+                                break
+                            _add_seg(vq, c, t.addr, t.len, t.flags, &seen_writable,
+                                     k + 1 == tsize)
+            else:
+                _add_seg(vq, c, d.addr, d.len, d.flags, &seen_writable,
+                         not (d.flags & DESC_F_NEXT))
+        if not (d.flags & DESC_F_NEXT):
+            break
+    vq.last_avail = pos
+    vq.avail_wrap = wrap
+    vq.pk_ndescs[c.head & (vq.num - 1)] = <uint16_t>count
+    return 1
+
+
+cdef void _push_packed(vq_t *vq, uint16_t id, uint32_t length) noexcept nogil:
+    """Write the used descriptor for buffer `id` at used_idx; its flags (AVAIL = USED = the
+    used wrap counter) make it the driver's -- except the batch's first, whose flags wait for
+    vq_publish, so that the whole batch becomes visible at once (§2.8.22)."""
+    cdef uint8_t *e = vq.desc + 16 * <uint64_t>vq.used_idx
+    cdef uint16_t flags = (PDESC_F_AVAIL | PDESC_F_USED) if vq.used_wrap else 0
+    cdef uint16_t n = vq.pk_ndescs[id & (vq.num - 1)]
+    (<uint32_t *>(e + 8))[0] = length
+    (<uint16_t *>(e + 12))[0] = id
+    if vq.pk_first < 0:
+        vq.pk_first = vq.used_idx
+        vq.pk_first_flags = flags
+        vq.pk_log_from = vq.used_idx
+    else:
+        vq_store_release_u16(e + 14, flags)
+    if n == 0 or n > vq.num:    # an id we never popped (a confused or hostile driver)
+        n = 1
+    vq.used_idx += n
+    if vq.used_idx >= vq.num:
+        vq.used_idx -= vq.num
+        vq.used_wrap = not vq.used_wrap
+    vq.completed += 1
+
+
+cdef void _publish_packed(vq_t *vq) noexcept nogil:
+    cdef uint16_t start, end
+    if vq.pk_first < 0:
+        return
+    vq_store_release_u16(vq.desc + 16 * <uint64_t>vq.pk_first + 14, vq.pk_first_flags)
+    if vq.log != NULL:
+        # the used descriptors written since the last publish lie in [pk_log_from, used_idx)
+        start = vq.pk_log_from
+        end = vq.used_idx
+        if end > start:
+            vq_log_host(vq, vq.desc + 16 * <uint64_t>start, 16 * <uint64_t>(end - start))
+        else:
+            vq_log_host(vq, vq.desc + 16 * <uint64_t>start, 16 * <uint64_t>(vq.num - start))
+            if end:
+                vq_log_host(vq, vq.desc, 16 * <uint64_t>end)
+    vq.pk_first = -1
+
+
+cdef bint _pk_should_notify(vq_t *vq) noexcept nogil:
+    """The driver event suppression structure (§2.8.10): off_wrap u16, flags u16."""
+    cdef uint16_t flags, off_wrap, off, old, new
+    cdef bint valid = vq.signalled_used_valid
+    vq_mb()
+    old = vq.signalled_used
+    new = vq.used_idx
+    vq.signalled_used = new
+    vq.signalled_used_valid = True
+    flags = vq_load_u16(vq.avail + 2)
+    if flags != EVENT_F_DESC:
+        return flags != EVENT_F_DISABLE
+    if not valid:
+        return True
+    off_wrap = vq_load_u16(vq.avail)
+    off = off_wrap & 0x7FFF
+    # positions on one line: the wrap counter says which lap `off` is on (as DPDK's
+    # vhost_vring_call_packed)
+    if new <= old:
+        old -= vq.num
+    if ((off_wrap >> 15) != 0) != vq.used_wrap:
+        off -= vq.num
+    return <uint16_t>(new - off - 1) < <uint16_t>(new - old)
 
 
 cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
@@ -458,6 +651,8 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
     cdef uint16_t avail_idx, head
     if vq.broken:
         return -1
+    if vq.packed:
+        return _pop_packed(vq, c)
     if vq.resubmit_pos < vq.resubmit_n:
         # after a restart, what the previous backend popped and never completed comes first
         head = vq.resubmit[vq.resubmit_pos]
@@ -484,6 +679,26 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
     return _walk(vq, head, c)
 
 
+cdef inline void _add_seg(vq_t *vq, chain_t *c, uint64_t addr, uint32_t length,
+                          uint16_t flags, bint *seen_writable, bint last) noexcept nogil:
+    """One descriptor of a chain (either ring layout): order check, translation, totals, and
+    for the last one the status byte's address."""
+    cdef int f
+    if flags & DESC_F_WRITE:
+        seen_writable[0] = True
+    elif seen_writable[0] and c.fault == F_NONE:
+        c.fault = F_ORDER
+    f = vq_translate(vq, addr, length, c)
+    if f != F_NONE and c.fault == F_NONE:
+        c.fault = f
+    if not seen_writable[0]:
+        c.nreadable = c.nsegs
+    c.total_len += length
+    if last and (flags & DESC_F_WRITE) and length > 0:
+        c.last_byte = _host_range(vq, addr + (length - 1), 1) \
+            if addr <= UINT64_MAX - (length - 1) else NULL
+
+
 cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
     """Walk the chain at `head` (< vq.num) into c; returns 1 (c.fault says if usable)."""
     cdef uint16_t i, table_size
@@ -492,7 +707,6 @@ cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
     cdef uint8_t *table
     cdef bint in_indirect = False
     cdef bint seen_writable = False
-    cdef int f
     c.head = head
     c.fault = F_NONE
     c.nsegs = 0
@@ -526,19 +740,8 @@ cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
             i = 0
             count = 0
             continue
-        if d.flags & DESC_F_WRITE:
-            seen_writable = True
-        elif seen_writable and c.fault == F_NONE:
-            c.fault = F_ORDER
-        f = vq_translate(vq, d.addr, d.len, c)
-        if f != F_NONE and c.fault == F_NONE:
-            c.fault = f
-        if not seen_writable:
-            c.nreadable = c.nsegs
-        c.total_len += d.len
+        _add_seg(vq, c, d.addr, d.len, d.flags, &seen_writable, not (d.flags & DESC_F_NEXT))
         if not (d.flags & DESC_F_NEXT):
-            if (d.flags & DESC_F_WRITE) and d.len > 0:
-                c.last_byte = _host_range(vq, d.addr + (d.len - 1), 1) if d.addr <= UINT64_MAX - (d.len - 1) else NULL
             return 1
         i = d.next
         if i >= table_size:
@@ -549,7 +752,13 @@ cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
 
 cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
     """Write one used element; it becomes visible to the driver at vq_publish."""
-    cdef uint8_t *e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
+    cdef uint8_t *e
+    if vq.packed:
+        _push_packed(vq, head, length)
+        if _fp_point:
+            vq_failpoint(FP_AFTER_PUSH)
+        return
+    e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
     if vq.inflight != NULL:
         if vq.inflight_batch_n >= vq.num:
             # a guest that offers one head over and over can make a batch longer than the
@@ -567,6 +776,9 @@ cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
 
 
 cdef void vq_publish(vq_t *vq) noexcept nogil:
+    if vq.packed:
+        _publish_packed(vq)
+        return
     # Release: the used elements above are visible before the new index (§2.7.13.3).
     vq_store_release_u16(_used_idx(vq), vq.used_idx)
     if vq.log != NULL:
@@ -580,6 +792,8 @@ cdef void vq_publish(vq_t *vq) noexcept nogil:
 cdef bint vq_should_notify(vq_t *vq) noexcept nogil:
     cdef uint16_t old, new, event
     cdef bint valid
+    if vq.packed:
+        return _pk_should_notify(vq)
     # Full barrier: our used->idx store must be visible before we read the driver's
     # used_event / flags, or we and the driver can both decide not to act (lost interrupt).
     vq_mb()
@@ -609,6 +823,13 @@ cdef bint vq_enable_kick(vq_t *vq) noexcept nogil:
     cdef uint16_t flags
     if vq.resubmit_pos < vq.resubmit_n:
         return True         # heads to resubmit are work the avail ring does not show
+    if vq.packed:
+        # device event suppression (§2.8.10): flags at offset 2; ENABLE, then re-check
+        vq_store_u16(vq.used + 2, EVENT_F_ENABLE)
+        if vq.log != NULL:
+            vq_log_host(vq, vq.used + 2, 2)
+        vq_mb()
+        return vq_avail_count(vq) != 0
     if vq.event_idx:
         vq_store_u16(vq.used + 4 + 8 * <uint64_t>vq.num, vq.last_avail)
         if vq.log != NULL:
@@ -624,6 +845,11 @@ cdef bint vq_enable_kick(vq_t *vq) noexcept nogil:
 
 cdef void vq_disable_kick(vq_t *vq) noexcept nogil:
     cdef uint16_t flags
+    if vq.packed:
+        vq_store_u16(vq.used + 2, EVENT_F_DISABLE)
+        if vq.log != NULL:
+            vq_log_host(vq, vq.used + 2, 2)
+        return
     if not vq.event_idx:
         flags = vq_load_u16(vq.used)
         vq_store_u16(vq.used, flags | USED_F_NO_NOTIFY)
@@ -682,15 +908,15 @@ cdef class RingProbe:
     cdef readonly int resubmit_count     # heads recovered from the inflight region
 
     def __cinit__(self, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
-                  uint16_t last_avail, bytes table, bint event_idx=False, bint indirect=True,
-                  int call_fd=-1, log=None, inflight=None):
+                  uint32_t last_avail, bytes table, bint event_idx=False, bint indirect=True,
+                  int call_fd=-1, log=None, inflight=None, bint packed=False):
         cdef int n = regions_from_table(table)
         cdef const unsigned char *t = table
         self.chain = <chain_t *>calloc(1, sizeof(chain_t))
         if self.chain == NULL:
             raise MemoryError()
         if vq_init(&self.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
-                   <const mem_region_t *>t, n) != 0:
+                   <const mem_region_t *>t, n, packed) != 0:
             raise ValueError("bad queue parameters")
         vq_log_setup(&self.vq, log)
         self.resubmit_count = vq_inflight_from(&self.vq, inflight)
@@ -770,6 +996,11 @@ cdef class RingProbe:
     @property
     def last_avail(self):
         return self.vq.last_avail
+
+    @property
+    def base(self):
+        """What GET_VRING_BASE would report (packed: positions and wrap counters)."""
+        return vq_base(&self.vq)
 
     @property
     def used_idx(self):

@@ -187,10 +187,10 @@ cdef class RngQueueWorker:
     cdef bytes _keep_table
 
     def __cinit__(self, int index, int num, uint64_t desc, uint64_t avail, uint64_t used,
-                  int last_avail, bytes region_table, int kick_fd, int call_fd,
+                  uint32_t last_avail, bytes region_table, int kick_fd, int call_fd,
                   bint event_idx=False, bint indirect=True, bint signal_call=False,
                   double poll_us=0, uint64_t max_bytes=0, uint64_t period_ms=1000,
-                  log=None):
+                  log=None, bint packed=False):
         cdef const unsigned char *t = region_table
         cdef int r
         if len(region_table) % sizeof(mem_region_t):
@@ -204,8 +204,9 @@ cdef class RngQueueWorker:
         self.index = index
         ctx = self.ctx
         if vq_init(&ctx.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
-                   <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t)) != 0:
-            raise ValueError(f"bad queue size {num}")
+                   <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t),
+                   packed) != 0:
+            raise ValueError(f"bad queue size {num} or base {last_avail:#x}")
         vq_log_setup(&ctx.vq, log)
         ctx.index = index
         ctx.max_bytes = max_bytes
@@ -250,7 +251,8 @@ cdef class RngQueueWorker:
 
     @property
     def last_avail(self):
-        return self.ctx.vq.last_avail
+        """Where the queue is (GET_VRING_BASE's value; packed: positions and wrap counters)."""
+        return vq_base(&self.ctx.vq)
 
     @property
     def broken(self):
@@ -269,7 +271,7 @@ cdef class RngQueueWorker:
             throttled_waits=c.throttled_waits, throttled=bool(c.throttled),
             avail_corrupt=c.vq.faults[F_AVAIL], notifies=c.vq.notifies, kicks=c.vq.kicks,
             poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, broken=bool(c.vq.broken),
-            last_avail=c.vq.last_avail,
+            last_avail=vq_base(&c.vq),
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})
 

@@ -48,6 +48,7 @@ class BlkDevice(Device):
     device_type = "block"
     dirty_log = True          # every guest write is logged while migrating (ring.pyx)
     inflight_tracking = True  # restarts resubmit what was in flight (ring.pyx, INFLIGHT_SHMFD)
+    packed_ring = True        # ring.pyx serves packed virtqueues too (QEMU packed=on)
 
     def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
@@ -179,7 +180,8 @@ class BlkDevice(Device):
             signal_call=queue.signal_call, use_io_uring=self.use_io_uring,
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
-            write_through=not self.writeback, log=queue.log, inflight=queue.inflight)
+            write_through=not self.writeback, log=queue.log, inflight=queue.inflight,
+            packed=queue.packed)
         self.queues.start(index, w)
         if w.resubmit_count:
             log.info("queue %d: resubmitting %d requests a previous backend left in flight "

@@ -21,6 +21,7 @@ log = logging.getLogger("pyvhost.rng")
 class RngDevice(Device):
     device_type = "rng"
     dirty_log = True          # every guest write is logged while migrating (ring.pyx)
+    packed_ring = True        # ring.pyx serves packed virtqueues too
     num_queues = 1                   # §5.4.2: requestq only
 
     def __init__(self, *, max_bytes: int = 0, period_ms: int = 1000,
@@ -40,7 +41,8 @@ class RngDevice(Device):
             index, queue.size, queue.desc, queue.avail, queue.used, queue.last_avail_idx,
             queue.memory.table_bytes(), queue.kick_fd, queue.call_fd,
             event_idx=queue.event_idx, indirect=queue.indirect, signal_call=queue.signal_call,
-            max_bytes=self.max_bytes, period_ms=self.period_ms, log=queue.log))
+            max_bytes=self.max_bytes, period_ms=self.period_ms, log=queue.log,
+            packed=queue.packed))
 
     def stop_queue(self, index: int) -> int:
         return self.queues.stop(index).last_avail

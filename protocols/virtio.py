@@ -1,4 +1,5 @@
-"""virtio.py: virtio 1.x feature bits, descriptor flags and split-ring layout (virtio spec 2.7).
+"""virtio.py: virtio 1.x feature bits, descriptor flags, split-ring layout (virtio spec 2.7) and
+packed-ring layout (2.8).
 
 Constants only; the ring engine itself lives in cython_ext/ring.pyx.
 """
@@ -47,6 +48,21 @@ def avail_ring_size(num: int) -> int:
 def used_ring_size(num: int) -> int:
     # flags, idx, ring[num], avail_event
     return 2 + 2 + USED_ELEM_SIZE * num + 2
+
+
+# Packed ring (2.8): descriptor flags beyond the split ones, and the event suppression
+# structures (driver area: the driver's wishes for notifications; device area: ours for kicks).
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+EVENT_SUPPRESS_SIZE = 4   # le16 off_wrap (bit 15: wrap counter), le16 flags
+EVENT_SUPPRESS_ALIGN = 4
+
+
+def packed_ring_size(num: int) -> int:
+    return DESC_SIZE * num
 
 
 # virtio device status bits (2.1).

@@ -111,6 +111,12 @@ class QueueHandle:
         return (self.inflight_addr, self.inflight_size)
 
     @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED: desc/avail/used are the descriptor ring and the driver and
+        device event suppression structures; last_avail_idx carries wrap counters."""
+        return bool(self.features & virtio.F_RING_PACKED)
+
+    @property
     def event_idx(self) -> bool:
         return bool(self.features & virtio.F_RING_EVENT_IDX)
 
@@ -298,6 +304,9 @@ class Device(abc.ABC):
     # Only for a device whose requests may be done twice (blk: reads and writes of the same
     # bytes); never for one that consumes guest buffers (net rx).
     inflight_tracking: bool = False
+    # Whether the workers run packed rings (VIRTIO_F_RING_PACKED, ring.pyx; `packed=` of the
+    # Cython workers): the protocol then offers the feature bit.
+    packed_ring: bool = False
 
     @abc.abstractmethod
     def features(self) -> int:

@@ -388,7 +388,12 @@ class BackendProtocol:
     @property
     def offered_features(self) -> int:
         log_all = VHOST_F_LOG_ALL if self.device.dirty_log else 0
-        return int(self.device.features()) | VHOST_USER_F_PROTOCOL_FEATURES | log_all
+        packed = virtio.F_RING_PACKED if self.device.packed_ring else 0
+        return int(self.device.features()) | VHOST_USER_F_PROTOCOL_FEATURES | log_all | packed
+
+    @property
+    def _packed(self) -> bool:
+        return bool(self._features & virtio.F_RING_PACKED)
 
     @property
     def offered_protocol_features(self) -> ProtocolFeature:
@@ -695,6 +700,10 @@ class BackendProtocol:
         nq, qsize = self._inflight_layout
         if self._inflight is None or q.index >= nq:
             return {}
+        if self._packed:
+            self._log_once(f"queue {q.index}: packed ring; its requests are not tracked in the "
+                           f"inflight region (only the split layout is implemented)")
+            return {}
         if q.size != qsize:
             self._log_once(f"queue {q.index}: size {q.size}, but the inflight region is laid "
                            f"out for {qsize}; its requests are not tracked")
@@ -737,14 +746,27 @@ class BackendProtocol:
             self._stop(q)
 
     @staticmethod
-    def _translate(memory: GuestMemory, size: int, addr: tuple) -> tuple:
+    def _translate(memory: GuestMemory, size: int, addr: tuple, packed: bool = False) -> tuple:
+        """Host addresses of a queue's three areas: split, the descriptor table, avail and
+        used rings; packed (VIRTIO_F_RING_PACKED, §2.8: SET_VRING_ADDR's "avail" and "used"
+        are the driver and device event suppression structures), the descriptor ring and the
+        two 4-byte structures."""
         desc_uva, used_uva, avail_uva = addr
-        desc = memory.uva_to_host(desc_uva, virtio.desc_table_size(size))
-        avail = memory.uva_to_host(avail_uva, virtio.avail_ring_size(size))
-        used = memory.uva_to_host(used_uva, virtio.used_ring_size(size))
-        for what, host, align in (("descriptor table", desc, virtio.DESC_ALIGN),
-                                  ("avail ring", avail, virtio.AVAIL_ALIGN),
-                                  ("used ring", used, virtio.USED_ALIGN)):
+        if packed:
+            desc = memory.uva_to_host(desc_uva, virtio.packed_ring_size(size))
+            avail = memory.uva_to_host(avail_uva, virtio.EVENT_SUPPRESS_SIZE)
+            used = memory.uva_to_host(used_uva, virtio.EVENT_SUPPRESS_SIZE)
+            checks = (("descriptor ring", desc, virtio.DESC_ALIGN),
+                      ("driver event suppression", avail, virtio.EVENT_SUPPRESS_ALIGN),
+                      ("device event suppression", used, virtio.EVENT_SUPPRESS_ALIGN))
+        else:
+            desc = memory.uva_to_host(desc_uva, virtio.desc_table_size(size))
+            avail = memory.uva_to_host(avail_uva, virtio.avail_ring_size(size))
+            used = memory.uva_to_host(used_uva, virtio.used_ring_size(size))
+            checks = (("descriptor table", desc, virtio.DESC_ALIGN),
+                      ("avail ring", avail, virtio.AVAIL_ALIGN),
+                      ("used ring", used, virtio.USED_ALIGN))
+        for what, host, align in checks:
             if host % align:
                 raise GuestMemoryError(f"{what} at {host:#x} is not {align}-byte aligned")
         return desc, avail, used
@@ -774,7 +796,7 @@ class BackendProtocol:
         for q in self._queues:
             if q.addr is not None and q.size:
                 try:
-                    q.host = self._translate(new, q.size, q.addr)
+                    q.host = self._translate(new, q.size, q.addr, self._packed)
                 except GuestMemoryError as e:
                     q.host = None
                     errors.append(f"queue {q.index} rings do not translate in the new table: {e}")
@@ -813,8 +835,17 @@ class BackendProtocol:
         for q in self._queues:
             if q.running and q.run_features != value:
                 self._stop(q)
+        relayout = bool((self._features ^ value) & virtio.F_RING_PACKED)
         self._features = value
         self.device.ack_features(value)
+        if relayout:            # the same addresses name other structures now
+            for q in self._queues:
+                q.host = None
+                if q.addr is not None and q.size and len(self._memory):
+                    try:
+                        q.host = self._translate(self._memory, q.size, q.addr, self._packed)
+                    except GuestMemoryError as e:
+                        self._log_once(f"queue {q.index}: {e}")
         self._reconcile_all()
 
     def _set_owner(self, msg, body):
@@ -854,7 +885,7 @@ class BackendProtocol:
         host = q.host
         if q.addr is not None and len(self._memory):
             try:
-                host = self._translate(self._memory, num, q.addr)
+                host = self._translate(self._memory, num, q.addr, self._packed)
             except GuestMemoryError as e:
                 raise RequestError(f"queue {q.index} rings do not fit size {num}: {e}") from None
         q.size, q.host = num, host
@@ -868,7 +899,7 @@ class BackendProtocol:
         host = None
         if q.size and len(self._memory):
             try:
-                host = self._translate(self._memory, q.size, addr)
+                host = self._translate(self._memory, q.size, addr, self._packed)
             except GuestMemoryError as e:
                 raise RequestError(f"queue {q.index}: {e}") from None
         if q.running:
@@ -883,7 +914,11 @@ class BackendProtocol:
         q = self._queue_for(body.index)
         if q.running:
             raise RequestError(f"queue {q.index} is running")
-        if body.num > MAX_VRING_BASE:
+        if self._packed:
+            # positions and wrap counters (bits 0-14/15 avail, 16-30/31 used, QEMU's layout);
+            # a position beyond the ring is refused when the queue starts
+            pass
+        elif body.num > MAX_VRING_BASE:
             raise RequestError(f"queue {q.index} base {body.num:#x} does not fit the split "
                                f"ring's 16-bit index")
         q.base = body.num

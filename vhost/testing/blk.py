@@ -105,12 +105,12 @@ class Frontend(VhostUserFrontend):
                  device_features: int = BLK_DRIVER_FEATURES,
                  seed: int | None = None, max_segments: int = 8,
                  timeout: float = DEFAULT_TIMEOUT, listen: bool = False,
-                 inflight: bool = False):
+                 inflight: bool = False, packed: bool = False):
         super().__init__(socket_path, mem_size=mem_size, num_queues=num_queues,
                          queue_size=queue_size, two_regions=two_regions, event_idx=event_idx,
                          indirect=indirect, regions=regions, use_add_mem_reg=use_add_mem_reg,
                          protocol_features=protocol_features, device_features=device_features,
-                         timeout=timeout, listen=listen, inflight=inflight)
+                         timeout=timeout, listen=listen, inflight=inflight, packed=packed)
         self.rng = random.Random(seed) if seed is not None else None
         self.max_segments = max(1, max_segments)
 

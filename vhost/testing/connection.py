@@ -46,6 +46,7 @@ from protocols.vhost_user import (
 )
 from vhost.testing.errors import FrontendError, VhostUserError
 from vhost.testing.inflight import InflightRegion
+from vhost.testing.packed import PackedVirtQueue
 from vhost.testing.ram import MiB, GuestRAM, Region, one_region_layout, pc_two_region_layout
 from vhost.testing.virtqueue import DEFAULT_TIMEOUT, VirtQueue
 
@@ -71,7 +72,8 @@ class VhostUserFrontend:
     SET_MEM_TABLE), `protocol_features` (mask of protocol features we may negotiate),
     `device_features` (device-specific feature bits we accept), `timeout` (seconds, every wait),
     `listen` (QEMU's `server=on`: listen at socket_path and accept a backend in client mode),
-    `inflight` (negotiate INFLIGHT_SHMFD when offered and, as QEMU's vhost-user-blk does, get
+    `packed` (negotiate VIRTIO_F_RING_PACKED: the queues are PackedVirtQueues; the backend
+    must offer it), `inflight` (negotiate INFLIGHT_SHMFD when offered and, as QEMU's vhost-user-blk does, get
     an inflight region once and hand it back at every (re)connect; `reconnect()` is QEMU's
     `reconnect=1` after the backend died).
     """
@@ -84,7 +86,7 @@ class VhostUserFrontend:
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
                  device_features: int = 0,
                  timeout: float = DEFAULT_TIMEOUT, listen: bool = False,
-                 inflight: bool = False):
+                 inflight: bool = False, packed: bool = False):
         if two_regions and regions is not None:
             raise ValueError("give either two_regions or regions, not both")
         if num_queues < 1:
@@ -102,6 +104,7 @@ class VhostUserFrontend:
         self.protocol_features_mask = int(protocol_features) | (
             ProtocolFeature.INFLIGHT_SHMFD if inflight else 0)
         self.want_inflight = inflight
+        self.want_packed = packed
         self.inflight: InflightRegion | None = None     # kept across reconnects, as QEMU does
         self.reconnects = 0
         self.device_features_mask = device_features
@@ -146,6 +149,10 @@ class VhostUserFrontend:
     @property
     def has_event_idx(self) -> bool:
         return bool(self.features & virtio.F_RING_EVENT_IDX)
+
+    @property
+    def has_packed(self) -> bool:
+        return bool(self.features & virtio.F_RING_PACKED)
 
     @property
     def has_indirect(self) -> bool:
@@ -380,10 +387,10 @@ class VhostUserFrontend:
             self._eventfds.append(kick)
             call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._eventfds.append(call)
-            self.queues.append(VirtQueue(self.mem, q, self.queue_size,
-                                         event_idx=self.has_event_idx,
-                                         kick_fd=kick, call_fd=call))
-        self._setup_rings([0] * self.num_queues)
+            cls = PackedVirtQueue if self.has_packed else VirtQueue
+            self.queues.append(cls(self.mem, q, self.queue_size, event_idx=self.has_event_idx,
+                                   kick_fd=kick, call_fd=call))
+        self._setup_rings([vq.base() if self.has_packed else 0 for vq in self.queues])
         self._started = True
         self._after_start()
 
@@ -400,7 +407,8 @@ class VhostUserFrontend:
             self.sock = None
         self._connect_socket()
         self._handshake()
-        self._setup_rings([vq.used_idx() for vq in self.queues])
+        self._setup_rings([vq.base() if self.has_packed else vq.used_idx()
+                           for vq in self.queues])
         self.reconnects += 1
 
     def _setup_inflight(self) -> None:
@@ -449,8 +457,12 @@ class VhostUserFrontend:
         wanted = (self._driver_features() | virtio.F_VERSION_1 | virtio.F_ANY_LAYOUT
                   | (virtio.F_RING_EVENT_IDX if self.want_event_idx else 0)
                   | (virtio.F_RING_INDIRECT_DESC if self.want_indirect else 0)
+                  | (virtio.F_RING_PACKED if self.want_packed else 0)
                   | VHOST_USER_F_PROTOCOL_FEATURES)
         self.features = self.backend_features & wanted
+        if self.want_packed and not self.has_packed:
+            raise FrontendError("packed ring requested but the backend does not offer "
+                                "VIRTIO_F_RING_PACKED")
         self.setup(FrontendReq.SET_FEATURES, u64(self.features))
         self._after_features()
 

@@ -72,6 +72,8 @@ class VirtQueue:
     caller.
     """
 
+    packed = False
+
     def __init__(self, ram: GuestRAM, index: int, size: int, *, event_idx: bool,
                  kick_fd: int, call_fd: int):
         if not 1 <= size <= virtio.MAX_QUEUE_SIZE:
