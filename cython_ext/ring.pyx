@@ -548,7 +548,9 @@ cdef int _pop_packed(vq_t *vq, chain_t *c) noexcept nogil:
             pos = 0
             wrap = not wrap
         c.head = d.id
-        if c.fault == F_NONE:
+        # as in the split walk: after a bad address the chain is still walked (the status
+        # byte at its end is written), after a bad indirect table nothing more is trusted
+        if c.fault != F_INDIRECT:
             if d.flags & DESC_F_INDIRECT:
                 if (not vq.indirect or (d.flags & DESC_F_NEXT) or d.len == 0
                         or d.len % 16 != 0 or d.len // 16 > MAX_INDIRECT):

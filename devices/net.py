@@ -159,6 +159,7 @@ def default_mac(seed: str) -> bytes:
 class NetDevice(Device):
     device_type = "net"
     dirty_log = True          # every guest write is logged while migrating (ring.pyx)
+    packed_ring = True        # ring.pyx serves packed virtqueues too (rx and tx)
 
     def __init__(self, *, pairs: int = 1, mac: bytes, mtu: int = vn.DEFAULT_MTU,
                  tap: Tap | None = None, switch: Switch | None = None, port_index: int = 0,
@@ -366,12 +367,12 @@ class NetDevice(Device):
         if rx is not None and not self.port.rx_active(pair):
             self.port.attach_rx(pair, rx.size, rx.desc, rx.avail, rx.used, rx.last_avail_idx,
                                 rx.memory.table_bytes(), rx.call_fd, rx.event_idx, rx.indirect,
-                                rx.signal_call, log=rx.log)
+                                rx.signal_call, log=rx.log, packed=rx.packed)
             rx.signal_call = False
         tx_args, table = None, b""
         if tx is not None:
             tx_args = (tx.size, tx.desc, tx.avail, tx.used, tx.last_avail_idx, tx.kick_fd,
-                       tx.call_fd, tx.event_idx, tx.indirect, tx.signal_call)
+                       tx.call_fd, tx.event_idx, tx.indirect, tx.signal_call, tx.packed)
             tx.signal_call = False
             table = tx.memory.table_bytes()
         from cython_ext.net import NetWorker

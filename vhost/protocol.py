@@ -836,6 +836,9 @@ class BackendProtocol:
             if q.running and q.run_features != value:
                 self._stop(q)
         relayout = bool((self._features ^ value) & virtio.F_RING_PACKED)
+        if value != self._features:
+            log.info("%svirtio features %#x%s", self._prefix, value,
+                     " (packed virtqueues)" if value & virtio.F_RING_PACKED else "")
         self._features = value
         self.device.ack_features(value)
         if relayout:            # the same addresses name other structures now

@@ -307,11 +307,17 @@ SWITCH_TCP_MIB = 4
 SWITCH_PORT = 5003
 
 
+# the negotiated virtio feature bits of the NIC, bit 0 first (bit 34: VIRTIO_F_RING_PACKED)
+FEATURES_LINE = r"""echo FEATURES=$(cat /sys/class/net/$NET_IF/device/features 2>/dev/null || \
+    cat /sys/class/net/*/device/features 2>/dev/null | head -1)"""
+
+
 def switch_scripts() -> tuple[str, str]:
     """Guest A pings B 100 times, then sends SWITCH_TCP_MIB MiB to B over TCP; B listens."""
     script_a = g.NET_SCRIPT_HELPERS + rf"""
 fail=0
 net_up {SWITCH_A}/24 || {{ echo FAIL=1; exit 1; }}
+{FEATURES_LINE}
 wait_ping {SWITCH_B} 90 || {{ echo "peer {SWITCH_B} unreachable"; fail=1; }}
 ping_check PING {SWITCH_B} {PING_COUNT}
 dd if=/dev/urandom of=/tmp/tx bs=1M count={SWITCH_TCP_MIB} 2>/dev/null
@@ -334,6 +340,7 @@ exit $fail
     # half-closes on stdin EOF and exits on socket EOF, which would cut A's transfer short.
     script_b = g.NET_SCRIPT_HELPERS + rf"""
 net_up {SWITCH_B}/24 || {{ echo FAIL=1; exit 1; }}
+{FEATURES_LINE}
 mkfifo /tmp/hold
 timeout 150 nc -l -p {SWITCH_PORT} 0<>/tmp/hold > /tmp/rx
 echo NC_RX_RC=$?
@@ -345,18 +352,22 @@ exit 0
     return script_a, script_b
 
 
-def test_net_pyvhost_switch_two_guests(sockdir, record_property):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_net_pyvhost_switch_two_guests(sockdir, record_property, ring):
     """Two concurrent guests on one in-process switch (no tap): A pings B 100 times and sends
-    SWITCH_TCP_MIB MiB to B over TCP."""
+    SWITCH_TCP_MIB MiB to B over TCP; over split rings, and over packed ones (`packed=on`)."""
+    extra = "packed=on" if ring == "packed" else ""
     sa, sb = sockdir / "a.sock", sockdir / "b.sock"
     script_a, script_b = switch_scripts()
     g.base_initramfs()  # build once before the threads
     with pyvhost_net([sa, sb], switch="sw0") as be:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             fb = pool.submit(g.run_guest, script_b, timeout=GUEST_TIMEOUT,
-                             devices=g.vhost_user_net_args(sb, idx=0, mac=g.mac_address(12)))
+                             devices=g.vhost_user_net_args(sb, idx=0, mac=g.mac_address(12),
+                                                           extra=extra))
             fa = pool.submit(g.run_guest, script_a, timeout=GUEST_TIMEOUT,
-                             devices=g.vhost_user_net_args(sa, idx=0, mac=g.mac_address(11)))
+                             devices=g.vhost_user_net_args(sa, idx=0, mac=g.mac_address(11),
+                                                           extra=extra))
             try:
                 ra, rb = fa.result(), fb.result()
             except g.GuestError as e:
@@ -366,13 +377,15 @@ def test_net_pyvhost_switch_two_guests(sockdir, record_property):
         ctx = (f"A exit {ra.exit_code}, B exit {rb.exit_code}\nA console:\n{ra.tail(50)}\n"
                f"B console:\n{rb.tail(30)}\nbackend log tail:\n{be.log_tail()}")
     assert ra.exit_code == 0 and rb.exit_code == 0, ctx
+    want = "1" if ring == "packed" else "0"
+    assert va["FEATURES"][34] == want and vb["FEATURES"][34] == want, ctx
     assert va.get("PING_RC") == "0", ctx
     assert int(va["PING_TX"]) == PING_COUNT and int(va["PING_RX"]) == PING_COUNT, ctx
     assert float(va["PING_LOSS"]) == 0.0, ctx
     assert vb["NC_RX_RC"] == "0", ctx
     assert int(vb["RX_BYTES"]) == SWITCH_TCP_MIB * MiB, ctx
     assert vb["RX_SHA"] == va["TX_SHA"], ctx
-    record_property("switch_tx_mibps", va["TX_MIBPS"])
-    print(f"\n[e2e net] switch: A->B ping {va['PING_RX']}/{va['PING_TX']} "
+    record_property(f"switch_{ring}_tx_mibps", va["TX_MIBPS"])
+    print(f"\n[e2e net] switch ({ring}): A->B ping {va['PING_RX']}/{va['PING_TX']} "
           f"rtt={va.get('PING_RTT_MS')} ms; TCP {SWITCH_TCP_MIB} MiB A->B {va['TX_MIBPS']} MiB/s; "
           f"boots {ra.duration:.1f} s / {rb.duration:.1f} s (TCG, concurrent)")

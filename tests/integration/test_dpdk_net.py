@@ -125,11 +125,16 @@ def test_reference_dpdk_vhost_flowgen_loop(dpdk, workdir, pkt_len, record_proper
 # ---------------------------------------------------------------------------------------------
 # 2a. our backend, switch mode: two ports joined by the in-process learning switch
 
-def test_pyvhost_switch_two_ports(dpdk, workdir):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_pyvhost_switch_two_ports(dpdk, workdir, ring):
+    """... over split rings and over packed ones (net_virtio_user packed_vq=1)."""
     a, b = workdir / "a.sock", workdir / "b.sock"
+    vdev = "packed_vq=1" if ring == "packed" else ""
     with pyvhost_net([a, b], switch="sw0") as be, \
-            virtio_user(b, "rxonly", mac=MAC_B, log_path=workdir / "b.log") as pb, \
-            virtio_user(a, "txonly", mac=MAC_A, log_path=workdir / "a.log") as pa:
+            virtio_user(b, "rxonly", mac=MAC_B, log_path=workdir / "b.log",
+                        extra_vdev=vdev) as pb, \
+            virtio_user(a, "txonly", mac=MAC_A, log_path=workdir / "a.log",
+                        extra_vdev=vdev) as pa:
         # testpmd's txonly sends to 02:00:00:00:00:00, which no port owns: flooded to B
         sent, got = _one_way(pa, pb)
         assert sent > 0, pa.tail()
@@ -141,7 +146,9 @@ def test_pyvhost_switch_two_ports(dpdk, workdir):
         assert sent2 > 0, pb.tail()
         assert 0 < got2 <= sent2, f"B sent {sent2}, A received {got2}\n{be.log_tail()}"
         assert be.alive(), be.log_tail()
-    print(f"\nswitch: A->B {got}/{sent}, B->A {got2}/{sent2}")
+        log = be.log_text()
+        assert (log.count("(packed virtqueues)") >= 2) == (ring == "packed"), log[-3000:]
+    print(f"\nswitch ({ring}): A->B {got}/{sent}, B->A {got2}/{sent2}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -536,11 +536,17 @@ def test_switch_flooding_learning_no_hairpin(sockdir):
     assert stats["sw0:0"]["hairpin_filtered"] == 1
 
 
-def test_switch_1000_frames_in_order(sockdir):
+@pytest.mark.parametrize("ring", ["split", "packed", "mixed"])
+def test_switch_1000_frames_in_order(sockdir, ring):
+    """... over split rings, packed rings (VIRTIO_F_RING_PACKED: mergeable rx buffers each
+    with its own used descriptor), and a split sender to a packed receiver."""
     socks = [sockdir / "a", sockdir / "b"]
     with pyvhost_net(socks, switch="sw0") as be:
-        with NetFrontend(socks[0], mac=MAC_A, timeout=TIMEOUT, seed=7) as a, \
-                NetFrontend(socks[1], mac=MAC_B, timeout=TIMEOUT, two_regions=True) as b:
+        with NetFrontend(socks[0], mac=MAC_A, timeout=TIMEOUT, seed=7,
+                         packed=ring == "packed") as a, \
+                NetFrontend(socks[1], mac=MAC_B, timeout=TIMEOUT, two_regions=True,
+                            packed=ring != "split") as b:
+            assert b.has_packed == (ring != "split")
             b.send(make_frame(60, dst=MAC_A, src=MAC_B, seq=0))   # learn B
             assert recv_matching(a, 1)
             frames = [make_frame(SIZES[(k * 7) % len(SIZES)], dst=MAC_B, src=MAC_A, seq=k)
@@ -553,13 +559,15 @@ def test_switch_1000_frames_in_order(sockdir):
     assert stats["sw0:1"]["rx_dropped_no_room"] == 0
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("posted", [0, 4])
-def test_switch_rx_ring_full_tx_never_blocks(sockdir, posted):
+def test_switch_rx_ring_full_tx_never_blocks(sockdir, posted, ring):
     socks = [sockdir / "a", sockdir / "b"]
     n = 5000
     with pyvhost_net(socks, switch="sw0") as be:
-        with NetFrontend(socks[0], mac=MAC_A, timeout=TIMEOUT) as a, \
-                NetFrontend(socks[1], mac=MAC_B, timeout=TIMEOUT, rx_buffers=posted) as b:
+        with NetFrontend(socks[0], mac=MAC_A, timeout=TIMEOUT, packed=ring == "packed") as a, \
+                NetFrontend(socks[1], mac=MAC_B, timeout=TIMEOUT, rx_buffers=posted,
+                            packed=ring == "packed") as b:
             b.send(make_frame(60, dst=b"\xff" * 6, src=MAC_B, seq=0))   # learn B
             assert recv_matching(a, 1)
             frames = [make_frame(60 + (k % 200), dst=MAC_B, src=MAC_A, seq=k) for k in range(n)]

@@ -127,7 +127,8 @@ class NetFrontend(VhostUserFrontend):
                  use_add_mem_reg: bool | None = None,
                  protocol_features: int = WANTED_PROTOCOL_FEATURES,
                  mac: str | bytes | None = None, seed: int | None = None,
-                 max_segments: int = 4, timeout: float = DEFAULT_TIMEOUT):
+                 max_segments: int = 4, timeout: float = DEFAULT_TIMEOUT,
+                 packed: bool = False):
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be >= 1")
         if rx_buf_size < vnet.HDR_SIZE:
@@ -146,7 +147,8 @@ class NetFrontend(VhostUserFrontend):
                          queue_size=queue_size, two_regions=two_regions, event_idx=event_idx,
                          indirect=indirect, regions=regions, use_add_mem_reg=use_add_mem_reg,
                          protocol_features=protocol_features,
-                         device_features=features | virtio.F_VERSION_1, timeout=timeout)
+                         device_features=features | virtio.F_VERSION_1, timeout=timeout,
+                         packed=packed)
         self._mac_arg = parse_mac(mac) if mac is not None else None
         self.mac: bytes | None = None
         self.config_source: str | None = None   # "backend" or "synthesized"

@@ -1,7 +1,7 @@
 """ringrig.py: an in-memory rig for ring-engine tests: driver-side rings from vhost.testing
 (GuestRAM + VirtQueue lay out the chains), the same shared memory mapped backend-side through
 vhost/memory.py, and a queue worker run synchronously (`run_until_idle`) or as a thread:
-`QueueRig` is that plumbing for any worker (the rng tests build theirs on it), `Rig` adds a
+`QueueRig` is that plumbing for any worker, over a split or (`packed`) a packed ring (the rng tests build theirs on it), `Rig` adds a
 BlkQueueWorker on an image file (optionally logging into a dirty log: `log`, as
 QueueHandle.log; optionally tracking in an inflight region: `inflight`, as
 QueueHandle.inflight).
@@ -16,6 +16,7 @@ import threading
 from cython_ext.blk import BlkQueueWorker
 from protocols import virtio, virtio_blk as vb
 from vhost.testing.ram import GuestRAM, one_region_layout, pc_two_region_layout
+from vhost.testing.packed import PackedVirtQueue
 from vhost.testing.virtqueue import VirtQueue
 from vhost.memory import GuestMemory, MappedRegion
 
@@ -30,7 +31,7 @@ class QueueRig:
     the same memory mapped backend-side, and the eventfd pair; a subclass builds `worker` (any
     queue worker with run_until_idle / run / stop / close) from `ring_hosts()`."""
 
-    def __init__(self, *, two_regions=True, event_idx=False, qsize=64):
+    def __init__(self, *, two_regions=True, event_idx=False, qsize=64, packed=False):
         layout = pc_two_region_layout(MEM) if two_regions else one_region_layout(MEM)
         self.ram = GuestRAM(MEM, layout)
         self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
@@ -39,8 +40,9 @@ class QueueRig:
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.qsize = qsize
-        self.vq = VirtQueue(self.ram, 0, qsize, event_idx=event_idx, kick_fd=self.kick_fd,
-                            call_fd=self.call_fd)
+        self.packed = packed
+        self.vq = (PackedVirtQueue if packed else VirtQueue)(
+            self.ram, 0, qsize, event_idx=event_idx, kick_fd=self.kick_fd, call_fd=self.call_fd)
         self.two_regions = two_regions
         if two_regions:
             # canary in the hole: no region covers these shm bytes, nothing may write them
@@ -52,14 +54,26 @@ class QueueRig:
         """Backend-side (host) addresses of the descriptor table, avail and used rings."""
         desc, used, avail = self.vq.addresses()
         qs = self.qsize
+        if self.packed:     # descriptor ring, driver and device event suppression
+            return (self.mem.uva_to_host(desc, 16 * qs), self.mem.uva_to_host(avail, 4),
+                    self.mem.uva_to_host(used, 4))
         return (self.mem.uva_to_host(desc, 16 * qs), self.mem.uva_to_host(avail, 6 + 2 * qs),
                 self.mem.uva_to_host(used, 6 + 8 * qs))
+
+    @property
+    def base(self) -> int:
+        """The base a worker starts at (packed: both positions 0, wrap counters 1)."""
+        return self.vq.base() if self.packed else 0
 
     def raw(self, entries, indices=None):
         """Publish a chain of raw (addr, len, flags, next) descriptors; returns the head.
         Entries whose next is None are linked to the following one (NEXT flag added)."""
         entries = [(a, n, f | (F_NEXT if nxt is None and k < len(entries) - 1 else 0), nxt)
                    for k, (a, n, f, nxt) in enumerate(entries)]
+        if self.packed:     # consecutive slots; `next` has no meaning in a packed ring
+            bid = self.vq.make_available([(a, n, f) for a, n, f, _ in entries])
+            self.vq.publish([bid])
+            return bid
         idx = self.vq.add_raw_descs(entries, indices)
         self.vq.publish([idx[0]])
         return idx[0]
@@ -99,8 +113,9 @@ class Rig(QueueRig):
 
     def __init__(self, image_path, *, two_regions=True, event_idx=False, qsize=64,
                  read_only=False, use_io_uring=True, start_idx=0, capacity=None,
-                 poll_us=0.0, log=None, inflight=None):
-        super().__init__(two_regions=two_regions, event_idx=event_idx, qsize=qsize)
+                 poll_us=0.0, log=None, inflight=None, packed=False):
+        super().__init__(two_regions=two_regions, event_idx=event_idx, qsize=qsize,
+                         packed=packed)
         if start_idx:
             # resume mid-stream (index wrap tests): avail, used and our shadows agree
             self.vq.set_avail_idx(start_idx)
@@ -112,11 +127,12 @@ class Rig(QueueRig):
         size = os.fstat(self.fd).st_size
         self.capacity = capacity if capacity is not None else size // 512
         self.worker = BlkQueueWorker(
-            0, qsize, *self.ring_hosts(), start_idx, self.mem.table_bytes(),
+            0, qsize, *self.ring_hosts(), start_idx or self.base, self.mem.table_bytes(),
             self.kick_fd, self.call_fd, self.fd, self.fd, read_only, self.capacity,
             b"rig-serial-0123456789", event_idx=event_idx, indirect=True,
             use_io_uring=use_io_uring, max_discard_sectors=1 << 21,
-            max_write_zeroes_sectors=1 << 21, poll_us=poll_us, log=log, inflight=inflight)
+            max_write_zeroes_sectors=1 << 21, poll_us=poll_us, log=log, inflight=inflight,
+            packed=packed)
 
     # -- buffers --
     def buf(self, data: bytes | int, fill=0xEE) -> int:
