@@ -11,10 +11,11 @@ interrupts always armed (a guest's virtio-blk), a short busy-poll of the used ri
 sleeping on the call eventfd.  Random offsets are seeded per (workload, round, queue), so both
 backends see the same sequence.
 
-A third row per workload, `pyvhost+log`, measures the same pyvhost process while the driver has
-turned dirty logging on as QEMU does during a live migration (SET_LOG_BASE, VHOST_F_LOG_ALL,
-VHOST_VRING_F_LOG), with a thread clearing the bitmap every 100 ms as QEMU's dirty sync does;
-its `vs_pyvhost` ratios are the cost of logging.
+Two more rows per workload measure the same pyvhost process another way: `pyvhost+log` while
+the driver has turned dirty logging on as QEMU does during a live migration (SET_LOG_BASE,
+VHOST_F_LOG_ALL, VHOST_VRING_F_LOG), with a thread clearing the bitmap every 100 ms as QEMU's
+dirty sync does; `pyvhost+packed` over packed virtqueues (VIRTIO_F_RING_PACKED, as QEMU's
+`packed=on`).  Their `vs_pyvhost` ratios are the cost of logging / of the packed layout.
 
 Workloads: 4 KiB randread / randwrite at QD 1, 32, 128; 64 KiB sequential read / write at QD 16;
 4 KiB randread at QD 32 on each of 2 queues (two driver threads).  Per (workload, medium,
@@ -350,17 +351,23 @@ def _run_loads(loads: list[QueueLoad], op: str, kw: dict, seeds: list[int | None
     return out
 
 
-class LoggingRun:
-    """A pyvhost BackendProc measured with dirty logging on (the `pyvhost+log` rows): the same
-    process, another name."""
-    dirty_log = True
+class Variant:
+    """The same pyvhost BackendProc measured another way, under another name: `+log` with
+    dirty logging on (dirty_log), `+packed` over packed virtqueues (packed)."""
+    dirty_log = False
+    packed = False
 
-    def __init__(self, backend: BackendProc):
+    def __init__(self, backend: BackendProc, suffix: str, **how):
         self.backend = backend
-        self.name = f"{backend.name}+log"
+        self.name = f"{backend.name}+{suffix}"
+        for k, v in how.items():
+            setattr(self, k, v)
 
     def __getattr__(self, attr):
         return getattr(self.backend, attr)
+
+
+VARIANTS = (("log", dict(dirty_log=True)), ("packed", dict(packed=True)))
 
 
 # QEMU syncs (reads and clears) the dirty log once per migration iteration; 100 ms is a busy
@@ -373,7 +380,7 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
             interrupts: str = "always", indirect: bool = True,
             driver_cpus: frozenset | None = None) -> dict:
     """Connect, warm up, measure `duration` seconds of `wl`; the backend's CPU time is sampled
-    around the measured interval only.  A LoggingRun turns dirty logging on first."""
+    around the measured interval only.  A Variant with dirty_log turns dirty logging on first; one with packed runs packed rings."""
     per = 1 if indirect else 3
     qsize = max(128, _pow2_at_least(wl.qd * per))
     need = wl.queues * (wl.qd * (wl.bs + 128) + 32 * qsize) + 4 * MiB
@@ -385,7 +392,7 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
     stop_clearing = threading.Event()
     seen = [0]                  # dirty pages the clearing thread found (proof logging is on)
     with Frontend(backend.sock, num_queues=wl.queues, queue_size=qsize, mem_size=mem_size,
-                  timeout=FRONTEND_TIMEOUT) as fe:
+                  timeout=FRONTEND_TIMEOUT, packed=getattr(backend, "packed", False)) as fe:
         if getattr(backend, "dirty_log", False):
             dlog = DirtyLog(log_size_for(mem_size))
             fe.log_start(dlog)
@@ -542,7 +549,7 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                 pv = pyvhost_backend(medium, wd, pyvhost_extra, backend_cpus)
                 stack.callback(_stop_checked, pv)
                 backends.append(pv)
-                measured = [pv, LoggingRun(pv)]
+                measured = [pv] + [Variant(pv, suffix, **how) for suffix, how in VARIANTS]
                 try:
                     qsd = qsd_backend(medium, wd, backend_cpus)
                     stack.callback(_stop_checked, qsd)
@@ -582,11 +589,12 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                             runs[b.name].append(m)
                     summary = {b.name: _summarize(medium, wl, b, runs[b.name])
                                for b in measured}
+                    variants = [f"pyvhost+{suffix}" for suffix, _ in VARIANTS]
                     if "qsd" in summary:
-                        for name in ("pyvhost", "pyvhost+log"):
+                        for name in ["pyvhost"] + variants:
                             summary[name]["vs_qsd"] = _ratios(summary[name], summary["qsd"])
-                    summary["pyvhost+log"]["vs_pyvhost"] = _ratios(summary["pyvhost+log"],
-                                                                   summary["pyvhost"])
+                    for name in variants:
+                        summary[name]["vs_pyvhost"] = _ratios(summary[name], summary["pyvhost"])
                     rows.extend(summary.values())
                 for b in backends:                 # exit status into the rows
                     rc, killed = b.stop()
@@ -624,19 +632,19 @@ def _f(v, fmt):
 
 
 def format_table(rows: list[dict]) -> str:
-    hdr = (f"{'medium':6s} {'workload':20s} {'backend':11s} {'IOPS':>9s} {'+-%':>5s} "
+    hdr = (f"{'medium':6s} {'workload':20s} {'backend':14s} {'IOPS':>9s} {'+-%':>5s} "
            f"{'MiB/s':>8s} {'p50us':>8s} {'p99us':>8s} {'cpu/MIO':>8s} "
            f"{'xIOPS':>6s} {'xp99':>5s} {'xCPU':>5s}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         v = r.get("vs_qsd") or {}
         lines.append(
-            f"{r['medium']:6s} {r['workload']:20s} {r['backend']:11s} {_f(r['iops'], '9.0f')} "
+            f"{r['medium']:6s} {r['workload']:20s} {r['backend']:14s} {_f(r['iops'], '9.0f')} "
             f"{_f(r['iops_spread_pct'], '5.1f')} {_f(r['mib_s'], '8.1f')} "
             f"{_f(r['p50_us'], '8.1f')} {_f(r['p99_us'], '8.1f')} "
             f"{_f(r['cpu_s_per_mio'], '8.2f')} {_f(v.get('iops'), '6.2f')} "
             f"{_f(v.get('p99'), '5.2f')} {_f(v.get('cpu_per_mio'), '5.2f')}"
-            + (f"  (logging: x{r['vs_pyvhost']['iops']:.2f} IOPS, "
+            + (f"  (x{r['vs_pyvhost']['iops']:.2f} IOPS, "
                f"x{_f(r['vs_pyvhost']['cpu_per_mio'], '.2f')} CPU of pyvhost)"
                if r.get("vs_pyvhost") and r["vs_pyvhost"].get("iops") else "")
             + (f"  ({r['failed_rounds']} failed)" if r["failed_rounds"] else "")
@@ -645,14 +653,15 @@ def format_table(rows: list[dict]) -> str:
     lines.append("+-%: IOPS spread over the rounds (max-min)/mean; cpu/MIO: backend CPU seconds "
                  "(all threads) per million I/Os; x*: pyvhost / QSD from the same run "
                  "(xIOPS > 1 and xp99, xCPU < 1 favour pyvhost); pyvhost+log: the same "
-                 "pyvhost with dirty logging on, as during a live migration")
+                 "pyvhost with dirty logging on, as during a live migration; pyvhost+packed: "
+                 "the same pyvhost over packed virtqueues (QEMU packed=on)")
     seen = set()
     for r in rows:
         key = (r["medium"], r["backend"])
         if key in seen:
             continue
         seen.add(key)
-        lines.append(f"{r['medium']:6s} {r['backend']:11s}: {' '.join(r['command'])}")
+        lines.append(f"{r['medium']:6s} {r['backend']:14s}: {' '.join(r['command'])}")
         extra = [f"{k}={v}" for k, v in r["options"].items()] + r["notes"]
         if extra:
             lines.append(f"{'':15s}{'; '.join(extra)}")

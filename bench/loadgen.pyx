@@ -72,6 +72,10 @@ cdef enum:
     T_OUT = 1
     STATUS_POISON = 0xFF
     SLOT_META = 128          # per slot: header @0 (16 bytes), status @16, indirect table @64 (48)
+    PDESC_F_AVAIL = 1 << 7   # packed ring (virtio 1.2 §2.8)
+    PDESC_F_USED = 1 << 15
+    EVENT_F_ENABLE = 0
+    EVENT_F_DISABLE = 1
 
 # histogram: 64 sub-buckets per power of two, values in ns
 cdef enum:
@@ -158,7 +162,8 @@ ctypedef struct slot_t:
     uint8_t *status
     uint64_t t_submit
     uint64_t offset          # byte offset in the device of the request in flight
-    uint16_t head
+    uint16_t head            # split: head descriptor index; packed: the buffer id
+    uint64_t table_gpa       # packed: guest address of the slot's indirect table
     bint busy
 
 ctypedef struct params_t:
@@ -207,7 +212,11 @@ cdef class QueueLoad:
     of one frontend may `run()` concurrently from different threads."""
 
     cdef readonly int queue, depth, block_size
-    cdef readonly bint event_idx, indirect
+    cdef readonly bint event_idx, indirect, packed
+    # packed ring state (VIRTIO_F_RING_PACKED): positions and wrap counters; avail_idx and
+    # last_used then count chains made available / used descriptors consumed
+    cdef uint16_t next_avail, next_used, first_pos, first_flags
+    cdef bint avail_wrap, used_wrap
     cdef readonly uint16_t num
     cdef readonly uint64_t capacity_bytes
     cdef uint8_t *desc
@@ -250,6 +259,9 @@ cdef class QueueLoad:
             indirect = frontend.has_indirect
         elif indirect and not frontend.has_indirect:
             raise ValueError("INDIRECT_DESC was not negotiated")
+        self.packed = getattr(vq, "packed", False)
+        if self.packed and not indirect:
+            raise ValueError("the packed-ring load uses indirect chains only")
         per = 1 if indirect else 3
         if depth < 1 or depth * per > vq.size:
             raise ValueError(f"depth {depth} needs {depth * per} descriptors, queue {queue} has "
@@ -269,8 +281,14 @@ cdef class QueueLoad:
         mem = frontend.mem
         base = mem.base_va
         self.desc = <uint8_t *><size_t>(base + mem.offset(vq.desc_gpa, 16 * vq.size))
-        self.avail = <uint8_t *><size_t>(base + mem.offset(vq.avail_gpa, 6 + 2 * vq.size))
-        self.used = <uint8_t *><size_t>(base + mem.offset(vq.used_gpa, 6 + 8 * vq.size))
+        if self.packed:     # the driver and device event suppression structures
+            self.avail = <uint8_t *><size_t>(base + mem.offset(vq.avail_gpa, 4))
+            self.used = <uint8_t *><size_t>(base + mem.offset(vq.used_gpa, 4))
+            self.next_avail, self.avail_wrap = vq.next_avail, vq.avail_wrap
+            self.next_used, self.used_wrap = vq.next_used, vq.used_wrap
+        else:
+            self.avail = <uint8_t *><size_t>(base + mem.offset(vq.avail_gpa, 6 + 2 * vq.size))
+            self.used = <uint8_t *><size_t>(base + mem.offset(vq.used_gpa, 6 + 8 * vq.size))
         self.avail_idx = vq.avail_idx
         self.last_used = vq.last_used_idx
         self.kick_old = vq.avail_idx
@@ -302,7 +320,15 @@ cdef class QueueLoad:
             self.slots[i].hdr = <uint8_t *><size_t>(meta_host + i * SLOT_META)
             self.slots[i].status = self.slots[i].hdr + 16
             self.slots[i].data = <uint8_t *><size_t>(data_host + i * block_size)
-            if self.indirect:
+            if self.packed:
+                # packed indirect table (addr, len, id, flags): walked to its length, no NEXT
+                t = self.slots[i].hdr + 64
+                _pdesc(t, 0, m_gpa, 16, 0)
+                _pdesc(t, 1, dt_gpa, block_size, 0)
+                _pdesc(t, 2, m_gpa + 16, 1, DESC_F_WRITE)
+                self.slots[i].head = i
+                self.slots[i].table_gpa = m_gpa + 64
+            elif self.indirect:
                 t = self.slots[i].hdr + 64
                 _desc(t, 0, m_gpa, 16, DESC_F_NEXT, 1)
                 _desc(t, 1, dt_gpa, block_size, DESC_F_NEXT, 2)
@@ -333,6 +359,10 @@ cdef class QueueLoad:
         if op == self.laid_out_op:
             return
         for i in range(self.depth):
+            if self.packed:
+                d = self.slots[i].hdr + 64 + 16
+                (<uint16_t *>(d + 14))[0] = DESC_F_WRITE if op == T_IN else 0
+                continue
             if self.indirect:
                 d = self.slots[i].hdr + 64 + 16
             else:
@@ -360,36 +390,74 @@ cdef class QueueLoad:
     cdef inline bint _kick_needed(self) noexcept nogil:
         cdef uint16_t new = self.avail_idx, old = self.kick_old, ev
         self.kick_old = new
+        if self.packed:
+            return vq_load_u16(self.used + 2) != EVENT_F_DISABLE
         if self.event_idx:
             ev = vq_load_u16(self.used + 4 + 8 * <size_t>self.num)
             return <uint16_t>(new - ev - 1) < <uint16_t>(new - old)
         return not (vq_load_u16(self.used) & USED_F_NO_NOTIFY)
 
+    cdef inline bint _has_used(self) noexcept nogil:
+        cdef uint16_t fl
+        if self.packed:
+            fl = vq_load_acquire_u16(self.desc + 16 * <size_t>self.next_used + 14)
+            return ((fl & PDESC_F_AVAIL) != 0) == self.used_wrap and \
+                ((fl & PDESC_F_USED) != 0) == self.used_wrap
+        return vq_load_u16(self.used + 2) != self.last_used
+
     cdef inline void _irq_enable(self) noexcept nogil:
+        if self.packed:
+            vq_store_u16(self.avail + 2, EVENT_F_ENABLE)
+            return
         if self.event_idx:
             vq_store_u16(self.avail + 4 + 2 * <size_t>self.num, self.last_used)
         else:
             vq_store_u16(self.avail, 0)
 
     cdef inline void _irq_disable(self) noexcept nogil:
+        if self.packed:
+            vq_store_u16(self.avail + 2, EVENT_F_DISABLE)
+            return
         if self.event_idx:
             # an index the used ring reaches only after 65535 more entries
             vq_store_u16(self.avail + 4 + 2 * <size_t>self.num, <uint16_t>(self.last_used - 1))
         else:
             vq_store_u16(self.avail, AVAIL_F_NO_INTERRUPT)
 
+    cdef int _reap_packed(self, params_t *p, result_t *r) noexcept nogil:
+        """_reap for a packed ring: used descriptors from next_used while their AVAIL and USED
+        bits equal the used wrap counter (one slot per request: indirect chains)."""
+        cdef int n = 0
+        cdef uint8_t *e
+        cdef uint64_t t = 0
+        while n < self.num and self._has_used():
+            if n == 0:
+                t = mono_ns()
+            e = self.desc + 16 * <size_t>self.next_used
+            if self._complete(p, r, (<uint16_t *>(e + 12))[0], (<uint32_t *>(e + 8))[0], t) < 0:
+                return -1
+            self.next_used += 1
+            if self.next_used == self.num:
+                self.next_used = 0
+                self.used_wrap = not self.used_wrap
+            self.last_used = <uint16_t>(self.last_used + 1)
+            n += 1
+        if n:
+            r.completed += n
+            r.t_end = t
+        return n
+
     cdef int _reap(self, params_t *p, result_t *r) noexcept nogil:
         """Consume new used entries; returns how many (or -1 on a ring error, in r.error)."""
-        cdef uint16_t used_idx = vq_load_acquire_u16(self.used + 2)
-        cdef uint16_t pending = <uint16_t>(used_idx - self.last_used)
+        cdef uint16_t used_idx
+        cdef uint16_t pending
         cdef uint16_t k
-        cdef uint32_t uid, ulen
-        cdef int s
-        cdef slot_t *sl
-        cdef uint64_t t, lat, w, nw, i
-        cdef uint64_t *words
-        cdef uint8_t st
+        cdef uint64_t t
         cdef uint8_t *e
+        if self.packed:
+            return self._reap_packed(p, r)
+        used_idx = vq_load_acquire_u16(self.used + 2)
+        pending = <uint16_t>(used_idx - self.last_used)
         if pending == 0:
             return 0
         if pending > self.num:
@@ -399,46 +467,56 @@ cdef class QueueLoad:
         t = mono_ns()
         for k in range(pending):
             e = self.used + 4 + 8 * <size_t>(<uint16_t>(self.last_used + k) % self.num)
-            uid = (<uint32_t *>e)[0]
-            ulen = (<uint32_t *>e)[1]
-            if uid >= self.num or self.head_to_slot[uid] < 0 or \
-                    not self.slots[self.head_to_slot[uid]].busy:
-                r.error = E_BAD_ID
-                r.bad_id = uid
+            if self._complete(p, r, (<uint32_t *>e)[0], (<uint32_t *>e)[1], t) < 0:
                 return -1
-            s = self.head_to_slot[uid]
-            sl = &self.slots[s]
-            st = sl.status[0]
-            if st != 0:
-                r.status_errors += 1
-                if st == STATUS_POISON:
-                    r.no_status += 1
-            else:
-                r.bytes += <uint64_t>self.block_size
-                if p.op == T_IN:
-                    if ulen < <uint32_t>self.block_size:
-                        r.short_used += 1
-                    if p.pattern:
-                        words = <uint64_t *>sl.data
-                        nw = <uint64_t>self.block_size // 8
-                        for i in range(nw):
-                            if words[i] != ((sl.offset + 8 * i) ^ p.key):
-                                r.mismatches += 1
-                                break
-            lat = t - sl.t_submit
-            self.hist[hist_index(lat)] += 1
-            r.lat_sum += lat
-            if lat < r.lat_min:
-                r.lat_min = lat
-            if lat > r.lat_max:
-                r.lat_max = lat
-            sl.busy = False
-            self.free_stack[self.nfree] = s
-            self.nfree += 1
         self.last_used = used_idx
         r.completed += pending
         r.t_end = t
         return pending
+
+    cdef inline int _complete(self, params_t *p, result_t *r, uint32_t uid, uint32_t ulen,
+                              uint64_t t) noexcept nogil:
+        """One used entry: check its id, the status and (pattern reads) the data, latency."""
+        cdef int s
+        cdef slot_t *sl
+        cdef uint64_t lat, nw, i
+        cdef uint64_t *words
+        cdef uint8_t st
+        if uid >= self.num or self.head_to_slot[uid] < 0 or \
+                not self.slots[self.head_to_slot[uid]].busy:
+            r.error = E_BAD_ID
+            r.bad_id = uid
+            return -1
+        s = self.head_to_slot[uid]
+        sl = &self.slots[s]
+        st = sl.status[0]
+        if st != 0:
+            r.status_errors += 1
+            if st == STATUS_POISON:
+                r.no_status += 1
+        else:
+            r.bytes += <uint64_t>self.block_size
+            if p.op == T_IN:
+                if ulen < <uint32_t>self.block_size:
+                    r.short_used += 1
+                if p.pattern:
+                    words = <uint64_t *>sl.data
+                    nw = <uint64_t>self.block_size // 8
+                    for i in range(nw):
+                        if words[i] != ((sl.offset + 8 * i) ^ p.key):
+                            r.mismatches += 1
+                            break
+        lat = t - sl.t_submit
+        self.hist[hist_index(lat)] += 1
+        r.lat_sum += lat
+        if lat < r.lat_min:
+            r.lat_min = lat
+        if lat > r.lat_max:
+            r.lat_max = lat
+        sl.busy = False
+        self.free_stack[self.nfree] = s
+        self.nfree += 1
+        return 0
 
     cdef void _submit(self, params_t *p, result_t *r, uint64_t now) noexcept nogil:
         cdef int n = 0, s, j
@@ -465,7 +543,11 @@ cdef class QueueLoad:
                 nw = <uint64_t>self.block_size // 8
                 for i in range(nw):
                     words[i] = (off + 8 * i) ^ p.key
-            (<uint16_t *>(self.avail + 4))[<uint16_t>(self.avail_idx + n) % self.num] = sl.head
+            if self.packed:
+                self._put_packed(sl, n == 0)
+            else:
+                (<uint16_t *>(self.avail + 4))[<uint16_t>(self.avail_idx + n) % self.num] = \
+                    sl.head
             batch[n] = s
             n += 1
             r.submitted += 1
@@ -475,8 +557,13 @@ cdef class QueueLoad:
         for j in range(n):
             self.slots[batch[j]].t_submit = t
         self.avail_idx = <uint16_t>(self.avail_idx + n)
-        # everything above is published by this release store (x86: plain stores stay ordered)
-        vq_store_release_u16(self.avail + 2, self.avail_idx)
+        if self.packed:
+            # the batch's first descriptor's flags, stored last, make the whole batch available
+            vq_store_release_u16(self.desc + 16 * <size_t>self.first_pos + 14, self.first_flags)
+        else:
+            # everything above is published by this release store (x86: plain stores stay
+            # ordered)
+            vq_store_release_u16(self.avail + 2, self.avail_idx)
         r.batches += 1
         vq_mb()            # avail idx store before the avail_event / used flags load
         if self._kick_needed():
@@ -484,6 +571,24 @@ cdef class QueueLoad:
             r.kicks += 1
         else:
             r.kicks_suppressed += 1
+
+    cdef inline void _put_packed(self, slot_t *sl, bint first) noexcept nogil:
+        """Write the slot's INDIRECT descriptor at next_avail; the batch's first keeps its
+        flags back (first_pos / first_flags) until _submit has written the rest."""
+        cdef uint8_t *d = self.desc + 16 * <size_t>self.next_avail
+        cdef uint16_t fl = DESC_F_INDIRECT | (PDESC_F_AVAIL if self.avail_wrap else PDESC_F_USED)
+        (<uint64_t *>d)[0] = sl.table_gpa
+        (<uint32_t *>(d + 8))[0] = 48
+        (<uint16_t *>(d + 12))[0] = sl.head
+        if first:
+            self.first_pos = self.next_avail
+            self.first_flags = fl
+        else:
+            (<uint16_t *>(d + 14))[0] = fl
+        self.next_avail += 1
+        if self.next_avail == self.num:
+            self.next_avail = 0
+            self.avail_wrap = not self.avail_wrap
 
     cdef int _run(self, params_t *p, result_t *r) noexcept nogil:
         cdef uint64_t t, deadline, last_progress, spin_start, cnt, cpu0
@@ -534,7 +639,7 @@ cdef class QueueLoad:
             spin_start = mono_ns()
             got = 0
             while mono_ns() - spin_start < p.spin_ns:
-                if vq_load_u16(self.used + 2) != self.last_used:
+                if self._has_used():
                     got = 1
                     break
                 cpu_relax()
@@ -545,7 +650,7 @@ cdef class QueueLoad:
             if read(self.call_fd, &cnt, 8) == 8:
                 r.calls += 1
             vq_mb()            # used_event / flags store before the used idx re-check
-            if vq_load_u16(self.used + 2) != self.last_used:
+            if self._has_used():
                 if not p.irq_always:
                     self._irq_disable()
                 continue
@@ -679,6 +784,9 @@ cdef class QueueLoad:
         self.vq.avail_idx = self.avail_idx
         self.vq.last_used_idx = self.last_used
         self.vq._kick_old = self.avail_idx
+        if self.packed:
+            self.vq.next_avail, self.vq.avail_wrap = self.next_avail, self.avail_wrap
+            self.vq.next_used, self.vq.used_wrap = self.next_used, self.used_wrap
 
     @property
     def in_flight(self):
@@ -710,3 +818,12 @@ cdef inline void _desc(uint8_t *table, int i, uint64_t addr, uint32_t length, ui
     (<uint32_t *>(d + 8))[0] = length
     (<uint16_t *>(d + 12))[0] = flags
     (<uint16_t *>(d + 14))[0] = nxt
+
+
+cdef inline void _pdesc(uint8_t *table, int i, uint64_t addr, uint32_t length,
+                        uint16_t flags) noexcept nogil:
+    cdef uint8_t *d = table + 16 * <size_t>i
+    (<uint64_t *>d)[0] = addr
+    (<uint32_t *>(d + 8))[0] = length
+    (<uint16_t *>(d + 12))[0] = 0
+    (<uint16_t *>(d + 14))[0] = flags

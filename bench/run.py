@@ -120,6 +120,10 @@ def targets(results: dict) -> list[dict]:
                                f"(live migration) / off",
                         value=(lg["iops"] / p["iops"]) if lg and p and p["iops"] else None,
                         goal="reported", ok=None))
+        pk = _get(blk, medium=medium, workload="4k-randread-qd32", backend="pyvhost+packed")
+        out.append(dict(target=f"blk {medium} 4k randread QD32: IOPS on packed / split rings",
+                        value=(pk["iops"] / p["iops"]) if pk and p and p["iops"] else None,
+                        goal="reported", ok=None))
     net = results.get("net", {}).get("rows") or []
     for size in (64, 1500):
         pv = [r["mpps"] for r in net if r.get("backend") == "pyvhost" and r.get("pkt_len") == size

@@ -98,20 +98,23 @@ exit $fail
 """
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("queues", [1, 2])
-def test_guest_migrates_between_two_pyvhost_backends(tmp_path, queues):
+def test_guest_migrates_between_two_pyvhost_backends(tmp_path, queues, ring):
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(IMG_SIZE)
     sockdir = g.short_tmpdir("migs")
+    extra = "packed=on" if ring == "packed" else ""
     script = (SCRIPT.replace("@P1@", str(P1)).replace("@P2@", str(P2))
               .replace("@SLOTS@", str(SLOTS)).replace("@CPUS@", str(queues)))
     try:
         with pyvhost_blk(img, sockdir / "src.sock", num_queues=queues) as src_be, \
                 pyvhost_blk(img, sockdir / "dst.sock", num_queues=queues) as dst_be, \
                 MigrationRun(script, cpus=queues, extra_append=NO_ZEROING,
-                             source_devices=g.blk_device_args(src_be.sock, queues),
-                             dest_devices=g.blk_device_args(dst_be.sock, queues)) as run:
+                             source_devices=g.blk_device_args(src_be.sock, queues, extra=extra),
+                             dest_devices=g.blk_device_args(dst_be.sock, queues,
+                                                            extra=extra)) as run:
             run.start()
             run.wait_console("source", "PASS 2\n", timeout=120)
             # no switch-over while the guest does I/O (a 1 ms downtime never fits) ...
@@ -144,9 +147,11 @@ def test_guest_migrates_between_two_pyvhost_backends(tmp_path, queues):
                 assert hashlib.sha256(f.read(MiB)).hexdigest() == want, s
         for be in (src_be, dst_be):
             assert "Traceback" not in be.log_text()
+            # the ring layout QEMU negotiated on both sides
+            assert ("(packed virtqueues)" in be.log_text()) == (ring == "packed")
         # the cache check was served by the page cache alone (no read reached the device)
         assert re.search(r"^CACHE_READ_IOS=0$", dst_console, re.M), g.tail(dst_console)
-        print(f"migration ({queues} queue(s)): {ram['dirty-sync-count']} rounds, "
+        print(f"migration ({queues} queue(s), {ring}): {ram['dirty-sync-count']} rounds, "
               f"{ram['transferred'] >> 20} MiB, downtime {stats.get('downtime')} ms, "
               f"{len(passes_src)} passes on the source, {len(passes_dst)} on the destination")
     finally:

@@ -22,7 +22,8 @@ bitmap of fuzzed size, guarded like a region (its last byte against a guard page
 fuzzed used-ring log address: a bit set past the declared size faults.
 
 Layout (all fields front-consumed, see data.py): u8 config (bit 0 event_idx, bit 1 no indirect,
-bits 2-3 driver, bit 4 read-only, bit 5 dirty log, bit 6 inflight region), u8 queue size,
+bits 2-3 driver, bit 4 read-only, bit 5 dirty log, bit 6 inflight region, bit 7 the rings read
+as a packed ring), u8 queue size,
 [u16 log size, u64 used-ring log address (bit 63: none)], [u8 (bit 0: recovered, then the
 region's bytes)], u8 region count and per region u8 kind,
 u8 pages, u16 size trim, [u64 gpa]; ring offsets u32 x3; ring state; descriptor writes; then
@@ -218,9 +219,9 @@ def build(inp: Input, lay: Layout) -> tuple[int, int]:
     return last_avail, (avail_idx - last_avail) & 0xFFFF
 
 
-def check_chain(c: dict, lay: Layout) -> None:
+def check_chain(c: dict, lay: Layout, packed: bool = False) -> None:
     q = lay.qsize
-    assert 0 <= c["head"] < q, c
+    assert 0 <= c["head"] < (1 << 16 if packed else q), c      # packed: a buffer id
     assert 0 <= c["fault"] < NUM_FAULTS, c
     segs = c["segs"]
     assert 0 <= c["nreadable"] <= len(segs), c
@@ -237,10 +238,10 @@ def check_chain(c: dict, lay: Layout) -> None:
 
 
 def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirect: bool,
-              log=None, inflight=None) -> None:
+              log=None, inflight=None, packed=False) -> None:
     probe = RingProbe(lay.qsize, lay.desc, lay.avail, lay.used, last_avail,
                       lay.mem.table_bytes(), event_idx, indirect, _CALL, log=log,
-                      inflight=inflight)
+                      inflight=inflight, packed=packed)
     popped, broken = 0, False
     for k in range(min(lay.qsize, MAX_POPS) + 2):
         try:
@@ -251,7 +252,7 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
         if c is None:
             break
         popped += 1
-        check_chain(c, lay)
+        check_chain(c, lay, packed)
         probe.complete(c["total_len"] & 0xFFFFFFFF)
         if k % 7 == 6:
             probe.publish()
@@ -261,7 +262,8 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
     probe.enable_kick()
     probe.disable_kick()
     _, alen, ulen = ring_sizes(lay.qsize)
-    if inflight is None and (lay.used + ulen <= lay.avail or lay.avail + alen <= lay.used):
+    if inflight is None and not packed and (lay.used + ulen <= lay.avail
+                                            or lay.avail + alen <= lay.used):
         # (when the used ring overlaps the avail ring, what we push changes what is available)
         assert (broken or popped == min(delta, MAX_POPS + 2)) and (not broken or delta > 0), \
             (popped, delta)
@@ -271,18 +273,19 @@ def run_probe(lay: Layout, last_avail: int, delta: int, event_idx: bool, indirec
 
 
 def run_worker(driver: str, cfg: int, lay: Layout, last_avail: int, event_idx: bool,
-               indirect: bool, log=None, inflight=None) -> None:
+               indirect: bool, log=None, inflight=None, packed=False) -> None:
     table = lay.mem.table_bytes()
     if driver == "rng":
         w = RngQueueWorker(0, lay.qsize, lay.desc, lay.avail, lay.used, last_avail, table, -1,
                            _CALL, event_idx=event_idx, indirect=indirect,
-                           max_bytes=4 << 20, period_ms=3_600_000, log=log)
+                           max_bytes=4 << 20, period_ms=3_600_000, log=log, packed=packed)
     else:
         w = BlkQueueWorker(0, lay.qsize, lay.desc, lay.avail, lay.used, last_avail, table, -1,
                            _CALL, _FD_DIRECT, _FD_BUFFERED, bool(cfg & 0x10), IMAGE_SECTORS,
                            b"fuzz-serial", event_idx=event_idx, indirect=indirect,
                            use_io_uring=driver == "blk-uring", max_discard_sectors=64,
-                           max_write_zeroes_sectors=64, log=log, inflight=inflight)
+                           max_write_zeroes_sectors=64, log=log, inflight=inflight,
+                           packed=packed)
     try:
         # The runtime's own loop: with the stop flag already set each run() is one batch (and
         # the at-stop completion of in-flight I/O); a ring that feeds itself cannot hang it.
@@ -322,14 +325,21 @@ def TestOneInput(data: bytes) -> None:
             inflight_region.write(0, inp.bytes(size).ljust(size, b"\0"))
             inflight_region.write(8, struct.pack("<HH", vu.INFLIGHT_VERSION, qsize))
         inflight = (inflight_region.host, size)
+    # bit 7: the same bytes as a packed ring (descriptor ring, driver and device event
+    # suppression at the avail and used addresses); the base's positions within the ring
+    packed = bool(cfg & 0x80)
+    if packed:
+        inflight = None                         # (no packed inflight layout)
     lay = Layout(inp, qsize)
     try:
         last_avail, delta = build(inp, lay)
+        if packed:
+            last_avail = (last_avail % qsize) | (last_avail & 0x8000)
         if driver == "probe":
-            run_probe(lay, last_avail, delta, event_idx, indirect, log, inflight)
+            run_probe(lay, last_avail, delta, event_idx, indirect, log, inflight, packed)
         else:
             run_worker(driver, cfg, lay, last_avail, event_idx, indirect, log,
-                       inflight if driver != "rng" else None)
+                       inflight if driver != "rng" else None, packed)
         assert lay.mem.slack_intact(), "a write landed in a region's page slack"
         if log_region is not None:
             assert log_region.slack_intact(), "a log bit was set before the log's start"

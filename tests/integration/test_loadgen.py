@@ -1,6 +1,7 @@
 """bench/loadgen.pyx (the compiled driver loop of the benchmarks) against pyvhost-blk: the data
 it writes really lands on the image at the right offsets, reads come back OK and with the data
-written, with and without EVENT_IDX / INDIRECT and in both interrupt modes, two queues at once,
+written, with and without EVENT_IDX / INDIRECT, on split and packed rings and in both interrupt
+modes, two queues at once,
 and a stalled backend ends a run within its stall timeout (the latency histogram's accuracy:
 tests/unit/test_loadgen_hist.py).  A few thousand 4 KiB requests per case on a 4 MiB image: a few
 seconds in all."""
@@ -64,15 +65,16 @@ def checked(res: dict, ops: int | None = None) -> dict:
     return res
 
 
-@pytest.mark.parametrize("event_idx,indirect,interrupts", [
-    (True, True, "always"), (True, False, "sleep"), (False, True, "sleep"),
-    (False, False, "always")])
-def test_sequential_write_lands_on_image(backend, event_idx, indirect, interrupts):
+@pytest.mark.parametrize("event_idx,indirect,interrupts,packed", [
+    (True, True, "always", False), (True, False, "sleep", False), (False, True, "sleep", False),
+    (False, False, "always", False), (True, True, "always", True), (False, True, "sleep", True)])
+def test_sequential_write_lands_on_image(backend, event_idx, indirect, interrupts, packed):
+    """... on split rings and on packed ones (the bench's `pyvhost+packed` rows)."""
     b, img = backend
-    seed = 11 + 2 * event_idx + indirect
+    seed = 11 + 2 * event_idx + indirect + 4 * packed
     nblocks = IMG_SIZE // BS
-    with Frontend(b.sock, queue_size=128, event_idx=event_idx, timeout=10) as fe:
-        assert fe.has_event_idx == event_idx
+    with Frontend(b.sock, queue_size=128, event_idx=event_idx, timeout=10, packed=packed) as fe:
+        assert fe.has_event_idx == event_idx and fe.has_packed == packed
         with QueueLoad(fe, 0, depth=16, block_size=BS, indirect=indirect) as ql:
             assert ql.indirect == indirect
             # exactly one pass over the device, then random reads that check every word
