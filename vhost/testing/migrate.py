@@ -90,7 +90,9 @@ class MigrationRun:
         with open(self.initrd, "wb") as f:
             f.write(base.path.read_bytes())
             f.write(g.script_archive(script))
-        append = "console=ttyS0 quiet panic=-1 pyvhost_wait=vda"
+        append = "console=ttyS0 quiet panic=-1"
+        if g._wants_blk(source_devices):        # /init waits for the disk (not for a NIC)
+            append += " pyvhost_wait=vda"
         if extra_append:
             append += " " + extra_append
         self.mig_sock = self.dir / "mig.sock"
