@@ -134,6 +134,7 @@ ctypedef struct vq_t:
     uint32_t resubmit_n
     uint32_t resubmit_pos
     uint64_t resubmitted       # heads handed out again since the worker started
+    uint64_t inflight_untracked  # packed: chains too long (or ids too large) to track
 
 # Where a queue is: the value GET_VRING_BASE reports and SET_VRING_BASE gives.  Split: the avail
 # index.  Packed (as QEMU's virtio_queue_packed_get_last_avail_idx): bits 0-14 the avail

@@ -64,6 +64,8 @@ C_CONSTANTS = {
     "vhost_user.INFLIGHT_VERSION": INFLIGHT_VERSION,
     "vhost_user.INFLIGHT_HEADER_SIZE": IF_DESC_OFF,
     "vhost_user.INFLIGHT_DESC_SIZE": IF_DESC_SIZE,
+    "vhost_user.INFLIGHT_PACKED_HEADER_SIZE": IFP_DESC_OFF,
+    "vhost_user.INFLIGHT_PACKED_ENTRY_SIZE": IFP_ENTRY,
 }
 
 
@@ -90,6 +92,20 @@ cdef enum:
     IF_DESC_SIZE = 16
     IF_DS_COUNTER_OFF = 8
     INFLIGHT_VERSION = 1
+    # The packed ring's region (our layout: the frontend never reads the region, and the
+    # packed ring overwrites descriptors with used ones, so each in-flight buffer keeps a copy
+    # of its descriptors): u64 features (bit 0: this layout), u16 version, u16 desc_num,
+    # u16 avail checkpoint, u16 used checkpoint (position | wrap << 15), 16 bytes reserved;
+    # then per buffer id < desc_num: u8 inflight, u8 ndescs, u16 head position | wrap << 15,
+    # u32 reserved, u64 counter, PK_COPIES descriptor copies (16 bytes each).
+    IFP_FEATURE = 1
+    IFP_AVAIL_OFF = 12
+    IFP_USED_OFF = 14
+    IFP_DESC_OFF = 32
+    IFP_ENTRY = 80
+    IFP_COPIES_OFF = 16
+    PK_COPIES = 4           # a chain of more ring descriptors is not tracked (counted);
+                            # Linux's virtio-blk uses one INDIRECT descriptor per request
 
 
 # --- fail points (tests) -----------------------------------------------------------------------
@@ -208,6 +224,128 @@ cdef inline uint8_t *_inflight_desc(vq_t *vq, uint16_t head) noexcept nogil:
     return vq.inflight + IF_DESC_OFF + IF_DESC_SIZE * <uint64_t>head
 
 
+cdef inline uint8_t *_pk_entry(vq_t *vq, uint16_t bid) noexcept nogil:
+    return vq.inflight + IFP_DESC_OFF + IFP_ENTRY * <uint64_t>bid
+
+
+cdef inline void _pk_advance(uint16_t *pos, bint *wrap, uint16_t n, uint16_t num) noexcept nogil:
+    pos[0] += n
+    if pos[0] >= num:
+        pos[0] -= num
+        wrap[0] = not wrap[0]
+
+
+cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
+    """vq_inflight_setup for a packed ring.  QEMU cannot ask a dead backend where its packed
+    ring was (virtio_queue_packed_restore_last_avail_idx does nothing), so the positions come
+    from the region: the used position is the checkpoint moved past every used descriptor
+    the driver can already see (published before the kill; their ids are cleared), the avail
+    position the checkpoint moved past a chain that was marked but not yet checkpointed."""
+    cdef uint64_t need = IFP_DESC_OFF + IFP_ENTRY * <uint64_t>vq.num
+    cdef uint16_t upos, apos, v, bid, n, hp
+    cdef bint uwrap, awrap
+    cdef uint32_t i, cnt = 0, k
+    cdef uint8_t *e
+    cdef pvring_desc_t d
+    cdef _resub_t *tmp
+    cdef uint64_t top = 0
+    if size < need:
+        return -1
+    vq.inflight = r
+    if (<uint64_t *>r)[0] != IFP_FEATURE or vq_load_u16(r + IF_VERSION_OFF) != INFLIGHT_VERSION \
+            or vq_load_u16(r + IF_DESC_NUM_OFF) != vq.num:
+        memset(r, 0, need)
+        (<uint64_t *>r)[0] = IFP_FEATURE
+        vq_store_u16(r + IF_DESC_NUM_OFF, vq.num)
+        vq_store_u16(r + IFP_AVAIL_OFF, vq.last_avail | (<uint16_t>vq.avail_wrap << 15))
+        vq_store_u16(r + IFP_USED_OFF, vq.used_idx | (<uint16_t>vq.used_wrap << 15))
+        vq_wmb()
+        vq_store_u16(r + IF_VERSION_OFF, INFLIGHT_VERSION)
+        return 0
+    v = vq_load_u16(r + IFP_USED_OFF)
+    upos = (v & 0x7FFF) & (vq.num - 1)
+    uwrap = (v >> 15) & 1
+    for i in range(vq.num):         # used descriptors past the checkpoint: published
+        vq_copy16(&d, vq.desc + 16 * <uint64_t>upos)
+        if (((d.flags & PDESC_F_AVAIL) != 0) != uwrap) or (((d.flags & PDESC_F_USED) != 0)
+                                                          != uwrap):
+            break
+        n = 1
+        if d.id < vq.num:
+            e = _pk_entry(vq, d.id)
+            if e[0] and 1 <= e[1] <= PK_COPIES:
+                n = e[1]
+            e[0] = 0
+        _pk_advance(&upos, &uwrap, n, vq.num)
+    v = vq_load_u16(r + IFP_AVAIL_OFF)
+    apos = (v & 0x7FFF) & (vq.num - 1)
+    awrap = (v >> 15) & 1
+    tmp = <_resub_t *>malloc(vq.num * sizeof(_resub_t))
+    if tmp == NULL:
+        vq.inflight = NULL
+        return -1
+    for i in range(vq.num):
+        e = _pk_entry(vq, <uint16_t>i)
+        if not e[0]:
+            continue
+        if not 1 <= e[1] <= PK_COPIES:
+            e[0] = 0            # (not a state we leave)
+            continue
+        e[0] = 1
+        hp = (<uint16_t *>(e + 2))[0]
+        if hp == (apos | (<uint16_t>awrap << 15)):
+            _pk_advance(&apos, &awrap, e[1], vq.num)    # marked, not yet checkpointed
+        tmp[cnt].counter = (<uint64_t *>(e + 8))[0]
+        tmp[cnt].head = <uint16_t>i
+        if tmp[cnt].counter >= top:
+            top = tmp[cnt].counter + 1
+        vq.pk_ndescs[i] = e[1]
+        cnt += 1
+    if cnt > 1:
+        qsort(tmp, cnt, sizeof(_resub_t), _resub_cmp)
+    for k in range(cnt):
+        vq.resubmit[k] = tmp[k].head
+    free(tmp)
+    vq.resubmit_n = cnt
+    vq.inflight_counter = top
+    vq.last_avail, vq.avail_wrap = apos, awrap
+    vq.used_idx, vq.used_wrap = upos, uwrap
+    vq_store_u16(r + IFP_AVAIL_OFF, apos | (<uint16_t>awrap << 15))
+    vq_store_u16(r + IFP_USED_OFF, upos | (<uint16_t>uwrap << 15))
+    return <int>cnt
+
+
+cdef void _pk_inflight_mark(vq_t *vq, uint16_t bid, uint16_t head_pos, bint head_wrap,
+                            const pvring_desc_t *copies, uint32_t count) noexcept nogil:
+    """A popped packed chain: its descriptors (copies), position and counter, then the flag,
+    then the avail checkpoint past it."""
+    cdef uint8_t *e
+    if bid < vq.num and count <= PK_COPIES:
+        e = _pk_entry(vq, bid)
+        memcpy(e + IFP_COPIES_OFF, copies, 16 * count)
+        e[1] = <uint8_t>count
+        (<uint16_t *>(e + 2))[0] = head_pos | (<uint16_t>head_wrap << 15)
+        (<uint64_t *>(e + 8))[0] = vq.inflight_counter
+        vq.inflight_counter += 1
+        vq_wmb()
+        e[0] = 1
+    else:
+        vq.inflight_untracked += 1
+    vq_wmb()
+    vq_store_u16(vq.inflight + IFP_AVAIL_OFF, vq.last_avail | (<uint16_t>vq.avail_wrap << 15))
+
+
+cdef void _pk_inflight_published(vq_t *vq) noexcept nogil:
+    cdef uint32_t k
+    vq_wmb()                # the batch is visible before any id stops counting as in flight
+    for k in range(vq.inflight_batch_n):
+        if vq.inflight_batch[k] < vq.num:
+            _pk_entry(vq, vq.inflight_batch[k])[0] = 0
+    vq_wmb()
+    vq_store_u16(vq.inflight + IFP_USED_OFF, vq.used_idx | (<uint16_t>vq.used_wrap << 15))
+    vq.inflight_batch_n = 0
+
+
 cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogil:
     """Track this queue's heads in the inflight region at `addr` (`size` bytes) from now on,
     before the worker runs and after vq_init.  A region of another version or ring size is
@@ -224,8 +362,8 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
     cdef uint8_t *d
     cdef _resub_t *tmp
     cdef uint64_t top = 0
-    if r == NULL or size < need or vq.packed:
-        return -1               # (the packed inflight layout is not implemented)
+    if r == NULL:
+        return -1
     vq.inflight_batch = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
     vq.resubmit = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
     if vq.inflight_batch == NULL or vq.resubmit == NULL:
@@ -233,6 +371,10 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
     vq.inflight_batch_n = 0
     vq.resubmit_n = vq.resubmit_pos = 0
     vq.inflight_counter = 0
+    if vq.packed:
+        return _pk_inflight_setup(vq, r, size)
+    if size < need:
+        return -1
     vq.inflight = r
     if vq_load_u16(r + IF_VERSION_OFF) != INFLIGHT_VERSION or \
             vq_load_u16(r + IF_DESC_NUM_OFF) != vq.num:
@@ -521,11 +663,11 @@ cdef int _pop_packed(vq_t *vq, chain_t *c) noexcept nogil:
     is set (or one INDIRECT descriptor, whose table is walked to its length); the buffer id
     is the last descriptor's.  A bad chain is still consumed to its end (bounded by the ring
     size), so that the ring stays in step with the driver."""
-    cdef uint16_t pos = vq.last_avail, n, k, tsize
-    cdef bint wrap = vq.avail_wrap
+    cdef uint16_t pos = vq.last_avail, head_pos
+    cdef bint wrap = vq.avail_wrap, head_wrap
     cdef bint seen_writable = False
-    cdef pvring_desc_t d, t
-    cdef uint8_t *table
+    cdef pvring_desc_t d
+    cdef pvring_desc_t copies[PK_COPIES]
     cdef uint32_t count = 0
     cdef uint16_t flags = vq_load_acquire_u16(vq.desc + 16 * <uint64_t>pos + 14)
     if not _pk_is_avail(flags, wrap):
@@ -542,42 +684,79 @@ cdef int _pop_packed(vq_t *vq, chain_t *c) noexcept nogil:
                 c.fault = F_LOOP
             break
         vq_copy16(&d, vq.desc + 16 * <uint64_t>pos)
+        if count < PK_COPIES:
+            copies[count] = d
         count += 1
         pos += 1
         if pos >= vq.num:
             pos = 0
             wrap = not wrap
         c.head = d.id
-        # as in the split walk: after a bad address the chain is still walked (the status
-        # byte at its end is written), after a bad indirect table nothing more is trusted
-        if c.fault != F_INDIRECT:
-            if d.flags & DESC_F_INDIRECT:
-                if (not vq.indirect or (d.flags & DESC_F_NEXT) or d.len == 0
-                        or d.len % 16 != 0 or d.len // 16 > MAX_INDIRECT):
-                    c.fault = F_INDIRECT
-                else:
-                    table = _host_range(vq, d.addr, d.len)
-                    if table == NULL:
-                        c.fault = F_INDIRECT
-                    else:
-                        # §2.8.19: the table's descriptors are the buffer, in order
-                        tsize = <uint16_t>(d.len // 16)
-                        for k in range(tsize):
-                            vq_copy16(&t, table + 16 * <uint64_t>k)
-                            if t.flags & DESC_F_INDIRECT:
-                                c.fault = F_INDIRECT
-                                break
-                            _add_seg(vq, c, t.addr, t.len, t.flags, &seen_writable,
-                                     k + 1 == tsize)
-            else:
-                _add_seg(vq, c, d.addr, d.len, d.flags, &seen_writable,
-                         not (d.flags & DESC_F_NEXT))
+        _pk_desc(vq, c, &d, &seen_writable)
         if not (d.flags & DESC_F_NEXT):
             break
+    vq.pk_ndescs[c.head & (vq.num - 1)] = <uint16_t>count
+    head_pos, head_wrap = vq.last_avail, vq.avail_wrap
     vq.last_avail = pos
     vq.avail_wrap = wrap
-    vq.pk_ndescs[c.head & (vq.num - 1)] = <uint16_t>count
+    if vq.inflight != NULL:
+        _pk_inflight_mark(vq, c.head, head_pos, head_wrap, copies, count)
+    if _fp_point:
+        vq_failpoint(FP_AFTER_POP)
     return 1
+
+
+cdef inline void _pk_desc(vq_t *vq, chain_t *c, pvring_desc_t *d,
+                          bint *seen_writable) noexcept nogil:
+    """One ring descriptor of a packed chain (an INDIRECT one: its whole table).  As in the
+    split walk: after a bad address the chain is still walked (the status byte at its end is
+    written), after a bad indirect table nothing more is trusted."""
+    cdef uint16_t k, tsize
+    cdef pvring_desc_t t
+    cdef uint8_t *table
+    if c.fault == F_INDIRECT:
+        return
+    if d.flags & DESC_F_INDIRECT:
+        if (not vq.indirect or (d.flags & DESC_F_NEXT) or d.len == 0
+                or d.len % 16 != 0 or d.len // 16 > MAX_INDIRECT):
+            c.fault = F_INDIRECT
+            return
+        table = _host_range(vq, d.addr, d.len)
+        if table == NULL:
+            c.fault = F_INDIRECT
+            return
+        # §2.8.19: the table's descriptors are the buffer, in order
+        tsize = <uint16_t>(d.len // 16)
+        for k in range(tsize):
+            vq_copy16(&t, table + 16 * <uint64_t>k)
+            if t.flags & DESC_F_INDIRECT:
+                c.fault = F_INDIRECT
+                return
+            _add_seg(vq, c, t.addr, t.len, t.flags, seen_writable, k + 1 == tsize)
+    else:
+        _add_seg(vq, c, d.addr, d.len, d.flags, seen_writable, not (d.flags & DESC_F_NEXT))
+
+
+cdef int _pk_walk_copies(vq_t *vq, uint16_t bid, chain_t *c) noexcept nogil:
+    """A resubmitted packed buffer: its chain from the copies in the inflight region (the
+    ring slots may hold used descriptors by now)."""
+    cdef uint8_t *e = _pk_entry(vq, bid)
+    cdef uint32_t k, n = e[1]
+    cdef bint seen_writable = False
+    cdef pvring_desc_t d
+    c.head = bid
+    c.fault = F_NONE
+    c.nsegs = 0
+    c.nreadable = 0
+    c.total_len = 0
+    c.last_byte = NULL
+    for k in range(n):
+        vq_copy16(&d, e + IFP_COPIES_OFF + 16 * k)
+        if k + 1 == n:
+            d.flags = d.flags & ~(<uint16_t>DESC_F_NEXT)
+        _pk_desc(vq, c, &d, &seen_writable)
+    return 1
+
 
 
 cdef void _push_packed(vq_t *vq, uint16_t id, uint32_t length) noexcept nogil:
@@ -653,14 +832,16 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
     cdef uint16_t avail_idx, head
     if vq.broken:
         return -1
-    if vq.packed:
-        return _pop_packed(vq, c)
     if vq.resubmit_pos < vq.resubmit_n:
         # after a restart, what the previous backend popped and never completed comes first
         head = vq.resubmit[vq.resubmit_pos]
         vq.resubmit_pos += 1
         vq.resubmitted += 1
+        if vq.packed:
+            return _pk_walk_copies(vq, head, c)
         return _walk(vq, head, c)
+    if vq.packed:
+        return _pop_packed(vq, c)
     avail_idx = vq_load_acquire_u16(_avail_idx(vq))
     if avail_idx == vq.last_avail:
         return 0
@@ -755,12 +936,6 @@ cdef inline int _walk(vq_t *vq, uint16_t head, chain_t *c) noexcept nogil:
 cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
     """Write one used element; it becomes visible to the driver at vq_publish."""
     cdef uint8_t *e
-    if vq.packed:
-        _push_packed(vq, head, length)
-        if _fp_point:
-            vq_failpoint(FP_AFTER_PUSH)
-        return
-    e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
     if vq.inflight != NULL:
         if vq.inflight_batch_n >= vq.num:
             # a guest that offers one head over and over can make a batch longer than the
@@ -768,7 +943,14 @@ cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
             vq_publish(vq)
         vq.inflight_batch[vq.inflight_batch_n] = head
         vq.inflight_batch_n += 1
-        vq_store_u16(vq.inflight + IF_LAST_BATCH_OFF, head)
+        if not vq.packed:
+            vq_store_u16(vq.inflight + IF_LAST_BATCH_OFF, head)
+    if vq.packed:
+        _push_packed(vq, head, length)
+        if _fp_point:
+            vq_failpoint(FP_AFTER_PUSH)
+        return
+    e = vq.used + 4 + 8 * <uint64_t>(vq.used_idx & (vq.num - 1))
     (<uint32_t *>e)[0] = head
     (<uint32_t *>e)[1] = length
     vq.used_idx += 1
@@ -780,6 +962,10 @@ cdef void vq_push(vq_t *vq, uint16_t head, uint32_t length) noexcept nogil:
 cdef void vq_publish(vq_t *vq) noexcept nogil:
     if vq.packed:
         _publish_packed(vq)
+        if _fp_point:
+            vq_failpoint(FP_MID_PUBLISH)
+        if vq.inflight != NULL:
+            _pk_inflight_published(vq)
         return
     # Release: the used elements above are visible before the new index (§2.7.13.3).
     vq_store_release_u16(_used_idx(vq), vq.used_idx)

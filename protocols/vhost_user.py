@@ -200,9 +200,18 @@ DescStateSplit = Struct(
 )
 
 
+# A packed ring's region is the back-end's own layout (cython_ext/ring.pyx: a 32-byte header,
+# then per buffer id 80 bytes: state, counter and a copy of up to 4 descriptors, which a packed
+# ring overwrites with used ones).  GET_INFLIGHT_FD comes before the features are set, so every
+# queue gets room for either layout.
+INFLIGHT_PACKED_HEADER_SIZE = 32
+INFLIGHT_PACKED_ENTRY_SIZE = 80
+
+
 def inflight_queue_size(queue_size: int) -> int:
-    """Bytes one queue of `queue_size` descriptors takes in the inflight fd."""
-    raw = INFLIGHT_HEADER_SIZE + INFLIGHT_DESC_SIZE * queue_size
+    """Bytes one queue of `queue_size` descriptors takes in the inflight fd (either layout)."""
+    raw = max(INFLIGHT_HEADER_SIZE + INFLIGHT_DESC_SIZE * queue_size,
+              INFLIGHT_PACKED_HEADER_SIZE + INFLIGHT_PACKED_ENTRY_SIZE * queue_size)
     return (raw + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
 
 # "Device configuration space" (GET/SET_CONFIG): the payload is `size` bytes long.

@@ -700,10 +700,6 @@ class BackendProtocol:
         nq, qsize = self._inflight_layout
         if self._inflight is None or q.index >= nq:
             return {}
-        if self._packed:
-            self._log_once(f"queue {q.index}: packed ring; its requests are not tracked in the "
-                           f"inflight region (only the split layout is implemented)")
-            return {}
         if q.size != qsize:
             self._log_once(f"queue {q.index}: size {q.size}, but the inflight region is laid "
                            f"out for {qsize}; its requests are not tracked")

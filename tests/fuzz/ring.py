@@ -328,8 +328,8 @@ def TestOneInput(data: bytes) -> None:
     # bit 7: the same bytes as a packed ring (descriptor ring, driver and device event
     # suppression at the avail and used addresses); the base's positions within the ring
     packed = bool(cfg & 0x80)
-    if packed:
-        inflight = None                         # (no packed inflight layout)
+    if packed and inflight_region is not None and inp.u8() & 1:
+        inflight_region.write(0, struct.pack("<Q", 1))     # the packed layout's feature bit
     lay = Layout(inp, qsize)
     try:
         last_avail, delta = build(inp, lay)

@@ -6,7 +6,8 @@ flight; the driver reconnects to a new backend as QEMU with `reconnect=1` does (
 and rings, the inflight fd handed back, each base set to its used index), and then every write
 completes exactly once -- the used ring carries one entry per request, no head is returned that
 is not outstanding -- and every acknowledged write is in the image.  In server mode and in
-client mode (the driver listening, the backend dialing), under asyncio and uvloop."""
+client mode (the driver listening, the backend dialing), on split and packed rings, under
+asyncio and uvloop."""
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ BS = 4096
 POINTS = [("after-pop", 60), ("after-io", 60), ("after-push", 60), ("mid-publish", 20)]
 
 
-def run_with_a_kill(tmp, loop_name, point, nth, client=False, queues=1):
+def run_with_a_kill(tmp, loop_name, point, nth, client=False, queues=1, packed=False):
     img = tmp / "disk.img"
     img.write_bytes(bytes(IMG_SIZE))
     sock = tmp / "blk.sock"
@@ -41,7 +42,8 @@ def run_with_a_kill(tmp, loop_name, point, nth, client=False, queues=1):
             img, sock, client=client, num_queues=queues, extra=extra, failpoint=failpoint)))
 
     with stack:
-        fe = Frontend(str(sock), inflight=True, listen=client, num_queues=queues, timeout=20)
+        fe = Frontend(str(sock), inflight=True, listen=client, num_queues=queues, timeout=20,
+                      packed=packed)
         if client:
             fe.listen_now()
         start(f"{point}:{nth}")
@@ -53,7 +55,7 @@ def run_with_a_kill(tmp, loop_name, point, nth, client=False, queues=1):
             fe.reconnect()
 
         with fe:
-            assert fe.inflight is not None
+            assert fe.inflight is not None and fe.has_packed == packed
             results = fe.submit_many([blk_write(s * (BS // 512), d)
                                       for s, d in zip(sectors, data)],
                                      queue=list(range(queues)), depth=32,
@@ -80,6 +82,15 @@ def test_a_kill_at_a_chosen_point_loses_nothing_and_completes_nothing_twice(
     log = run_with_a_kill(tmp, loop_name, point, nth)
     if point in ("after-pop", "after-io", "after-push"):
         # the request the process died on had not completed: the new backend resubmitted it
+        assert "resubmitting" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("point,nth", POINTS, ids=[p for p, _ in POINTS])
+def test_a_kill_on_a_packed_ring(tmp, loop_name, point, nth):
+    """The same on packed rings: positions and chains come back from the inflight region
+    (the ring slots of a buffer still in flight may hold used descriptors by then)."""
+    log = run_with_a_kill(tmp, loop_name, point, nth, packed=True)
+    if point in ("after-pop", "after-io", "after-push"):
         assert "resubmitting" in log, log[-3000:]
 
 

@@ -166,7 +166,7 @@ def test_a_region_for_another_ring_size_starts_afresh(rig, region):
 
 
 def test_a_region_too_small_for_the_ring_is_refused(rig):
-    small = InflightRegion(QS // 2)
+    small = InflightRegion(QS // 8)
     try:
         with pytest.raises(ValueError, match="cannot track"):
             RingProbe(QS, *rig.ring_hosts(), 0, rig.mem.table_bytes(), inflight=small.queue())

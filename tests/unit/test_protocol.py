@@ -1514,8 +1514,8 @@ def test_set_inflight_fd_replaces_the_region_under_running_queues(inflight_peer)
     assert not is_open(first)                             # mapped, fd closed
     old = p.device.running[0].inflight_addr
     assert old and p.device.stops(0) == [0]               # restarted to pick it up
-    second = memfd(2 * 4096)
-    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, QSIZE, 2 * 4096), [second]) == 0
+    second = memfd(2 * per)
+    assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, QSIZE, 2 * per), [second]) == 0
     new = p.device.running[0].inflight_addr
     assert new != old and new in mapped_starts() and old not in mapped_starts()
     # a queue of another size than the region's is served without tracking

@@ -11,10 +11,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import struct
 
 from protocols.vhost_user import (
     INFLIGHT_DESC_SIZE,
     INFLIGHT_HEADER_SIZE,
+    INFLIGHT_PACKED_ENTRY_SIZE,
+    INFLIGHT_PACKED_HEADER_SIZE,
     DescStateSplit,
     InflightQueueHeader,
     inflight_queue_size,
@@ -58,8 +61,21 @@ class InflightRegion:
         off = q * self.per_queue + INFLIGHT_HEADER_SIZE + INFLIGHT_DESC_SIZE * head
         return DescStateSplit.parse(self.mm[off:off + INFLIGHT_DESC_SIZE])
 
+    def packed_layout(self, q: int = 0) -> bool:
+        """The backend laid this queue out for a packed ring (features bit 0; see
+        protocols/vhost_user.py: a layout of pyvhost's own)."""
+        return bool(self.header(q).features & 1)
+
     def in_flight(self, q: int = 0) -> list[int]:
-        """Heads marked in flight, in submission order (counter)."""
+        """Heads (split) or buffer ids (packed) marked in flight, in submission order."""
+        if self.packed_layout(q):
+            base = q * self.per_queue + INFLIGHT_PACKED_HEADER_SIZE
+            marked = []
+            for bid in range(self.queue_size):
+                off = base + INFLIGHT_PACKED_ENTRY_SIZE * bid
+                if self.mm[off]:
+                    marked.append((struct.unpack_from("<Q", self.mm, off + 8)[0], bid))
+            return [b for _, b in sorted(marked)]
         marked = [(self.desc(h, q).counter, h) for h in range(self.queue_size)
                   if self.desc(h, q).inflight]
         return [h for _, h in sorted(marked)]
