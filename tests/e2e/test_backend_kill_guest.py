@@ -1,7 +1,8 @@
 """End to end: `kill -9` of pyvhost-blk six times while a TCG guest writes and verifies its disk
 in a loop, with inflight tracking (INFLIGHT_SHMFD) on -- in server mode (QEMU re-dials:
 `-chardev socket,reconnect=1`, libvirt's `<reconnect enabled='yes' timeout='1'/>`) and in client
-mode (QEMU listens, `server=on`; each new backend dials it).  Three kills come from outside at
+mode (QEMU listens, `server=on`; each new backend dials it), and on packed rings (`packed=on`:
+QEMU cannot say where a packed ring was, the inflight region does).  Three kills come from outside at
 a random moment of the loop, three are the backend's own SIGKILL at a fail point (right after a
 pop, after a request's I/O, between used->idx and the inflight region's update), so requests
 are certainly in flight; a new backend is started at once and takes the inflight region QEMU
@@ -56,8 +57,9 @@ exit $fail
 """
 
 
-@pytest.mark.parametrize("mode", ["server", "client"])
-def test_six_kill_9s_under_guest_write_verify(tmp_path, mode):
+@pytest.mark.parametrize("mode,ring", [("server", "split"), ("client", "split"),
+                                       ("server", "packed")])
+def test_six_kill_9s_under_guest_write_verify(tmp_path, mode, ring):
     client = mode == "client"
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
@@ -67,7 +69,7 @@ def test_six_kill_9s_under_guest_write_verify(tmp_path, mode):
     stack = contextlib.ExitStack()
     kills: list[tuple[int, int]] = []
     errors: list[BaseException] = []
-    rnd = random.Random(mode)
+    rnd = random.Random(mode + ring)
     # Kills 2, 4 and 6 come from outside at a random moment; kills 1, 3 and 5 are the backend's
     # own SIGKILL at a fail point (cython_ext/ring.pyx) a random number of passes on, so that
     # some kills certainly land with requests popped and not completed, or mid-publish.
@@ -131,7 +133,9 @@ def test_six_kill_9s_under_guest_write_verify(tmp_path, mode):
     try:
         res = g.run_guest(SCRIPT.replace("@SLOTS@", str(SLOTS)),
                           devices=g.blk_device_args(sock, server=client,
-                                                    reconnect=None if client else 1),
+                                                    reconnect=None if client else 1,
+                                                    extra="packed=on" if ring == "packed"
+                                                    else ""),
                           timeout=420, on_start=on_start)
         for t in threads:
             t.join(30)
@@ -156,7 +160,8 @@ def test_six_kill_9s_under_guest_write_verify(tmp_path, mode):
                 f.seek(slot * MiB)
                 assert hashlib.sha256(f.read(MiB)).hexdigest() == sha, slot
         resubmits = log.count("resubmitting")
-        print(f"{mode}: {len(kills)} kills after passes {[a for a, _ in kills]}; "
+        assert ("(packed virtqueues)" in log) == (ring == "packed")
+        print(f"{mode}/{ring}: {len(kills)} kills after passes {[a for a, _ in kills]}; "
               f"{resubmits} restarts resubmitted in-flight requests")
         assert resubmits >= 2, log[-4000:]       # at least the after-pop and after-io kills
     finally:
