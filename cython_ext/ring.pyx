@@ -168,6 +168,8 @@ cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t
         if vq.pk_ndescs == NULL:
             return -1
     else:
+        if base > 0xFFFF:       # the split ring's index is 16 bits (virtio 1.2 §2.7)
+            return -1
         vq.last_avail = <uint16_t>base
         # Resume where the frontend's used ring is: after a reconnect used->idx is
         # authoritative.
@@ -220,6 +222,22 @@ cdef int _resub_cmp(const void *a, const void *b) noexcept nogil:
     return <int>x.head - <int>y.head
 
 
+cdef void _set_resubmit(vq_t *vq, _resub_t *tmp, uint32_t cnt) noexcept nogil:
+    """The recovered (counter, head) pairs become the resubmit list in submission order, and
+    the next counter follows the largest; tmp is freed."""
+    cdef uint32_t k
+    cdef uint64_t top = 0
+    if cnt > 1:
+        qsort(tmp, cnt, sizeof(_resub_t), _resub_cmp)
+    for k in range(cnt):
+        vq.resubmit[k] = tmp[k].head
+        if tmp[k].counter >= top:
+            top = tmp[k].counter + 1
+    free(tmp)
+    vq.resubmit_n = cnt
+    vq.inflight_counter = top
+
+
 cdef inline uint8_t *_inflight_desc(vq_t *vq, uint16_t head) noexcept nogil:
     return vq.inflight + IF_DESC_OFF + IF_DESC_SIZE * <uint64_t>head
 
@@ -244,11 +262,10 @@ cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
     cdef uint64_t need = IFP_DESC_OFF + IFP_ENTRY * <uint64_t>vq.num
     cdef uint16_t upos, apos, v, bid, n, hp
     cdef bint uwrap, awrap
-    cdef uint32_t i, cnt = 0, k
+    cdef uint32_t i, cnt = 0
     cdef uint8_t *e
     cdef pvring_desc_t d
     cdef _resub_t *tmp
-    cdef uint64_t top = 0
     if size < need:
         return -1
     vq.inflight = r
@@ -297,17 +314,9 @@ cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
             _pk_advance(&apos, &awrap, e[1], vq.num)    # marked, not yet checkpointed
         tmp[cnt].counter = (<uint64_t *>(e + 8))[0]
         tmp[cnt].head = <uint16_t>i
-        if tmp[cnt].counter >= top:
-            top = tmp[cnt].counter + 1
         vq.pk_ndescs[i] = e[1]
         cnt += 1
-    if cnt > 1:
-        qsort(tmp, cnt, sizeof(_resub_t), _resub_cmp)
-    for k in range(cnt):
-        vq.resubmit[k] = tmp[k].head
-    free(tmp)
-    vq.resubmit_n = cnt
-    vq.inflight_counter = top
+    _set_resubmit(vq, tmp, cnt)
     vq.last_avail, vq.avail_wrap = apos, awrap
     vq.used_idx, vq.used_wrap = upos, uwrap
     vq_store_u16(r + IFP_AVAIL_OFF, apos | (<uint16_t>awrap << 15))
@@ -361,7 +370,6 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
     cdef uint32_t i, cnt = 0
     cdef uint8_t *d
     cdef _resub_t *tmp
-    cdef uint64_t top = 0
     if r == NULL:
         return -1
     vq.inflight_batch = <uint16_t *>calloc(vq.num, sizeof(uint16_t))
@@ -405,16 +413,8 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
             d[0] = 1
             tmp[cnt].counter = (<uint64_t *>(d + IF_DS_COUNTER_OFF))[0]
             tmp[cnt].head = <uint16_t>i
-            if tmp[cnt].counter >= top:
-                top = tmp[cnt].counter + 1
             cnt += 1
-    if cnt > 1:
-        qsort(tmp, cnt, sizeof(_resub_t), _resub_cmp)
-    for i in range(cnt):
-        vq.resubmit[i] = tmp[i].head
-    free(tmp)
-    vq.resubmit_n = cnt
-    vq.inflight_counter = top
+    _set_resubmit(vq, tmp, cnt)
     vq.last_avail = <uint16_t>(vq.used_idx + cnt)
     return <int>cnt
 

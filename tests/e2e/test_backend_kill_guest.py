@@ -150,7 +150,9 @@ def test_six_kill_9s_under_guest_write_verify(tmp_path, mode, ring):
         assert len(passes) >= 2 * KILLS
         stack.close()                                      # the last backend exits 0
         log = "".join(b.log_text() for b in backends[:1])  # one log file, appended by all
-        assert log.count("frontend connected") == KILLS + 1, log[-4000:]
+        # every backend was attached (wait_connected); the last may re-dial once more after
+        # the guest ended
+        assert log.count("frontend connected") >= KILLS + 1, log[-4000:]
         assert "Traceback" not in log
         # every slot holds what its last pass wrote and verified
         last = {int(slot): sha for _, slot, sha in passes}

@@ -99,7 +99,9 @@ def test_client_mode_backend_restarts_under_a_listening_qemu(tmp_path):
         assert passes == list(range(int(res.value("PASSES")))) and len(passes) > 12
         stack.close()                               # the last backend exits 0 on SIGTERM too
         log = backend[0].log_text()                 # the three backends' log, appended
-        assert log.count("frontend connected") == 3 and "Traceback" not in log
+        # each of the three backends was attached (a last one may also have re-dialed QEMU
+        # between the guest's end and its SIGTERM)
+        assert log.count("frontend connected") >= 3 and "Traceback" not in log
     finally:
         stack.close()
         shutil.rmtree(sockdir, ignore_errors=True)

@@ -42,14 +42,7 @@ class PackedVirtQueue(VirtQueue):
 
     def __init__(self, ram: GuestRAM, index: int, size: int, *, event_idx: bool,
                  kick_fd: int, call_fd: int):
-        if not 1 <= size <= virtio.MAX_QUEUE_SIZE:
-            raise ValueError(f"queue size {size} out of range 1..{virtio.MAX_QUEUE_SIZE}")
-        self.ram = ram
-        self.index = index
-        self.size = size
-        self.event_idx = event_idx
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
+        self._common(ram, index, size, event_idx, kick_fd, call_fd)
         ring_bytes = virtio.packed_ring_size(size)
         self.desc_gpa = ram.alloc(ring_bytes, align=virtio.DESC_ALIGN)
         # "avail" = driver event suppression, "used" = device event suppression (the names
@@ -73,14 +66,6 @@ class PackedVirtQueue(VirtQueue):
         self.avail_wrap = True
         self.next_used = 0           # position of the next used descriptor we read
         self.used_wrap = True
-        self.avail_idx = 0           # chains made available (free-running, 16 bits)
-        self.last_used_idx = 0       # used descriptors consumed (free-running, 16 bits)
-        self._kick_old = 0
-        self.kicks = 0
-        self.kicks_suppressed = 0
-        self.interrupts = 0
-        self.max_in_flight = 0
-        self.unknown_used: list[tuple[int, int]] = []
 
     # -- addresses --
 

@@ -76,14 +76,7 @@ class VirtQueue:
 
     def __init__(self, ram: GuestRAM, index: int, size: int, *, event_idx: bool,
                  kick_fd: int, call_fd: int):
-        if not 1 <= size <= virtio.MAX_QUEUE_SIZE:
-            raise ValueError(f"queue size {size} out of range 1..{virtio.MAX_QUEUE_SIZE}")
-        self.ram = ram
-        self.index = index
-        self.size = size
-        self.event_idx = event_idx
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
+        self._common(ram, index, size, event_idx, kick_fd, call_fd)
         self.desc_gpa = ram.alloc(virtio.desc_table_size(size), align=virtio.DESC_ALIGN)
         self.avail_gpa = ram.alloc(virtio.avail_ring_size(size), align=virtio.AVAIL_ALIGN)
         self.used_gpa = ram.alloc(virtio.used_ring_size(size), align=virtio.USED_ALIGN)
@@ -101,8 +94,20 @@ class VirtQueue:
             base + self._avail_off + 4 + 2 * size)
         self._free: list[int] = list(range(size - 1, -1, -1))   # pop() hands out 0, 1, 2, ...
         self._chains: dict[int, tuple[list[int], int | None]] = {}
-        self.avail_idx = 0          # shadow of avail->idx
-        self.last_used_idx = 0      # next used entry to consume
+
+    def _common(self, ram: GuestRAM, index: int, size: int, event_idx: bool, kick_fd: int,
+                call_fd: int) -> None:
+        """What either ring layout's driver side starts with (PackedVirtQueue too)."""
+        if not 1 <= size <= virtio.MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {size} out of range 1..{virtio.MAX_QUEUE_SIZE}")
+        self.ram = ram
+        self.index = index
+        self.size = size
+        self.event_idx = event_idx
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        self.avail_idx = 0          # shadow of avail->idx (packed: chains made available)
+        self.last_used_idx = 0      # next used entry to consume (packed: used ones consumed)
         self._kick_old = 0          # avail idx at the previous kick decision
         self.kicks = 0
         self.kicks_suppressed = 0
