@@ -1565,3 +1565,17 @@ def test_inflight_region_counts_towards_the_memory_limit():
     fd = memfd(per)
     assert p.ack(R.SET_INFLIGHT_FD, inflight_msg(1, 1024, per), [fd]) == 0
     p.proto.connection_lost()
+
+
+def test_a_header_read_out_of_a_payload_after_a_lying_size_gets_a_failure_ack(peer):
+    """Found by the long protocol fuzz run (tests/fuzz/crashes/protocol/): a frontend that
+    announces fewer payload bytes than it sends makes the rest of its payload the next header;
+    an unknown request there with NEED_REPLY is answered with a failure ack of that request
+    number, and the connection goes on."""
+    peer.negotiate()
+    garbage = vu.Header.build(dict(request=8995, flags=NEED, size=0))
+    data = vu.Header.build(dict(request=R.GET_FEATURES, flags=vu.VERSION, size=0)) + garbage
+    replies = [parse_reply(r) for r in peer.proto.receive(data)]
+    assert replies[0][0] == R.GET_FEATURES
+    assert replies[1] == (8995, REPLY, vu.u64(1))
+    assert u64_of(peer.get(R.GET_FEATURES))                 # still serving
