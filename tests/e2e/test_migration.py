@@ -98,10 +98,10 @@ exit $fail
 """
 
 
-# Packed rings migrate (7 of 9 runs this stop, every write verified on the destination), but
-# twice, on a loaded machine, the destination guest's kernel died in its timer code (an RCU
-# stall "timer wakeup didn't happen"; a GPF in __run_timers on a poisoned list) with no device
-# error and no failed verify before it. Not explained yet: a missed dirty page would fit, so would
+# Packed rings migrate (about 10 of 13 runs in stop 18, every write verified on the
+# destination), but three times, on a loaded machine, the destination guest's kernel died in its
+# timer code (an RCU stall "timer wakeup didn't happen"; a GPF in __run_timers on a poisoned
+# list) with no device error and no failed verify before it. Not explained yet: a missed dirty page would fit, so would
 # TCG. Until it is, the packed cases run and report without failing CI.
 PACKED_MIGRATION = pytest.mark.xfail(
     strict=False, reason="intermittent guest timer corruption after a packed-ring migration "
