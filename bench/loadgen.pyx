@@ -6,7 +6,9 @@ the bottleneck.
 `QueueLoad` then takes over one of its virtqueues: it pre-allocates `depth` request slots in guest
 RAM (16-byte header, `block_size` data buffer, status byte, and a 3-entry indirect table when
 INDIRECT_DESC is negotiated and wanted), lays the chains out once, and `run()` drives the
-workload with the GIL released for the whole run:
+workload with the GIL released for the whole run (on a packed ring -- a PackedVirtQueue, indirect
+chains only -- each slot is one INDIRECT descriptor, a batch is made available by its first
+descriptor's flags and used descriptors are read in ring order):
 
 * submit: every free slot gets the next offset (random in the range, or sequential), its header
   and status byte are rewritten, its head goes into the avail ring; one avail->idx store per

@@ -743,6 +743,10 @@ cdef int _pk_walk_copies(vq_t *vq, uint16_t bid, chain_t *c) noexcept nogil:
     cdef uint8_t *e = _pk_entry(vq, bid)
     cdef uint32_t k, n = e[1]
     cdef bint seen_writable = False
+    # the region is the frontend's memory: it may have changed n since recovery checked it,
+    # and the copies must never be read past this entry
+    if n == 0 or n > PK_COPIES:
+        n = 1
     cdef pvring_desc_t d
     c.head = bid
     c.fault = F_NONE

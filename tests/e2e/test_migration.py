@@ -98,11 +98,12 @@ exit $fail
 """
 
 
-# Packed rings migrate (about 10 of 13 runs in stop 18, every write verified on the
-# destination), but three times, on a loaded machine, the destination guest's kernel died in its
+# Packed rings migrate (12 of 16 runs in stop 18, every write verified on the destination),
+# but four times, on a loaded machine, the destination guest died: three times in its kernel's
 # timer code (an RCU stall "timer wakeup didn't happen"; a GPF in __run_timers on a poisoned
-# list) with no device error and no failed verify before it. Not explained yet: a missed dirty page would fit, so would
-# TCG. Until it is, the packed cases run and report without failing CI.
+# list), once not captured; never with a device error or a failed verify before it.  Not
+# explained yet: a missed dirty page would fit, so would TCG.  Until it is, the packed cases
+# run and report without failing CI.
 PACKED_MIGRATION = pytest.mark.xfail(
     strict=False, reason="intermittent guest timer corruption after a packed-ring migration "
                          "under TCG, under investigation (issue 11 note)")

@@ -2,7 +2,8 @@
 
 Owns: `VhostUserFrontend` -- the Unix socket to the backend and QEMU's message sequence
 (features, protocol features, queue count, owner, config, memory table via SET_MEM_TABLE or
-ADD_MEM_REG, vring setup, enable), REPLY_ACK checks, GET_VRING_BASE on close; the guest RAM
+ADD_MEM_REG, vring setup, enable), REPLY_ACK checks, GET_VRING_BASE on close, the inflight
+region kept across `reconnect()` (QEMU's `reconnect=1`), split or packed rings; the guest RAM
 (vhost.testing.ram) and the virtqueues (vhost.testing.virtqueue) of one connection.  Device
 drivers subclass it: `Frontend` (vhost.testing.blk) and `NetFrontend` (vhost.testing.net).
 Must not: be part of the backend (nothing in vhost/server.py, devices/ or cython_ext/ imports
