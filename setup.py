@@ -43,10 +43,20 @@ else:
     ldflags = []
 
 
-def ext(name, package="cython_ext"):
+def ext(name, package="cython_ext", libraries=()):
     return Extension(f"{package}.{name}", [f"{package}/{name}.pyx"], include_dirs=["cython_ext"],
                      define_macros=macros, extra_compile_args=cflags + ["-Wno-unused-function"],
-                     extra_link_args=ldflags)
+                     extra_link_args=ldflags, libraries=list(libraries))
+
+
+# cython_ext.rbd (the Ceph RBD engine) links librbd/librados: built when their headers are here
+# (Debian librbd-dev, librados-dev: .ci/install installs them); without them pyvhost builds
+# everything else and an RBD device fails at start saying so.
+HAVE_RBD = os.path.exists("/usr/include/rbd/librbd.h") and \
+    os.path.exists("/usr/include/rados/librados.h")
+if not HAVE_RBD:
+    print("setup.py: WARNING: librbd-dev / librados-dev not installed: building without the "
+          "Ceph RBD engine (cython_ext.rbd)")
 
 
 # QEMU's vhost-user backend descriptors (docs/interop/vhost-user.json) go to
@@ -58,7 +68,10 @@ VHOST_USER_JSON = sorted(os.path.relpath(p, HERE) for p in
 
 # bench.loadgen: the benchmarks' compiled driver loop (not part of the product; it includes
 # cython_ext/vhost_compat.h for the barriers).
-setup(ext_modules=cythonize([ext("ring"), ext("worker"), ext("blk"), ext("net"), ext("rng"),
-                             ext("loadgen", "bench")],
+EXTENSIONS = [ext("ring"), ext("worker"), ext("engine"), ext("blk"), ext("net"), ext("rng"),
+              ext("loadgen", "bench")]
+if HAVE_RBD:
+    EXTENSIONS.append(ext("rbd", libraries=["rbd", "rados"]))
+setup(ext_modules=cythonize(EXTENSIONS,
                             compiler_directives=directives, include_path=["cython_ext"]),
       data_files=[("share/qemu/vhost-user", VHOST_USER_JSON)])

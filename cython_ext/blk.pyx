@@ -3,10 +3,11 @@
 for its whole life.
 
 Owns: turning popped chains into block requests (header parse, direction and range checks),
-zero-copy I/O through io_uring (the request's iovecs point straight into guest RAM; up to
-`slots` requests in flight; one io_uring_enter per batch), the synchronous preadv/pwritev
-fallback when io_uring is unavailable, status bytes, used-ring completion and one notification
-per batch.  Must not: create Python objects per request (Python is entered only to log a fault,
+handing their I/O to the queue's backing-store engine (engine.pxd: the request's iovecs point
+straight into guest RAM; up to `slots` requests in flight; one hand-off per batch), status
+bytes, used-ring completion and one notification per batch; and the file engine (FileEngine:
+a raw image or block device through the queue's own io_uring, or synchronous preadv/pwritev
+when io_uring is unavailable; the null store).  Other engines (rbd.pyx) live beside it.  Must not: create Python objects per request (Python is entered only to log a fault,
 rate-limited), block on anything but poll(2)/io_uring, or touch memory outside the region table
 (everything comes from ring.pyx's checked segments).
 """
@@ -25,6 +26,7 @@ from cpython.bytes cimport PyBytes_AS_STRING
 from cython_ext.ring cimport *
 from cython_ext.posix_io cimport *
 from cython_ext.worker cimport *
+from cython_ext.engine cimport *
 
 log = logging.getLogger("pyvhost.blk")
 
@@ -113,25 +115,13 @@ cdef enum:
     # Linux keeps dma_alignment 511 for virtio-blk; O_DIRECT wants 512-aligned buffers and
     # lengths on the usual 512e file systems.  Misaligned requests take the buffered fd.
     DIO_ALIGN = 512
-
-cdef enum:
-    OP_NONE = 0
-    OP_READ = 1
-    OP_WRITE = 2
-    OP_FLUSH = 3
-    OP_FALLOC = 4
+    REAP_BATCH = 64
 
 ctypedef struct slot_t:
     chain_t chain
+    blk_io_t io                  # what the engine sees (engine.pxd)
     uint8_t *status
     uint32_t used_len
-    int op
-    int fd
-    int first_iov
-    int niov
-    uint64_t offset
-    uint64_t nbytes
-    int falloc_mode
     int next_free
 
 ctypedef struct uring_t:
@@ -154,11 +144,22 @@ ctypedef struct uring_t:
     uint32_t to_submit
     int inject_errors            # tests: the next N io_uring_enter calls fail with EBUSY
 
+# The file engine: a raw image or block device through io_uring (or preadv/pwritev), O_DIRECT
+# where the buffers allow it.  io.state holds the fd an I/O was issued on and, for write
+# zeroes, the fallocate mode.
+ctypedef struct file_eng_t:
+    int fd_direct
+    int fd_buffered
+    bint use_uring
+    uring_t ring
+    uint64_t uring_enters
+    uint64_t enter_errors        # io_uring_enter failures while waiting for in-flight I/O
+    uint64_t buffered_fallbacks
+    uint64_t dsync_writes        # writes issued with RWF_DSYNC
+
 ctypedef struct blk_ctx_t:
     vq_t vq
     int index
-    int fd_direct
-    int fd_buffered
     bint read_only
     uint64_t capacity            # in 512-byte sectors
     uint64_t max_discard_sectors
@@ -166,26 +167,21 @@ ctypedef struct blk_ctx_t:
     wk_t rt                      # the runtime: loop, stop, kicks, poll window (worker.pyx)
     bint broken_noted            # the corrupt avail ring was logged once
     uint8_t serial[ID_BYTES]
-    bint use_uring
-    uring_t ring
+    blk_engine_t eng             # the backing store (a copy of the QueueEngine's)
     slot_t *slots
     int nslots
     int free_head
     int inflight
-    int max_inflight             # high-water mark of requests in the io_uring at once
+    int max_inflight             # high-water mark of requests in the engine at once
     uint64_t pending_used        # pushed but not yet published
     uint64_t requests
     uint64_t failed              # requests completed with a status other than S_OK
     uint64_t bytes_read
     uint64_t bytes_written
-    uint64_t uring_enters
-    uint64_t enter_errors        # io_uring_enter failures while waiting for in-flight I/O
-    uint64_t buffered_fallbacks
     # virtio-blk CONFIG_WCE (§5.2.6.2): the driver chose write-through (writeback = 0), so a
-    # write completes only once it is stable (RWF_DSYNC); set from the control thread while
+    # write completes only once it is stable (IO_F_FUA); set from the control thread while
     # the worker runs (a plain int read once per write: one request may see the old mode)
     int write_through
-    uint64_t dsync_writes        # writes issued with RWF_DSYNC
 
 
 # Faults are logged by the runtime, rate-limited (worker.pyx wk_note_fault).
@@ -307,6 +303,197 @@ cdef int uring_submit(uring_t *u, unsigned min_complete) noexcept nogil:
             return 0
 
 
+# --- the file engine (engine.pxd's contract) ----------------------------------------------------
+
+cdef inline bint iov_aligned(blk_io_t *io) noexcept nogil:
+    cdef int k
+    for k in range(io.niov):
+        if (<uint64_t>io.iov[k].iov_base) % DIO_ALIGN or io.iov[k].iov_len % DIO_ALIGN:
+            return False
+    return True
+
+
+cdef inline void file_pick(file_eng_t *f, blk_io_t *io) noexcept nogil:
+    """Which fd and (write zeroes) which fallocate mode this I/O starts with."""
+    cdef int mode
+    if io.op == IO_READ or io.op == IO_WRITE:
+        io.state = f.fd_direct
+        if f.fd_direct != f.fd_buffered and not iov_aligned(io):
+            io.state = f.fd_buffered
+            f.buffered_fallbacks += 1
+    elif io.op == IO_DISCARD or (io.op == IO_WRITE_ZEROES and io.flags & IO_F_UNMAP):
+        io.state = <long>(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) << 32 | f.fd_buffered
+    elif io.op == IO_WRITE_ZEROES:
+        io.state = <long>(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE) << 32 | f.fd_buffered
+    else:
+        io.state = f.fd_buffered
+
+
+cdef inline int file_fd(blk_io_t *io) noexcept nogil:
+    return <int><uint32_t>io.state
+
+
+cdef inline int file_mode(blk_io_t *io) noexcept nogil:
+    return <int>(io.state >> 32)
+
+
+cdef bint file_retry(file_eng_t *f, blk_io_t *io, long res) noexcept nogil:
+    """A result that means "issue it again differently"; adjusts io and says so."""
+    if res == -EINVAL and (io.op == IO_READ or io.op == IO_WRITE) \
+            and file_fd(io) != f.fd_buffered:
+        # O_DIRECT refused this buffer/offset: the page-cache fd takes it (same bytes, no copy).
+        io.state = f.fd_buffered
+        f.buffered_fallbacks += 1
+        return True
+    if res == -EOPNOTSUPP and io.op == IO_WRITE_ZEROES \
+            and (file_mode(io) & FALLOC_FL_ZERO_RANGE):
+        # tmpfs and some file systems have no ZERO_RANGE; a punched hole reads as zeroes too.
+        io.state = <long>(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) << 32 | f.fd_buffered
+        return True
+    return res == -EAGAIN or res == -EINTR
+
+
+cdef long file_sync_io(file_eng_t *f, blk_io_t *io) noexcept nogil:
+    cdef long r
+    cdef int fd = file_fd(io)
+    if io.op == IO_READ:
+        r = preadv(fd, io.iov, io.niov, io.offset)
+    elif io.op == IO_WRITE:
+        if io.flags & IO_F_FUA:
+            f.dsync_writes += 1
+            r = pwritev2(fd, io.iov, io.niov, io.offset, RWF_DSYNC)
+        else:
+            r = pwritev(fd, io.iov, io.niov, io.offset)
+    elif io.op == IO_FLUSH:
+        r = fdatasync(fd)
+    else:
+        r = fallocate(fd, file_mode(io), io.offset, io.nbytes)
+    if r < 0:
+        return -errno
+    return r
+
+
+cdef int file_submit_sync(void *e, blk_io_t *io) noexcept nogil:
+    cdef file_eng_t *f = <file_eng_t *>e
+    cdef long r
+    file_pick(f, io)
+    r = file_sync_io(f, io)
+    while file_retry(f, io, r):
+        r = file_sync_io(f, io)
+    io.res = r
+    return 1
+
+
+cdef int uring_queue(file_eng_t *f, blk_io_t *io) noexcept nogil:
+    cdef io_uring_sqe *sqe = uring_get_sqe(&f.ring)
+    if sqe == NULL:
+        return -1
+    sqe.fd = file_fd(io)
+    sqe.user_data = <uint64_t>io
+    if io.op == IO_READ or io.op == IO_WRITE:
+        sqe.opcode = IORING_OP_READV if io.op == IO_READ else IORING_OP_WRITEV
+        sqe.addr = <uint64_t>io.iov
+        sqe.len = io.niov
+        sqe.off = io.offset
+        if io.op == IO_WRITE and io.flags & IO_F_FUA:
+            sqe.rw_flags = RWF_DSYNC
+            f.dsync_writes += 1
+    elif io.op == IO_FLUSH:
+        sqe.opcode = IORING_OP_FSYNC
+        sqe.fsync_flags = IORING_FSYNC_DATASYNC
+    else:
+        sqe.opcode = IORING_OP_FALLOCATE
+        sqe.off = io.offset
+        sqe.addr = io.nbytes
+        sqe.len = file_mode(io)
+    return 0
+
+
+cdef int file_submit_uring(void *e, blk_io_t *io) noexcept nogil:
+    cdef file_eng_t *f = <file_eng_t *>e
+    file_pick(f, io)
+    if uring_queue(f, io) == 0:
+        return 0
+    # SQ full (cannot happen: slots <= SQ entries): synchronous I/O instead
+    return file_submit_sync(e, io)
+
+
+cdef int file_kick(void *e) noexcept nogil:
+    cdef file_eng_t *f = <file_eng_t *>e
+    if f.ring.to_submit:
+        uring_submit(&f.ring, 0)
+        f.uring_enters += 1
+    return 0
+
+
+cdef int file_reap(void *e, blk_io_t **done, int max, bint wait) noexcept nogil:
+    cdef file_eng_t *f = <file_eng_t *>e
+    cdef uring_t *u = &f.ring
+    cdef uint32_t head, tail
+    cdef io_uring_cqe *cqe
+    cdef blk_io_t *io
+    cdef int n = 0, r
+    cdef timespec pause
+    if wait:
+        r = uring_submit(u, 1)
+        if r < 0:
+            # EBUSY with a full completion queue, ENOMEM...: reap what completed, retry 1 ms
+            # later (never give up while the kernel may still complete into guest memory)
+            f.enter_errors += 1
+            if uq_load_acquire_u32(u.cq_tail) == u.cq_head[0]:
+                pause.tv_sec = 0
+                pause.tv_nsec = 1000000
+                nanosleep(&pause, NULL)
+    head = u.cq_head[0]
+    tail = uq_load_acquire_u32(u.cq_tail)
+    while head != tail and n < max:
+        cqe = &u.cqes[head & u.cq_mask]
+        io = <blk_io_t *><uint64_t>cqe.user_data
+        head += 1
+        if file_retry(f, io, cqe.res):
+            uring_queue(f, io)
+            continue
+        io.res = cqe.res
+        done[n] = io
+        n += 1
+    uq_store_release_u32(u.cq_head, head)
+    if u.to_submit:
+        uring_submit(u, 0)
+    return n
+
+
+cdef int file_wait_fd(void *e) noexcept nogil:
+    return (<file_eng_t *>e).ring.fd
+
+
+cdef int file_ready(void *e) noexcept nogil:
+    cdef file_eng_t *f = <file_eng_t *>e
+    return uq_load_acquire_u32(f.ring.cq_tail) != f.ring.cq_head[0]
+
+
+cdef int null_submit(void *e, blk_io_t *io) noexcept nogil:
+    # no backing store (like QEMU's null-co): every request succeeds at once; reads leave the
+    # guest's buffers as they are (null-co's default read-zeroes=off)
+    io.res = <long>io.nbytes if (io.op == IO_READ or io.op == IO_WRITE) else 0
+    return 1
+
+
+cdef int none_kick(void *e) noexcept nogil:
+    return 0
+
+
+cdef int none_reap(void *e, blk_io_t **done, int max, bint wait) noexcept nogil:
+    return 0
+
+
+cdef int none_fd(void *e) noexcept nogil:
+    return -1
+
+
+cdef int none_ready(void *e) noexcept nogil:
+    return 0
+
+
 # --- requests -----------------------------------------------------------------------------------
 
 cdef inline void complete(blk_ctx_t *ctx, slot_t *s, uint8_t status) noexcept nogil:
@@ -330,20 +517,11 @@ cdef inline void release(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
     ctx.free_head = k
 
 
-cdef inline bint iov_aligned(slot_t *s) noexcept nogil:
-    cdef int k
-    cdef iovec *v
-    for k in range(s.first_iov, s.first_iov + s.niov):
-        v = &s.chain.segs[k]
-        if (<uint64_t>v.iov_base) % DIO_ALIGN or v.iov_len % DIO_ALIGN:
-            return False
-    return True
-
-
 cdef int prepare(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
-    """Parse the popped chain in s.  Returns 1 if I/O must be issued, 0 if the request was
-    completed here (status written, used pushed)."""
+    """Parse the popped chain in s into s.io.  Returns 1 if I/O must be issued, 0 if the
+    request was completed here (status written, used pushed)."""
     cdef chain_t *c = &s.chain
+    cdef blk_io_t *io = &s.io
     cdef uint64_t readable = 0, writable = 0, skip, data_len
     cdef uint32_t rtype
     cdef uint64_t sector
@@ -354,9 +532,12 @@ cdef int prepare(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
     cdef int k, n
     s.status = NULL
     s.used_len = 0
-    s.op = OP_NONE
-    s.niov = 0
-    s.first_iov = 0
+    io.op = 0
+    io.flags = 0
+    io.niov = 0
+    io.iov = c.segs
+    io.offset = 0
+    io.nbytes = 0
     if c.fault == F_BAD_NEXT or c.fault == F_LOOP or c.fault == F_INDIRECT:
         # The end of the chain is unknown: no status byte to trust.
         note_fault(ctx, c.fault)
@@ -392,11 +573,11 @@ cdef int prepare(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
                 complete(ctx, s, S_IOERR)
                 return 0
             # data = writable segments minus the trailing status byte
-            s.first_iov = c.nreadable
-            s.niov = c.nsegs - c.nreadable
+            io.iov = &c.segs[c.nreadable]
+            io.niov = c.nsegs - c.nreadable
             c.segs[c.nsegs - 1].iov_len -= 1
             if c.segs[c.nsegs - 1].iov_len == 0:
-                s.niov -= 1
+                io.niov -= 1
         else:
             if ctx.read_only:
                 complete(ctx, s, S_IOERR)
@@ -411,31 +592,28 @@ cdef int prepare(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
             if k < c.nreadable:
                 c.segs[k].iov_base = <uint8_t *>c.segs[k].iov_base + skip
                 c.segs[k].iov_len -= skip
-            s.first_iov = k
-            s.niov = c.nreadable - k
+            io.iov = &c.segs[k]
+            io.niov = c.nreadable - k
         if data_len % SECTOR or sector > ctx.capacity or \
                 data_len // SECTOR > ctx.capacity - sector:
             note_fault(ctx, F_REQUEST)
             complete(ctx, s, S_IOERR)
             return 0
-        s.offset = sector * SECTOR
-        s.nbytes = data_len
+        io.offset = sector * SECTOR
+        io.nbytes = data_len
         s.used_len = <uint32_t>(data_len + 1) if rtype == T_IN else 1
         if data_len == 0:
             complete(ctx, s, S_OK)
             return 0
-        s.op = OP_READ if rtype == T_IN else OP_WRITE
-        s.fd = ctx.fd_direct
-        if s.fd != ctx.fd_buffered and not iov_aligned(s):
-            s.fd = ctx.fd_buffered
-            ctx.buffered_fallbacks += 1
+        io.op = IO_READ if rtype == T_IN else IO_WRITE
+        if rtype == T_OUT and load_flag(&ctx.write_through):
+            io.flags = IO_F_FUA
         return 1
     if rtype == T_FLUSH:
         if ctx.read_only:
             complete(ctx, s, S_OK)
             return 0
-        s.op = OP_FLUSH
-        s.fd = ctx.fd_buffered
+        io.op = IO_FLUSH
         return 1
     if rtype == T_GET_ID:
         if writable < 2:
@@ -469,131 +647,67 @@ cdef int prepare(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
         if wn == 0:
             complete(ctx, s, S_OK)
             return 0
-        s.op = OP_FALLOC
-        s.fd = ctx.fd_buffered
-        s.offset = ws * SECTOR
-        s.nbytes = wn * SECTOR
-        if rtype == T_DISCARD or (wflags & WZ_FLAG_UNMAP):
-            s.falloc_mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        else:
-            s.falloc_mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        io.op = IO_DISCARD if rtype == T_DISCARD else IO_WRITE_ZEROES
+        if wflags & WZ_FLAG_UNMAP:
+            io.flags = IO_F_UNMAP
+        io.offset = ws * SECTOR
+        io.nbytes = wn * SECTOR
         return 1
     complete(ctx, s, S_UNSUPP)
     return 0
 
 
-cdef int queue_sqe(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
-    cdef io_uring_sqe *sqe = uring_get_sqe(&ctx.ring)
-    if sqe == NULL:
-        return -1
-    sqe.fd = s.fd
-    sqe.user_data = <uint64_t>(s - ctx.slots)
-    if s.op == OP_READ or s.op == OP_WRITE:
-        sqe.opcode = IORING_OP_READV if s.op == OP_READ else IORING_OP_WRITEV
-        sqe.addr = <uint64_t>&s.chain.segs[s.first_iov]
-        sqe.len = s.niov
-        sqe.off = s.offset
-        if s.op == OP_WRITE and load_flag(&ctx.write_through):
-            sqe.rw_flags = RWF_DSYNC
-            ctx.dsync_writes += 1
-    elif s.op == OP_FLUSH:
-        sqe.opcode = IORING_OP_FSYNC
-        sqe.fsync_flags = IORING_FSYNC_DATASYNC
-    else:
-        sqe.opcode = IORING_OP_FALLOCATE
-        sqe.off = s.offset
-        sqe.addr = s.nbytes
-        sqe.len = s.falloc_mode
-    ctx.inflight += 1
-    if ctx.inflight > ctx.max_inflight:
-        ctx.max_inflight = ctx.inflight
-    return 0
-
-
-cdef int finish(blk_ctx_t *ctx, slot_t *s, long res) noexcept nogil:
-    """Handle the result of s's I/O.  Returns 1 if the request was re-issued."""
-    if res == -EINVAL and (s.op == OP_READ or s.op == OP_WRITE) and s.fd != ctx.fd_buffered:
-        # O_DIRECT refused this buffer/offset: the page-cache fd takes it (same bytes, no copy).
-        s.fd = ctx.fd_buffered
-        ctx.buffered_fallbacks += 1
-        return 1
-    if res == -EOPNOTSUPP and s.op == OP_FALLOC and (s.falloc_mode & FALLOC_FL_ZERO_RANGE):
-        # tmpfs and some file systems have no ZERO_RANGE; a punched hole reads as zeroes too.
-        s.falloc_mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        return 1
-    if res == -EAGAIN or res == -EINTR:
-        return 1
+cdef void finish(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
+    """The engine is done with s.io: status, used element, slot back to the free list."""
+    cdef blk_io_t *io = &s.io
     vq_failpoint(FP_AFTER_IO)
-    if s.op == OP_READ or s.op == OP_WRITE:
-        if res == <long>s.nbytes:
-            if s.op == OP_READ:
-                ctx.bytes_read += s.nbytes
+    if io.op == IO_READ or io.op == IO_WRITE:
+        if io.res == <long>io.nbytes:
+            if io.op == IO_READ:
+                ctx.bytes_read += io.nbytes
             else:
-                ctx.bytes_written += s.nbytes
+                ctx.bytes_written += io.nbytes
             complete(ctx, s, S_OK)
         else:
             note_fault(ctx, F_IO)
             complete(ctx, s, S_IOERR)
+    elif io.res >= 0:
+        complete(ctx, s, S_OK)
     else:
-        if res == 0:
-            complete(ctx, s, S_OK)
-        else:
-            note_fault(ctx, F_IO)
-            complete(ctx, s, S_IOERR)
+        note_fault(ctx, F_IO)
+        complete(ctx, s, S_IOERR)
     release(ctx, s)
-    return 0
 
 
-cdef long sync_io(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
-    cdef long r
-    if s.op == OP_READ:
-        r = preadv(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset)
-    elif s.op == OP_WRITE:
-        if load_flag(&ctx.write_through):
-            ctx.dsync_writes += 1
-            r = pwritev2(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset, RWF_DSYNC)
-        else:
-            r = pwritev(s.fd, &s.chain.segs[s.first_iov], s.niov, s.offset)
-    elif s.op == OP_FLUSH:
-        r = fdatasync(s.fd)
-    else:
-        r = fallocate(s.fd, s.falloc_mode, s.offset, s.nbytes)
-    if r < 0:
-        return -errno
-    return r
+cdef inline slot_t *slot_of(blk_ctx_t *ctx, blk_io_t *io) noexcept nogil:
+    # io lies inside its slot: the slot index is the byte distance over the slot size
+    return &ctx.slots[(<uint8_t *>io - <uint8_t *>ctx.slots) // sizeof(slot_t)]
 
 
 cdef void issue(blk_ctx_t *ctx, slot_t *s) noexcept nogil:
-    if ctx.fd_buffered < 0:
-        # null device (no backing store, like QEMU's null-co): every request succeeds at once;
-        # reads leave the guest's buffers as they are (null-co's default read-zeroes=off).
-        finish(ctx, s, <long>s.nbytes if (s.op == OP_READ or s.op == OP_WRITE) else 0)
+    cdef int r = ctx.eng.submit(ctx.eng.e, &s.io)
+    if r == 0:
+        ctx.inflight += 1
+        if ctx.inflight > ctx.max_inflight:
+            ctx.max_inflight = ctx.inflight
         return
-    if ctx.use_uring:
-        if queue_sqe(ctx, s) == 0:
-            return
-        # SQ full (cannot happen: slots <= SQ entries); fall through to synchronous I/O.
-    while finish(ctx, s, sync_io(ctx, s)):
-        pass
+    if r < 0:
+        s.io.res = r
+    finish(ctx, s)
 
 
-cdef int reap(blk_ctx_t *ctx) noexcept nogil:
-    cdef uring_t *u = &ctx.ring
-    cdef uint32_t head = u.cq_head[0]
-    cdef uint32_t tail = uq_load_acquire_u32(u.cq_tail)
-    cdef io_uring_cqe *cqe
-    cdef slot_t *s
-    cdef int n = 0
-    while head != tail:
-        cqe = &u.cqes[head & u.cq_mask]
-        s = &ctx.slots[cqe.user_data]
-        ctx.inflight -= 1
-        head += 1
-        n += 1
-        if finish(ctx, s, cqe.res):
-            queue_sqe(ctx, s)
-    uq_store_release_u32(u.cq_head, head)
-    return n
+cdef int reap(blk_ctx_t *ctx, bint wait) noexcept nogil:
+    cdef blk_io_t *done[REAP_BATCH]
+    cdef int n, k, total = 0
+    while ctx.inflight > 0:
+        n = ctx.eng.reap(ctx.eng.e, done, REAP_BATCH, wait)
+        for k in range(n):
+            ctx.inflight -= 1
+            finish(ctx, slot_of(ctx, done[k]))
+        total += n
+        if n < REAP_BATCH:
+            break
+    return total
 
 
 cdef void flush_used(blk_ctx_t *ctx) noexcept nogil:
@@ -626,28 +740,22 @@ cdef int drain_avail(blk_ctx_t *ctx) noexcept nogil:
 
 cdef void wait_all(blk_ctx_t *ctx) noexcept nogil:
     """Complete every in-flight request (stop, memory change, GET_VRING_BASE).  Never returns
-    while the kernel may still complete into guest memory: an io_uring_enter error (EBUSY with
-    a full completion queue, ENOMEM, ...) is retried after reaping what completed, 1 ms apart.
-    If the kernel never completes, the worker stays here and its stop times out: WorkerStuck,
-    and the protocol keeps the memory mapped."""
-    cdef int r
-    cdef timespec pause
-    pause.tv_sec = 0
-    pause.tv_nsec = 1000000
-    while ctx.use_uring and ctx.inflight > 0:
-        r = uring_submit(&ctx.ring, 1)
-        reap(ctx)
-        if r < 0 and ctx.inflight > 0:
-            ctx.enter_errors += 1
-            nanosleep(&pause, NULL)
+    while the store may still complete into guest memory: the engine's blocking reap retries
+    its errors (io_uring_enter EBUSY, ENOMEM...).  If the store never completes, the worker
+    stays here and its stop times out: WorkerStuck, and the protocol keeps the memory
+    mapped."""
+    if ctx.inflight:
+        ctx.eng.kick(ctx.eng.e)
+    while ctx.inflight > 0:
+        reap(ctx, True)
     flush_used(ctx)
 
 
 # --- the device's side of the runtime (worker.pyx calls these once per batch / per sleep) ----
 
 cdef int blk_batch(void *dev) noexcept nogil:
-    """Pop and issue what the ring holds (up to the free slots), submit it with one
-    io_uring_enter, reap completions, publish + notify once.  Returns requests popped."""
+    """Pop and issue what the ring holds (up to the free slots), hand the batch to the engine
+    (one io_uring_enter), reap completions, publish + notify once.  Returns requests popped."""
     cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
     cdef int popped = 0
     if not ctx.vq.broken:
@@ -657,32 +765,31 @@ cdef int blk_batch(void *dev) noexcept nogil:
                 note_fault(ctx, F_AVAIL)
                 ctx.broken_noted = True
             popped = 0
-    if ctx.use_uring:
-        if ctx.ring.to_submit or ctx.inflight:
-            uring_submit(&ctx.ring, 0)
-            ctx.uring_enters += 1
-        if ctx.inflight:
-            reap(ctx)
+    if ctx.inflight:
+        ctx.eng.kick(ctx.eng.e)
+        reap(ctx, False)
     flush_used(ctx)
     return popped
 
 
 cdef int blk_pending(void *dev) noexcept nogil:
-    """Poll window: completions waiting in the io_uring CQ count as work."""
+    """Poll window: completions waiting in the engine count as work."""
     cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
-    return ctx.use_uring and ctx.inflight and \
-        uq_load_acquire_u32(ctx.ring.cq_tail) != ctx.ring.cq_head[0]
+    return ctx.inflight and ctx.eng.ready(ctx.eng.e)
 
 
 cdef void blk_prepare_wait(void *dev, wk_wait_t *w) noexcept nogil:
-    """While requests are in flight, their completions wake us (the io_uring fd)."""
+    """While requests are in flight, their completions wake us (the engine's fd)."""
     cdef blk_ctx_t *ctx = <blk_ctx_t *>dev
-    if ctx.use_uring and ctx.inflight:
-        w.src[w.n].fd = ctx.ring.fd
-        w.src[w.n].vq = NULL
-        w.src[w.n].lock = NULL
-        w.src[w.n].live = NULL
-        w.n += 1
+    cdef int fd
+    if ctx.inflight:
+        fd = ctx.eng.wait_fd(ctx.eng.e)
+        if fd >= 0:
+            w.src[w.n].fd = fd
+            w.src[w.n].vq = NULL
+            w.src[w.n].lock = NULL
+            w.src[w.n].live = NULL
+            w.n += 1
 
 
 cdef void blk_at_stop(void *dev) noexcept nogil:
@@ -707,6 +814,7 @@ C_CONSTANTS = {
 }
 
 
+
 class IoUringUnavailable(OSError):
     pass
 
@@ -724,13 +832,76 @@ def io_uring_available():
     return False, os.strerror(-r)
 
 
+cdef class FileEngine(QueueEngine):
+    """One queue's file engine: a raw image or block device (fd_direct: O_DIRECT where the
+    file system allows it, else the same as fd_buffered), through its own io_uring of
+    `entries` (rounded up to a power of two) or, when io_uring is unavailable or not wanted,
+    synchronous preadv/pwritev.  fd_buffered < 0: the null store (every I/O succeeds at once).
+    The fds stay the device's: closing the engine does not close them."""
+    cdef file_eng_t f
+    cdef readonly bint uses_io_uring
+
+    def __cinit__(self, int fd_direct, int fd_buffered, int entries=64, bint use_io_uring=True,
+                  int index=0):
+        cdef unsigned n = 1
+        cdef int r
+        self.f.fd_direct = fd_direct
+        self.f.fd_buffered = fd_buffered
+        self.f.ring.fd = -1
+        self.eng.e = &self.f
+        self.eng.kick = none_kick
+        self.eng.reap = none_reap
+        self.eng.wait_fd = none_fd
+        self.eng.ready = none_ready
+        if fd_buffered < 0:
+            self.kind = "null"
+            self.eng.submit = null_submit
+            return
+        self.kind = "file"
+        self.eng.submit = file_submit_sync
+        if use_io_uring:
+            while n < <unsigned>entries:
+                n <<= 1
+            r = uring_setup(&self.f.ring, n)
+            if r == 0:
+                self.f.use_uring = True
+                self.uses_io_uring = True
+                self.eng.submit = file_submit_uring
+                self.eng.kick = file_kick
+                self.eng.reap = file_reap
+                self.eng.wait_fd = file_wait_fd
+                self.eng.ready = file_ready
+            else:
+                log.error("queue %d: io_uring unavailable (%s): SYNCHRONOUS preadv/pwritev "
+                          "fallback, one request at a time", index, os.strerror(-r))
+
+    def __dealloc__(self):
+        if self.f.use_uring:
+            uring_teardown(&self.f.ring)
+
+    def close(self):
+        if self.f.use_uring:
+            uring_teardown(&self.f.ring)
+            self.f.use_uring = False
+
+    def inject_enter_errors(self, int n):
+        self.f.ring.inject_errors = n
+
+    def stats(self):
+        return dict(uring_enters=self.f.uring_enters, enter_errors=self.f.enter_errors,
+                    buffered_fallbacks=self.f.buffered_fallbacks,
+                    dsync_writes=self.f.dsync_writes)
+
+
 cdef class BlkQueueWorker:
     """One virtio-blk virtqueue.  Built from a QueueHandle by devices/blk.py; `run()` is the
-    thread body (GIL released), `stop()` asks it to finish in-flight I/O and return."""
+    thread body (GIL released), `stop()` asks it to finish in-flight I/O and return.
+    The backing store is `engine` (a QueueEngine: FileEngine here, RbdEngine in rbd.pyx...);
+    without one, a FileEngine on fd_direct / fd_buffered (the tests' rigs)."""
     cdef blk_ctx_t *ctx
     cdef readonly int index
-    cdef readonly bint uses_io_uring
     cdef readonly int resubmit_count     # requests recovered from the inflight region
+    cdef readonly QueueEngine engine
     cdef bytes _keep_table
 
     def __cinit__(self, int index, int num, uint64_t desc, uint64_t avail, uint64_t used,
@@ -740,18 +911,25 @@ cdef class BlkQueueWorker:
                   bint signal_call=False, bint use_io_uring=True,
                   uint64_t max_discard_sectors=0, uint64_t max_write_zeroes_sectors=0,
                   int slots=0, double poll_us=0, bint write_through=False, log=None,
-                  inflight=None, bint packed=False):
+                  inflight=None, bint packed=False, QueueEngine engine=None):
         cdef const unsigned char *t = region_table
         cdef int k, r
         if len(region_table) % sizeof(mem_region_t):
             raise ValueError("bad region table")
+        # In-flight slots: as many as the ring holds, capped (each slot is a ~2.6 KiB chain);
+        # 256 keeps QD 128 (the bench's deepest) fully in flight per queue.
+        if slots <= 0:
+            slots = num if num < 256 else 256
+        if engine is None:
+            engine = FileEngine(fd_direct, fd_buffered, slots, use_io_uring, index)
+        self.engine = engine
         self.ctx = <blk_ctx_t *>calloc(1, sizeof(blk_ctx_t))
         if self.ctx == NULL:
             raise MemoryError()
         self.ctx.rt.stop_fd = -1
-        self.ctx.ring.fd = -1
         self.index = index
         ctx = self.ctx
+        ctx.eng = engine.eng
         if vq_init(&ctx.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                    <const mem_region_t *>t, len(region_table) // sizeof(mem_region_t),
                    packed) != 0:
@@ -765,8 +943,6 @@ cdef class BlkQueueWorker:
         if r < 0:
             raise OSError(-r, "eventfd")
         wk_add_queue(&ctx.rt, &ctx.vq, kick_fd)
-        ctx.fd_direct = fd_direct
-        ctx.fd_buffered = fd_buffered
         ctx.read_only = read_only
         ctx.capacity = capacity_sectors
         ctx.max_discard_sectors = max_discard_sectors
@@ -774,10 +950,6 @@ cdef class BlkQueueWorker:
         ctx.write_through = write_through
         serial = serial[:ID_BYTES].ljust(ID_BYTES, b"\0")
         memcpy(ctx.serial, PyBytes_AS_STRING(serial), ID_BYTES)
-        # In-flight slots: as many as the ring holds, capped (each slot is a ~2.6 KiB chain);
-        # 256 keeps QD 128 (the bench's deepest) fully in flight per queue.
-        if slots <= 0:
-            slots = num if num < 256 else 256
         ctx.nslots = slots
         ctx.slots = <slot_t *>calloc(slots, sizeof(slot_t))
         if ctx.slots == NULL:
@@ -785,29 +957,19 @@ cdef class BlkQueueWorker:
         for k in range(slots):
             ctx.slots[k].next_free = k + 1 if k + 1 < slots else -1
         ctx.free_head = 0
-        ctx.use_uring = False
-        if use_io_uring:
-            entries = 1
-            while entries < slots:
-                entries <<= 1
-            r = uring_setup(&ctx.ring, entries)
-            if r == 0:
-                ctx.use_uring = True
-            else:
-                log.error("queue %d: io_uring unavailable (%s): SYNCHRONOUS preadv/pwritev "
-                          "fallback, one request at a time", index, os.strerror(-r))
-        self.uses_io_uring = ctx.use_uring
         self._keep_table = region_table
 
     def __dealloc__(self):
         if self.ctx != NULL:
-            if self.ctx.use_uring:
-                uring_teardown(&self.ctx.ring)
             wk_close(&self.ctx.rt)
             vq_free(&self.ctx.vq)
             free(self.ctx.slots)
             free(self.ctx)
             self.ctx = NULL
+
+    @property
+    def uses_io_uring(self):
+        return bool(getattr(self.engine, "uses_io_uring", False))
 
     def run(self):
         """Thread body: serve the queue until stop()."""
@@ -820,8 +982,6 @@ cdef class BlkQueueWorker:
         with nogil:
             while True:
                 r = drain_avail(self.ctx)
-                if self.ctx.use_uring and (self.ctx.ring.to_submit or self.ctx.inflight):
-                    uring_submit(&self.ctx.ring, 0)
                 wait_all(self.ctx)
                 if r <= 0:
                     break
@@ -831,19 +991,17 @@ cdef class BlkQueueWorker:
         wk_stop(&self.ctx.rt)
 
     def close(self):
-        """Release the io_uring and the stop eventfd now (the worker thread has returned)."""
-        if self.ctx.use_uring:
-            uring_teardown(&self.ctx.ring)
-            self.ctx.use_uring = False
+        """Release the engine and the stop eventfd now (the worker thread has returned)."""
+        self.engine.close()
         wk_close(&self.ctx.rt)
 
     def inject_enter_errors(self, int n):
         """Tests: make the next `n` io_uring_enter calls fail (EBUSY), as a kernel short of
         memory or with a full completion queue would."""
-        self.ctx.ring.inject_errors = n
+        self.engine.inject_enter_errors(n)
 
     def set_write_through(self, bint on):
-        """The guest changed CONFIG_WCE: from the next write on, writes are (not) RWF_DSYNC."""
+        """The guest changed CONFIG_WCE: from the next write on, writes are (not) FUA."""
         self.ctx.write_through = on
 
     @property
@@ -857,27 +1015,29 @@ cdef class BlkQueueWorker:
 
     def stats(self):
         """The worker's counters since it was built (plain integers the worker thread writes
-        without locks; read from another thread a value may be one request stale).
+        without locks; read from another thread a value may be one request stale), with the
+        engine's (FileEngine: uring_enters, enter_errors, buffered_fallbacks, dsync_writes).
         completed: requests returned in the used ring; failed: of those, with a status other
         than OK (or no usable status byte); avail_corrupt: 1 once the avail ring was found
         corrupt (then broken)."""
         from cython_ext.ring import FAULT_NAMES
         c = self.ctx
-        return dict(
+        s = dict(
             requests=c.requests, completed=c.vq.completed, failed=c.failed,
             avail_corrupt=c.vq.faults[F_AVAIL], bytes_read=c.bytes_read,
             bytes_written=c.bytes_written, notifies=c.vq.notifies, kicks=c.vq.kicks,
-            uring_enters=c.uring_enters, enter_errors=c.enter_errors,
-            buffered_fallbacks=c.buffered_fallbacks, poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps, dsync_writes=c.dsync_writes,
+            poll_hits=c.rt.poll_hits, sleeps=c.rt.sleeps,
             broken=bool(c.vq.broken), last_avail=vq_base(&c.vq), inflight=c.inflight,
             max_inflight=c.max_inflight, resubmitted=c.vq.resubmitted,
             faults={FAULT_NAMES[k]: c.vq.faults[k] for k in range(1, NUM_FAULTS)
                     if c.vq.faults[k]})
+        s.update(self.engine.stats())
+        return s
 
     def counters(self):
         """This queue in the vocabulary of vhost.device.COUNTER_KEYS (Device.queue_counters;
         the same numbers devices/blk.py derives from stats()): requests = completed (failed
-        ones included), errors = failed + 1 per corrupt avail ring, inflight = in the io_uring
+        ones included), errors = failed + 1 per corrupt avail ring, inflight = in the engine
         now, dropped = 0."""
         c = self.ctx
         return wk_counters(&c.vq, c.vq.completed, c.bytes_read, c.bytes_written,

@@ -1,9 +1,11 @@
-"""blk.py: the virtio-blk device type (virtio 1.2 §5.2) on a raw image file or block device.
+"""blk.py: the virtio-blk device type (virtio 1.2 §5.2) on a raw image file or block device, a
+Ceph RBD image, or nothing (null).
 
 Owns: its option table (the `pyvhost-blk` options and the `type = "block"` TOML keys), opening
-the backing store (O_DIRECT when the file system allows, buffered otherwise, with a log line),
-the feature set and config space, and one BlkQueueWorker per started queue (through the
-framework's QueueWorkers).  Request semantics run in cython_ext/blk.pyx; this module never sees
+the backing store (a file: O_DIRECT when the file system allows, buffered otherwise, with a log
+line; RBD: one cluster connection and one open image per device, cython_ext/rbd.pyx), the
+feature set and config space, and one BlkQueueWorker per started queue with that store's
+engine (through the framework's QueueWorkers).  Request semantics run in cython_ext/blk.pyx; this module never sees
 a request.  Must not: import the server, the service or the command line (the framework turns
 the option table into those).
 """
@@ -53,7 +55,9 @@ class BlkDevice(Device):
     def __init__(self, path: str | None, *, read_only: bool = False, num_queues: int = 1,
                  max_queue_size: int = 1024, serial: str | None = None,
                  use_io_uring: bool = True, direct: bool = True, null_size: int = 0,
-                 poll_us: float = 0.0):
+                 poll_us: float = 0.0, rbd: str | None = None, ceph_conf: str | None = None,
+                 ceph_id: str | None = None, keyring: str | None = None,
+                 ceph_timeout: float = 30.0):
         self.path = path
         self.read_only = read_only
         self.num_queues = num_queues
@@ -62,6 +66,10 @@ class BlkDevice(Device):
         self.poll_us = poll_us
         self.queues = QueueWorkers(self, "pyvhost-blk")
         self._acked = 0
+        self.rbd = None
+        if rbd is not None:
+            self._open_rbd(rbd, ceph_conf, ceph_id, keyring, ceph_timeout, serial)
+            return
         if path is None:
             # --null: no backing store (benchmarks of the queue machinery, like QSD's null-co)
             if null_size < vb.SECTOR_SIZE:
@@ -110,6 +118,25 @@ class BlkDevice(Device):
                 self.use_io_uring = False
         else:
             log.warning("io_uring disabled: SYNCHRONOUS preadv/pwritev, one request at a time")
+
+    def _open_rbd(self, spec, conf, client_id, keyring, timeout, serial) -> None:
+        try:
+            from cython_ext.rbd import RbdImage
+        except ImportError as e:
+            raise OSError(f"rbd {spec}: this pyvhost was built without the Ceph RBD engine "
+                          f"(install librbd-dev and librados-dev, then reinstall): {e}") from None
+        self.rbd = RbdImage(spec, conf, client_id, keyring, timeout, self.read_only)
+        if self.rbd.size < vb.SECTOR_SIZE:
+            self.rbd.close()
+            raise ValueError(f"rbd {spec}: image is smaller than one sector")
+        self.capacity = self.rbd.size // vb.SECTOR_SIZE
+        self.fd_direct = self.fd_buffered = -1
+        self.use_io_uring = False
+        if serial is None:
+            serial = "pyvhost-" + hashlib.sha1(f"rbd:{spec}".encode()).hexdigest()[:12]
+        self.serial = serial.encode()[:vb.ID_BYTES]
+        log.info("rbd %s: %d bytes, client.%s%s", spec, self.rbd.size, client_id or "admin",
+                 ", read-only" if self.read_only else "")
 
     @classmethod
     def open(cls, path: str | None, *, create_size: int | None = None, **kw) -> "BlkDevice":
@@ -181,7 +208,8 @@ class BlkDevice(Device):
             max_discard_sectors=MAX_DISCARD_SECTORS,
             max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
             write_through=not self.writeback, log=queue.log, inflight=queue.inflight,
-            packed=queue.packed)
+            packed=queue.packed,
+            engine=self.rbd.queue_engine(index) if self.rbd is not None else None)
         self.queues.start(index, w)
         if w.resubmit_count:
             log.info("queue %d: resubmitting %d requests a previous backend left in flight "
@@ -217,6 +245,9 @@ class BlkDevice(Device):
         self.reset()
         if self.queues.stuck:
             return              # abandoned workers may still use the image fds: leave them open
+        if self.rbd is not None:
+            self.rbd.close()
+            return
         if self.fd_direct != self.fd_buffered and self.fd_direct >= 0:
             os.close(self.fd_direct)
         if self.fd_buffered >= 0:
@@ -232,6 +263,15 @@ def _check_serial(value: str) -> None:
 # One table: the pyvhost-blk options and the [[device]] type = "block" keys.
 OPTIONS = (
     Option("blk-file", "str", metavar="IMG", help="raw image file or block device"),
+    Option("rbd", "str", metavar="POOL/IMAGE",
+           help="a Ceph RBD image instead of a file (POOL/IMAGE or POOL/NAMESPACE/IMAGE)"),
+    Option("ceph-conf", "str", metavar="PATH",
+           help="Ceph configuration for --rbd (default: librados' search, /etc/ceph/ceph.conf)"),
+    Option("ceph-id", "str", metavar="NAME", help="Ceph client name for --rbd (default admin)"),
+    Option("keyring", "str", metavar="PATH", help="Ceph keyring for --rbd (default: the conf's)"),
+    # librados waits 300 s for a monitor by default; a start should fail sooner and say why
+    Option("ceph-timeout", "float", 30.0, range=(1, 3600), metavar="S",
+           help="give up connecting to the Ceph cluster after S seconds (default 30)"),
     Option("read-only", "bool", False, help="export read-only"),
     # QEMU 7.2's vhost-user-blk-pci asks for one queue per vCPU when num-queues is not given
     # and refuses a backend that offers fewer ("The maximum number of queues supported by the
@@ -264,13 +304,29 @@ class BlockType(DeviceType):
     logger = "pyvhost.blk"
 
     def check(self, spec, names, check_files):
+        if spec.rbd is not None:
+            if spec.blk_file or spec.null or spec.size:
+                raise ValueError(f"{names('rbd')} takes no {names('blk-file')}, "
+                                 f"{names('null')} or {names('size')}")
+            parts = spec.rbd.split("/")
+            if len(parts) not in (2, 3) or not all(parts):
+                raise ValueError(f"{names('rbd')} is POOL/IMAGE or POOL/NAMESPACE/IMAGE, not "
+                                 f"{spec.rbd!r}")
+            if check_files:
+                for key, path in (("ceph-conf", spec.ceph_conf), ("keyring", spec.keyring)):
+                    if path is not None and not os.path.isfile(path):
+                        raise ValueError(f"{names(key)} {path} does not exist")
+            return
+        if spec.ceph_conf or spec.ceph_id or spec.keyring:
+            raise ValueError(f"{names('ceph-conf')}, {names('ceph-id')} and {names('keyring')} "
+                             f"go with {names('rbd')}")
         if spec.null:
             if spec.blk_file or not spec.size:
                 raise ValueError(f"{names('null')} takes {names('size')} and no "
                                  f"{names('blk-file')}")
             return
         if not spec.blk_file:
-            raise ValueError(f"{names('blk-file')} is required"
+            raise ValueError(f"{names('blk-file')} or {names('rbd')} is required"
                              + ("" if names.cli else " (or null = true with a size)"))
         if names.cli:
             return                     # a missing image is reported when it is opened
@@ -295,11 +351,18 @@ class BlockType(DeviceType):
                     raise ValueError(f"device \"{d.name}\": blk-file {d.blk_file} is also used "
                                      f"by device \"{other.name}\" (only read-only devices may "
                                      f"share an image)")
+                if other is not d and d.rbd and other.rbd == d.rbd \
+                        and (other.ceph_conf == d.ceph_conf) \
+                        and not (d.read_only and other.read_only):
+                    raise ValueError(f"device \"{d.name}\": rbd {d.rbd} is also used by device "
+                                     f"\"{other.name}\" (only read-only devices may share an "
+                                     f"image)")
         return tables
 
     def from_command_line(self, values, sockets):
-        name = "null" if values["null"] else (os.path.basename(values["blk_file"] or "")
-                                               or "blk")
+        name = "null" if values["null"] else (
+            values["rbd"].rsplit("/", 1)[-1] if values["rbd"]
+            else os.path.basename(values["blk_file"] or "") or "blk")
         return [dict(values, name=name, socket=sockets[0] if sockets else None)], {}
 
     def build(self, spec, env):
@@ -307,10 +370,12 @@ class BlockType(DeviceType):
                               read_only=spec.read_only, num_queues=spec.num_queues,
                               max_queue_size=spec.queue_size, serial=spec.serial,
                               use_io_uring=not spec.no_io_uring, direct=not spec.buffered,
-                              poll_us=spec.poll_us)
+                              poll_us=spec.poll_us, rbd=spec.rbd, ceph_conf=spec.ceph_conf,
+                              ceph_id=spec.ceph_id, keyring=spec.keyring,
+                              ceph_timeout=spec.ceph_timeout)
 
     def describe(self, spec):
-        what = "null device" if spec.null else spec.blk_file
+        what = "null device" if spec.null else (f"rbd {spec.rbd}" if spec.rbd else spec.blk_file)
         ro = ", read-only" if spec.read_only else ""
         return f"block {what}{ro} ({spec.num_queues} queue{'s' if spec.num_queues > 1 else ''})"
 

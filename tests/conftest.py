@@ -10,7 +10,8 @@
 * Shared fixtures: `tmp` and `sockdir` (a short directory under /tmp for AF_UNIX socket paths,
   removed afterwards; a test module may define its own `tmp`, which then wins), `loop_name`
   (every test using it runs under asyncio and under uvloop) and `image` (a 1 MiB image of
-  random bytes for the in-memory ring rig; a module may define its own).
+  random bytes for the in-memory ring rig; a module may define its own), `ceph_cluster` (one
+  throwaway Ceph cluster per run, for the RBD tests).
 
 The helpers the tests share (frontend driver, backend launchers, namespaces, guests, DPDK) are
 in vhost/testing; the in-process server harness is tests/inprocess.py.  Test modules never
@@ -77,3 +78,21 @@ def image(tmp_path):
     p = tmp_path / "disk.img"
     p.write_bytes(os.urandom(RIG_IMAGE_SIZE))
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """One throwaway Ceph cluster (vhost/testing/ceph.py: a mon and a memstore OSD on
+    loopback, cephx) for the whole run, started by the first test that asks (~3 s); tests
+    create their own images in its pool.  Skipped, with the reason, only when the Ceph packages
+    are missing (.ci/install --test installs them)."""
+    from vhost.testing.ceph import CephCluster, have_ceph
+    ok, why = have_ceph()
+    if not ok:
+        pytest.skip(why)
+    d = short_tmpdir("ceph")
+    try:
+        with CephCluster(d) as c:
+            yield c
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -127,6 +127,11 @@ class Service:
         for name, env in self.envs.items():
             env.reconfigure(self.config.tables_of(devices.get(name)))
 
+    async def _build_off_loop(self, spec) -> DeviceRuntime:
+        """_build in a thread: opening a device may wait on the network (an RBD image's
+        cluster, up to its ceph-timeout), and the loop keeps serving the other devices."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._build, spec)
+
     def _build(self, spec) -> DeviceRuntime:
         """Open the backing store / tap / switch port of one device (no socket yet)."""
         dtype = devices.get(spec.type)
@@ -226,7 +231,7 @@ class Service:
         try:
             for spec in self.config.devices:
                 try:
-                    built.append(self._build(spec))
+                    built.append(await self._build_off_loop(spec))
                 except (OSError, ValueError) as e:
                     raise StartError(f"{self.where(spec)}{e}") from None
             for rt in built:
@@ -372,7 +377,7 @@ class Service:
             failed = []
             for spec in start:
                 try:
-                    rt = self._build(spec)
+                    rt = await self._build_off_loop(spec)
                 except (OSError, ValueError) as e:
                     failed.append(spec.name)
                     log.error("%s%s", self.where(spec), e, extra=_fields(device=spec.name))

@@ -70,7 +70,23 @@ def _blk(tmp, name="vda", **kw):
     return "[[device]]\n" + "\n".join(lines) + "\n"
 
 
+def _rbd(tmp, name="vda", image="rbd/vm1", **extra):
+    lines = [f'name = "{name}"', 'type = "block"', f'socket = "{tmp}/{name}.sock"',
+             f'rbd = "{image}"'] + [f'{k} = "{v}"' for k, v in extra.items()]
+    return "[[device]]\n" + "\n".join(lines) + "\n"
+
+
 BAD = [
+    ("rbd and a file", lambda t: _blk(t, rbd="rbd/vm1"),
+     'device "vda": rbd takes no blk-file, null or size'),
+    ("bad rbd spec", lambda t: _rbd(t, image="vm1"),
+     "rbd is POOL/IMAGE or POOL/NAMESPACE/IMAGE, not 'vm1'"),
+    ("missing ceph conf", lambda t: _rbd(t, **{"ceph-conf": f"{t}/ceph.conf"}),
+     "ceph-conf {t}/ceph.conf does not exist"),
+    ("keyring without rbd", lambda t: _blk(t, keyring="/etc/ceph/k"),
+     "ceph-conf, ceph-id and keyring go with rbd"),
+    ("shared writable rbd image", lambda t: _rbd(t) + _rbd(t, "vdb"),
+     'device "vda": rbd rbd/vm1 is also used by device "vdb"'),
     ("unknown key", lambda t: _blk(t, bogus=1), 'device "vda": unknown key \'bogus\''),
     ("missing image", lambda t: _blk(t, blk_file=f"{t}/none.img"),
      'device "vda": blk-file ' + "{t}/none.img does not exist"),
@@ -146,6 +162,26 @@ def test_config_that_is_not_utf8_is_one_line(tmp):
     with pytest.raises(cfg.ConfigError) as ei:
         cfg.load(str(path))
     assert str(ei.value) == f"{path}: not valid TOML: not UTF-8 (byte 23: invalid start byte)"
+
+
+def test_rbd_device_keys_and_cli_options(tmp):
+    conf = tmp / "ceph.conf"
+    conf.write_text("[global]\n")
+    c = cfg.load(_write(tmp, _rbd(tmp, image="pool/ns/vm1", **{"ceph-conf": str(conf),
+                                                                "ceph-id": "pyvhost"})
+                        + _rbd(tmp, "ro1", image="pool/base", **{"read-only": "x"})
+                        .replace('read-only = "x"', "read-only = true")
+                        + _rbd(tmp, "ro2", image="pool/base").replace(
+                            'rbd = "pool/base"', 'rbd = "pool/base"\nread-only = true')))
+    d = c.devices[0]
+    assert (d.rbd, d.ceph_conf, d.ceph_id, d.keyring, d.ceph_timeout, d.blk_file) == \
+        ("pool/ns/vm1", str(conf), "pyvhost", None, 30.0, None)
+    assert [x.read_only for x in c.devices[1:]] == [True, True]    # read-only may share
+    _, conf2 = cli.parse_device(devices.get("block"), [
+        "--socket-path", str(tmp / "s.sock"), "--rbd", "pool/vm2", "--ceph-id", "x",
+        "--ceph-timeout", "5"])
+    d = conf2.devices[0]
+    assert (d.rbd, d.ceph_id, d.ceph_timeout, d.name) == ("pool/vm2", "x", 5.0, "vm2")
 
 
 def test_good_config_round_trip(tmp):

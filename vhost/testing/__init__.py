@@ -25,6 +25,8 @@ Shared test and benchmark harnesses:
 
 * `backends`    -- pyvhost-blk and qemu-storage-daemon as subprocesses; `short_tmpdir`.
 * `netbackends` -- pyvhost-net as a subprocess.
+* `ceph`        -- a throwaway one-node Ceph cluster (a mon and a memstore OSD on loopback,
+                   cephx) for the RBD tests and benchmarks.
 * `netns`       -- network namespaces (ip netns / nsenter).
 * `ringrig`     -- an in-memory ring rig (VirtQueue + a BlkQueueWorker on the same memory).
 * `guarded`     -- guest memory with guard pages around every region (the fuzz targets).

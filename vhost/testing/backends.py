@@ -152,21 +152,25 @@ def _managed(backend: Backend, check_exit: bool, unlink: bool = True) -> Iterato
 
 
 @contextlib.contextmanager
-def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = False,
-            num_queues: int = 1, timeout: float = 30.0) -> Iterator[Backend]:
+def qsd_blk(img: str | os.PathLike | None, sock: str | os.PathLike, read_only: bool = False,
+            num_queues: int = 1, timeout: float = 30.0,
+            blockdev: str | None = None) -> Iterator[Backend]:
     """qemu-storage-daemon exporting ``img`` as vhost-user-blk on ``sock``.
 
     Tries ``cache.direct=on,aio=io_uring`` first, then ``aio=threads``, then
     ``cache.direct=off,aio=threads`` if the file system refuses; the option actually used and
-    any fallback are recorded in ``backend.notes``. SIGTERM at the end (exit code not checked
-    beyond a clean stop)."""
-    img, sock = Path(img), Path(sock)
+    any fallback are recorded in ``backend.notes``.  ``blockdev`` instead of ``img``: that
+    --blockdev (its node-name f0), e.g. ``driver=rbd,pool=P,image=I,conf=C,node-name=f0``,
+    tried once.  SIGTERM at the end (exit code not checked beyond a clean stop)."""
+    sock = Path(sock)
     if not shutil.which(QSD):
         raise BackendError(f"{QSD} not installed")
     log_path = sock.parent / f"{sock.name}.qsd.log"
     pidfile = sock.parent / f"{sock.name}.qsd.pid"
     notes: list[str] = []
     attempts = [("on", "io_uring"), ("on", "threads"), ("off", "threads")]
+    if blockdev is not None:
+        attempts = [(None, None)]
     for direct, aio in attempts:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
@@ -175,6 +179,7 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
         cmd = [
             QSD,
             "--blockdev",
+            blockdev if blockdev is not None else
             f"driver=file,node-name=f0,filename={img},cache.direct={direct},aio={aio},"
             "discard=unmap",
             "--export",
@@ -185,10 +190,11 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
         # the pid file is written once the exports are set up: a readiness signal
         proc, ok = _start(cmd, sock, log_path, timeout=timeout, ready_file=pidfile)
         if ok:
-            notes.append(f"cache.direct={direct},aio={aio}")
+            notes.append(blockdev or f"cache.direct={direct},aio={aio}")
             backend = Backend("qemu-storage-daemon", proc, sock, log_path, cmd, notes)
             break
-        notes.append(f"cache.direct={direct},aio={aio} refused (exit {proc.returncode}): "
+        notes.append(f"{blockdev or f'cache.direct={direct},aio={aio}'} refused "
+                     f"(exit {proc.returncode}): "
                      f"{tail(log_path.read_text(errors='replace'), 3)}")
     else:
         raise BackendError("qemu-storage-daemon failed to start:\n" + "\n".join(notes))
@@ -203,21 +209,23 @@ def qsd_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = F
 
 
 @contextlib.contextmanager
-def pyvhost_blk(img: str | os.PathLike, sock: str | os.PathLike, read_only: bool = False,
+def pyvhost_blk(img: str | os.PathLike | None, sock: str | os.PathLike, read_only: bool = False,
                 num_queues: int = 1, extra: Sequence[str] = (), timeout: float = 30.0,
                 client: bool = False, failpoint: str | None = None) -> Iterator[Backend]:
     """Our backend, ``python -m vhost.programs pyvhost-blk``, serving ``img`` on ``sock``. Waits for the
     socket (client: for the backend to start dialing ``sock``, where the frontend listens);
     at the end sends SIGTERM and raises BackendError unless it exits 0 within 10 s (or died
     by SIGKILL, when `kill9()` or `failpoint` -- PYVHOST_FAILPOINT, cython_ext/ring.pyx --
-    was meant to kill it)."""
-    img, sock = Path(img), Path(sock)
+    was meant to kill it).  ``img`` None: the store is in ``extra`` (``--rbd POOL/IMAGE ...``)."""
+    sock = Path(sock)
     if not client:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
     log_path = sock.parent / f"{sock.name}.pyvhost.log"
     cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-blk", "--socket-path", str(sock),
-           "--blk-file", str(img), "--num-queues", str(num_queues)]
+           "--num-queues", str(num_queues)]
+    if img is not None:
+        cmd += ["--blk-file", str(img)]
     if read_only:
         cmd.append("--read-only")
     if client:

@@ -1,0 +1,62 @@
+# engine.pxd: the backing-store seam of the blk worker (blk.pyx).  The worker owns the virtio-blk
+# request semantics (parse, validate, status, used ring); an engine owns getting the bytes to
+# and from a store: a file through io_uring or preadv/pwritev, nothing (null), a Ceph RBD image
+# (rbd.pyx), an NBD export.  One engine instance per queue worker, driven only by that worker's
+# thread, GIL released; an engine may complete on other threads (librbd's) only through its own
+# hand-off to the worker (rbd.pyx).  Declarations; engine.pyx holds the base class.
+from posix.uio cimport iovec
+from libc.stdint cimport uint64_t
+
+cdef enum:
+    IO_READ = 1              # into the iovecs (guest memory)
+    IO_WRITE = 2             # from the iovecs
+    IO_FLUSH = 3             # everything completed before is stable
+    IO_DISCARD = 4           # the range may be deallocated; its contents become unspecified
+    IO_WRITE_ZEROES = 5      # the range reads as zeroes afterwards
+    IO_F_FUA = 1             # write: stable when it completes (the guest chose write-through)
+    IO_F_UNMAP = 2           # write zeroes: the store may deallocate the range
+
+# One request's I/O, embedded in the worker's slot (a C struct: engine.h, so that the hand-off
+# list can be written in C).  The engine reads op..nbytes and writes res (bytes transferred
+# for READ/WRITE, 0 for the others, -errno on failure); `next` and `state` are the engine's own
+# while the I/O is in flight.
+cdef extern from "engine.h" nogil:
+    ctypedef struct blk_io_t:
+        int op
+        int flags
+        iovec *iov
+        int niov
+        uint64_t offset
+        uint64_t nbytes
+        long res
+        blk_io_t *next
+        long state
+    int blk_io_push(blk_io_t **head, blk_io_t *io)
+    blk_io_t *blk_io_take_fifo(blk_io_t **head)
+    int blk_io_any(blk_io_t **head)
+
+# submit: 1 = completed now (res set), 0 = queued (comes back from reap), < 0 = refused now
+#         (-errno; nothing is in flight).
+# kick:   the batch is queued: hand it to the store (one syscall per batch).
+# reap:   up to `max` completed I/Os into done[]; wait != 0: block until at least one completes
+#         (used only to drain at stop: never returns 0 while I/O is in flight unless the store
+#         errs, in which case it pauses and the caller retries).
+# wait_fd: an fd that becomes readable when reap has something (-1: none).
+# ready:  reap would return something now (the worker's busy-poll window).
+ctypedef int (*eng_submit_fn)(void *e, blk_io_t *io) noexcept nogil
+ctypedef int (*eng_kick_fn)(void *e) noexcept nogil
+ctypedef int (*eng_reap_fn)(void *e, blk_io_t **done, int max, bint wait) noexcept nogil
+ctypedef int (*eng_fd_fn)(void *e) noexcept nogil
+
+ctypedef struct blk_engine_t:
+    void *e
+    eng_submit_fn submit
+    eng_kick_fn kick
+    eng_reap_fn reap
+    eng_fd_fn wait_fd
+    eng_fd_fn ready
+
+cdef class QueueEngine:
+    """One queue's engine; subclasses fill `eng` (and keep what it points to alive)."""
+    cdef blk_engine_t eng
+    cdef readonly str kind
