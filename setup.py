@@ -72,6 +72,13 @@ EXTENSIONS = [ext("ring"), ext("worker"), ext("engine"), ext("blk"), ext("net"),
               ext("loadgen", "bench")]
 if HAVE_RBD:
     EXTENSIONS.append(ext("rbd", libraries=["rbd", "rados"]))
+# cython_ext.nbd (the NBD engine) links libnbd (Debian libnbd-dev), likewise optional.
+HAVE_NBD = os.path.exists("/usr/include/libnbd.h")
+if HAVE_NBD:
+    EXTENSIONS.append(ext("nbd", libraries=["nbd"]))
+else:
+    print("setup.py: WARNING: libnbd-dev not installed: building without the NBD engine "
+          "(cython_ext.nbd)")
 setup(ext_modules=cythonize(EXTENSIONS,
                             compiler_directives=directives, include_path=["cython_ext"]),
       data_files=[("share/qemu/vhost-user", VHOST_USER_JSON)])

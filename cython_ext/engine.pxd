@@ -31,9 +31,26 @@ cdef extern from "engine.h" nogil:
         long res
         blk_io_t *next
         long state
+        void *eng
+        int pending
+        int err
     int blk_io_push(blk_io_t **head, blk_io_t *io)
     blk_io_t *blk_io_take_fifo(blk_io_t **head)
     int blk_io_any(blk_io_t **head)
+    # the hand-off of engines that complete on other threads (engine.h)
+    ctypedef struct blk_handoff_t:
+        int efd
+        blk_io_t *done
+        blk_io_t *local
+        uint64_t completed
+        uint64_t wakeups
+    void blk_handoff_complete(blk_handoff_t *h, blk_io_t *io)
+    int blk_handoff_reap(blk_handoff_t *h, blk_io_t **done, int max, int wait)
+    int blk_handoff_ready(blk_handoff_t *h)
+    int blk_handoff_eng_reap(void *e, blk_io_t **done, int max, bint wait)
+    int blk_handoff_eng_fd(void *e)
+    int blk_handoff_eng_ready(void *e)
+    uint64_t blk_load_u64(uint64_t *p)
 
 # submit: 1 = completed now (res set), 0 = queued (comes back from reap), < 0 = refused now
 #         (-errno; nothing is in flight).

@@ -21,13 +21,13 @@ one hop later.  QEMU's block/rbd.c and SPDK's bdev_rbd complete from the callbac
 import os
 
 from libc.stdint cimport uint64_t
-from libc.errno cimport errno, EINTR, EAGAIN
+from libc.errno cimport errno
 from libc.string cimport memset
-from posix.unistd cimport read, write, close
+from posix.unistd cimport close
 from posix.uio cimport iovec
 
 from cython_ext.engine cimport *
-from cython_ext.posix_io cimport eventfd, EFD_CLOEXEC, EFD_NONBLOCK, poll, pollfd, POLLIN
+from cython_ext.posix_io cimport eventfd, EFD_CLOEXEC, EFD_NONBLOCK
 
 cdef extern from "<rados/librados.h>" nogil:
     ctypedef void *rados_t
@@ -65,36 +65,22 @@ cdef extern from "<rbd/librbd.h>" nogil:
                              int zero_flags, int op_flags)
 
 
-# Counters librbd's threads bump while the worker and the control thread read them.
-cdef extern from *:
-    """
-    static inline void pv_count_inc(uint64_t *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
-    static inline uint64_t pv_load_u64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    """
-    void pv_count_inc(uint64_t *p) nogil
-    uint64_t pv_load_u64(uint64_t *p) nogil
-
-
 class RbdError(OSError):
     """Opening an RBD image failed; str() is one line saying what to fix."""
 
 
 ctypedef struct rbd_eng_t:
+    blk_handoff_t hand           # librbd's threads -> the queue's worker (engine.h); first:
+                                 # the shared reap/wait_fd/ready take the struct as one
     rbd_image_t image
-    int efd                      # written by the callback when `done` becomes non-empty
-    blk_io_t *done               # completed by librbd, not yet reaped (engine.h stack)
-    blk_io_t *local              # taken from `done`, oldest first, not yet returned
     uint64_t submitted
-    uint64_t completed
-    uint64_t wakeups             # eventfd writes (one per burst of completions)
 
 
 cdef void rbd_done(rbd_completion_t c, void *arg) noexcept nogil:
     """librbd's thread: the I/O is finished.  No Python, no locks: one CAS, maybe one write."""
     cdef blk_io_t *io = <blk_io_t *>arg
-    cdef rbd_eng_t *e = <rbd_eng_t *>io.state
+    cdef rbd_eng_t *e = <rbd_eng_t *>io.eng
     cdef ssize_t r = rbd_aio_get_return_value(c)
-    cdef uint64_t one = 1
     rbd_aio_release(c)
     if r >= 0:
         # reads return the bytes read (the whole range: librbd reads unwritten extents as
@@ -104,17 +90,14 @@ cdef void rbd_done(rbd_completion_t c, void *arg) noexcept nogil:
         elif io.op != IO_READ:
             r = 0
     io.res = r
-    pv_count_inc(&e.completed)
-    if blk_io_push(&e.done, io):
-        pv_count_inc(&e.wakeups)
-        write(e.efd, &one, 8)       # our own non-blocking eventfd: never blocks
+    blk_handoff_complete(&e.hand, io)
 
 
 cdef int rbd_submit(void *p, blk_io_t *io) noexcept nogil:
     cdef rbd_eng_t *e = <rbd_eng_t *>p
     cdef rbd_completion_t c
     cdef int r
-    io.state = <long>e
+    io.eng = e
     r = rbd_aio_create_completion(io, rbd_done, &c)
     if r < 0:
         return r
@@ -142,39 +125,6 @@ cdef int rbd_submit(void *p, blk_io_t *io) noexcept nogil:
 
 cdef int rbd_kick(void *p) noexcept nogil:
     return 0                    # librbd sends each request when it is submitted
-
-
-cdef int rbd_reap(void *p, blk_io_t **done, int max, bint wait) noexcept nogil:
-    cdef rbd_eng_t *e = <rbd_eng_t *>p
-    cdef uint64_t v
-    cdef pollfd pfd
-    cdef int n = 0
-    if e.local == NULL:
-        if wait and not blk_io_any(&e.done):
-            # stopping: wait for librbd (an OSD that is down stalls here; a second is short
-            # enough to notice the stop timeout, which the framework enforces)
-            pfd.fd = e.efd
-            pfd.events = POLLIN
-            pfd.revents = 0
-            poll(&pfd, 1, 1000)
-        # read the eventfd before taking the list: a completion pushed after the take finds
-        # the list empty and writes the eventfd again, so no wakeup is lost
-        read(e.efd, &v, 8)
-        e.local = blk_io_take_fifo(&e.done)
-    while e.local != NULL and n < max:
-        done[n] = e.local
-        e.local = e.local.next
-        n += 1
-    return n
-
-
-cdef int rbd_wait_fd(void *p) noexcept nogil:
-    return (<rbd_eng_t *>p).efd
-
-
-cdef int rbd_ready(void *p) noexcept nogil:
-    cdef rbd_eng_t *e = <rbd_eng_t *>p
-    return e.local != NULL or blk_io_any(&e.done)
 
 
 cdef bytes _b(s):
@@ -323,24 +273,24 @@ cdef class RbdEngine(QueueEngine):
         self.img = img
         memset(&self.r, 0, sizeof(rbd_eng_t))
         self.r.image = img.image
-        self.r.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.r.efd < 0:
+        self.r.hand.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.r.hand.efd < 0:
             raise OSError(errno, "eventfd")
         self.eng.e = &self.r
         self.eng.submit = rbd_submit
         self.eng.kick = rbd_kick
-        self.eng.reap = rbd_reap
-        self.eng.wait_fd = rbd_wait_fd
-        self.eng.ready = rbd_ready
+        self.eng.reap = blk_handoff_eng_reap
+        self.eng.wait_fd = blk_handoff_eng_fd
+        self.eng.ready = blk_handoff_eng_ready
 
     def close(self):
-        if self.r.efd >= 0 and self.r.submitted == pv_load_u64(&self.r.completed):
-            close(self.r.efd)
-            self.r.efd = -1
+        if self.r.hand.efd >= 0 and self.r.submitted == blk_load_u64(&self.r.hand.completed):
+            close(self.r.hand.efd)
+            self.r.hand.efd = -1
 
     def __dealloc__(self):
         self.close()
 
     def stats(self):
-        return dict(rbd_submitted=self.r.submitted, rbd_completed=self.r.completed,
-                    rbd_wakeups=self.r.wakeups)
+        return dict(rbd_submitted=self.r.submitted, rbd_completed=self.r.hand.completed,
+                    rbd_wakeups=self.r.hand.wakeups)

@@ -57,7 +57,8 @@ class BlkDevice(Device):
                  use_io_uring: bool = True, direct: bool = True, null_size: int = 0,
                  poll_us: float = 0.0, rbd: str | None = None, ceph_conf: str | None = None,
                  ceph_id: str | None = None, keyring: str | None = None,
-                 ceph_timeout: float = 30.0):
+                 ceph_timeout: float = 30.0, nbd: str | None = None,
+                 nbd_timeout: float = 60.0, nbd_connections: int = 4):
         self.path = path
         self.read_only = read_only
         self.num_queues = num_queues
@@ -67,6 +68,10 @@ class BlkDevice(Device):
         self.queues = QueueWorkers(self, "pyvhost-blk")
         self._acked = 0
         self.rbd = None
+        self.nbd = None
+        if nbd is not None:
+            self._open_nbd(nbd, nbd_timeout, nbd_connections, serial)
+            return
         if rbd is not None:
             self._open_rbd(rbd, ceph_conf, ceph_id, keyring, ceph_timeout, serial)
             return
@@ -138,6 +143,26 @@ class BlkDevice(Device):
         log.info("rbd %s: %d bytes, client.%s%s", spec, self.rbd.size, client_id or "admin",
                  ", read-only" if self.read_only else "")
 
+    def _open_nbd(self, uri, timeout, connections, serial) -> None:
+        try:
+            from cython_ext.nbd import NbdExport
+        except ImportError as e:
+            raise OSError(f"nbd {uri}: this pyvhost was built without the NBD engine (install "
+                          f"libnbd-dev, then reinstall): {e}") from None
+        self.nbd = NbdExport(uri, timeout, self.read_only, connections)
+        if self.nbd.size < vb.SECTOR_SIZE:
+            raise ValueError(f"nbd {uri}: export is smaller than one sector")
+        self.capacity = self.nbd.size // vb.SECTOR_SIZE
+        self.fd_direct = self.fd_buffered = -1
+        self.use_io_uring = False
+        if serial is None:
+            serial = "pyvhost-" + hashlib.sha1(f"nbd:{uri}".encode()).hexdigest()[:12]
+        self.serial = serial.encode()[:vb.ID_BYTES]
+        n = connections if self.nbd.multi_conn else 1
+        log.info("nbd %s: %d bytes, up to %d connection%s%s%s", uri, self.nbd.size, n,
+                 "s" if n > 1 else "", "" if self.nbd.multi_conn else " (no multi-conn)",
+                 "" if self.nbd.can_fua else "; no FUA: write-through writes are not forced")
+
     @classmethod
     def open(cls, path: str | None, *, create_size: int | None = None, **kw) -> "BlkDevice":
         if path is None:
@@ -158,6 +183,9 @@ class BlkDevice(Device):
             f |= vb.F_RO
         else:
             f |= vb.F_DISCARD | vb.F_WRITE_ZEROES
+            if self.nbd is not None:        # what the NBD server does not take, we do not offer
+                f &= ~((0 if self.nbd.can_trim else vb.F_DISCARD)
+                       | (0 if self.nbd.can_zero else vb.F_WRITE_ZEROES))
         return f
 
     def protocol_features(self) -> ProtocolFeature:
@@ -209,7 +237,7 @@ class BlkDevice(Device):
             max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, poll_us=self.poll_us,
             write_through=not self.writeback, log=queue.log, inflight=queue.inflight,
             packed=queue.packed,
-            engine=self.rbd.queue_engine(index) if self.rbd is not None else None)
+            engine=self._store_engine(index))
         self.queues.start(index, w)
         if w.resubmit_count:
             log.info("queue %d: resubmitting %d requests a previous backend left in flight "
@@ -217,6 +245,13 @@ class BlkDevice(Device):
                      w.resubmit_count, w.last_avail)
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)
+
+    def _store_engine(self, index: int):
+        if self.rbd is not None:
+            return self.rbd.queue_engine(index)
+        if self.nbd is not None:
+            return self.nbd.queue_engine(index)
+        return None             # the file (or null) engine on fd_direct / fd_buffered
 
     def stop_queue(self, index: int) -> int:
         return self.queues.stop(index).last_avail
@@ -248,6 +283,9 @@ class BlkDevice(Device):
         if self.rbd is not None:
             self.rbd.close()
             return
+        if self.nbd is not None:
+            self.nbd.close()
+            return
         if self.fd_direct != self.fd_buffered and self.fd_direct >= 0:
             os.close(self.fd_direct)
         if self.fd_buffered >= 0:
@@ -265,6 +303,14 @@ OPTIONS = (
     Option("blk-file", "str", metavar="IMG", help="raw image file or block device"),
     Option("rbd", "str", metavar="POOL/IMAGE",
            help="a Ceph RBD image instead of a file (POOL/IMAGE or POOL/NAMESPACE/IMAGE)"),
+    Option("nbd", "str", metavar="URI", help="an NBD export instead of a file "
+           "(nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT)"),
+    # how long I/O waits for a server that went away before it fails (QEMU's NBD client
+    # reconnect-delay is 0 by default: fail at once; a storage server restart takes seconds)
+    Option("nbd-timeout", "float", 60.0, range=(0, 86400), metavar="S",
+           help="fail I/O with EIO after S seconds without the NBD server (default 60)"),
+    Option("nbd-connections", "int", 4, range=(1, 16), metavar="N",
+           help="NBD connections when the server allows multi-conn (default 4)"),
     Option("ceph-conf", "str", metavar="PATH",
            help="Ceph configuration for --rbd (default: librados' search, /etc/ceph/ceph.conf)"),
     Option("ceph-id", "str", metavar="NAME", help="Ceph client name for --rbd (default admin)"),
@@ -304,6 +350,15 @@ class BlockType(DeviceType):
     logger = "pyvhost.blk"
 
     def check(self, spec, names, check_files):
+        if spec.nbd is not None:
+            if spec.blk_file or spec.null or spec.size or spec.rbd:
+                raise ValueError(f"{names('nbd')} takes no {names('blk-file')}, "
+                                 f"{names('rbd')}, {names('null')} or {names('size')}")
+            if not spec.nbd.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://",
+                                        "nbd+vsock://")):
+                raise ValueError(f"{names('nbd')} is an NBD URI (nbd+unix:///EXPORT?socket="
+                                 f"PATH or nbd://HOST[:PORT]/EXPORT), not {spec.nbd!r}")
+            return
         if spec.rbd is not None:
             if spec.blk_file or spec.null or spec.size:
                 raise ValueError(f"{names('rbd')} takes no {names('blk-file')}, "
@@ -326,7 +381,7 @@ class BlockType(DeviceType):
                                  f"{names('blk-file')}")
             return
         if not spec.blk_file:
-            raise ValueError(f"{names('blk-file')} or {names('rbd')} is required"
+            raise ValueError(f"{names('blk-file')}, {names('rbd')} or {names('nbd')} is required"
                              + ("" if names.cli else " (or null = true with a size)"))
         if names.cli:
             return                     # a missing image is reported when it is opened
@@ -351,6 +406,11 @@ class BlockType(DeviceType):
                     raise ValueError(f"device \"{d.name}\": blk-file {d.blk_file} is also used "
                                      f"by device \"{other.name}\" (only read-only devices may "
                                      f"share an image)")
+                if other is not d and d.nbd and other.nbd == d.nbd \
+                        and not (d.read_only and other.read_only):
+                    raise ValueError(f"device \"{d.name}\": nbd {d.nbd} is also used by device "
+                                     f"\"{other.name}\" (only read-only devices may share an "
+                                     f"export)")
                 if other is not d and d.rbd and other.rbd == d.rbd \
                         and (other.ceph_conf == d.ceph_conf) \
                         and not (d.read_only and other.read_only):
@@ -360,7 +420,7 @@ class BlockType(DeviceType):
         return tables
 
     def from_command_line(self, values, sockets):
-        name = "null" if values["null"] else (
+        name = "null" if values["null"] else "nbd" if values["nbd"] else (
             values["rbd"].rsplit("/", 1)[-1] if values["rbd"]
             else os.path.basename(values["blk_file"] or "") or "blk")
         return [dict(values, name=name, socket=sockets[0] if sockets else None)], {}
@@ -372,10 +432,13 @@ class BlockType(DeviceType):
                               use_io_uring=not spec.no_io_uring, direct=not spec.buffered,
                               poll_us=spec.poll_us, rbd=spec.rbd, ceph_conf=spec.ceph_conf,
                               ceph_id=spec.ceph_id, keyring=spec.keyring,
-                              ceph_timeout=spec.ceph_timeout)
+                              ceph_timeout=spec.ceph_timeout, nbd=spec.nbd,
+                              nbd_timeout=spec.nbd_timeout,
+                              nbd_connections=spec.nbd_connections)
 
     def describe(self, spec):
-        what = "null device" if spec.null else (f"rbd {spec.rbd}" if spec.rbd else spec.blk_file)
+        what = "null device" if spec.null else (f"rbd {spec.rbd}" if spec.rbd else
+                                                f"nbd {spec.nbd}" if spec.nbd else spec.blk_file)
         ro = ", read-only" if spec.read_only else ""
         return f"block {what}{ro} ({spec.num_queues} queue{'s' if spec.num_queues > 1 else ''})"
 

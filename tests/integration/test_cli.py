@@ -49,7 +49,7 @@ def test_console_script_installed():
 
 @pytest.mark.parametrize("args,needle", [
     (["--socket-path", "/tmp/x.sock", "--blk-file", "/nonexistent/disk.img"], "no such image"),
-    (["--socket-path", "/tmp/x.sock"], "--blk-file or --rbd is required"),
+    (["--socket-path", "/tmp/x.sock"], "--blk-file, --rbd or --nbd is required"),
     (["--blk-file", "x.img"], "exactly one of --socket-path and --fd"),
     (["--socket-path", "/tmp/x.sock", "--fd", "3", "--blk-file", "x"], "exactly one of"),
     (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--num-queues", "0"], "must be positive"),

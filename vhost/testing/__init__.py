@@ -27,6 +27,8 @@ Shared test and benchmark harnesses:
 * `netbackends` -- pyvhost-net as a subprocess.
 * `ceph`        -- a throwaway one-node Ceph cluster (a mon and a memstore OSD on loopback,
                    cephx) for the RBD tests and benchmarks.
+* `nbdserver`   -- qemu-nbd and nbdkit (memory plugin) on Unix sockets, killable and
+                   restartable, for the NBD tests and benchmarks.
 * `netns`       -- network namespaces (ip netns / nsenter).
 * `ringrig`     -- an in-memory ring rig (VirtQueue + a BlkQueueWorker on the same memory).
 * `guarded`     -- guest memory with guard pages around every region (the fuzz targets).

@@ -8,7 +8,11 @@ arguments (e.g. its own vhost-user backend socket); `migrate()` sends the source
 Unix socket with a bandwidth cap (so that the migration takes several dirty-sync rounds while
 the guest keeps writing), waits for `completed`, and quits the source; `wait()` lets the guest
 finish on the destination and returns both consoles (the script's output is split between
-them: everything printed after the switch-over is on the destination's).
+them: everything printed after the switch-over is on the destination's).  With
+`pause_destination` the destination stays paused after the switch-over (`-S`) and the source is
+kept (paused, post-migrate) until `ram_diff()` has compared the two sides' guest RAM page by
+page (`pmemsave`) and `resume_destination()` has let the guest go on: the pages that differ are
+writes the migration lost, whoever made them (bench/migration_ramdiff.py).
 Must not: know about a particular test; import tests, devices, vhost.server, vhost.service or
 vhost.config.
 """
@@ -23,6 +27,11 @@ from pathlib import Path
 from typing import Sequence
 
 from vhost.testing import guest as g
+
+
+def _size(mem: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(mem[:-1]) * units[mem[-1].upper()] if mem[-1].upper() in units else int(mem)
 
 
 class QmpError(RuntimeError):
@@ -83,7 +92,7 @@ class MigrationRun:
 
     def __init__(self, script: str, *, source_devices: Sequence[str],
                  dest_devices: Sequence[str], mem: str = "256M", cpus: int = 1,
-                 extra_append: str = ""):
+                 extra_append: str = "", pause_destination: bool = False):
         base = g.base_initramfs()
         self.dir = g.short_tmpdir("mig")
         self.initrd = self.dir / "initrd.cpio"
@@ -104,11 +113,15 @@ class MigrationRun:
             extra = ["-qmp", f"unix:{self.qmp_paths[side]},server=on,wait=off"]
             if side == "dest":
                 extra += ["-incoming", f"unix:{self.mig_sock}"]
+                if pause_destination:
+                    extra.append("-S")
             self.cmds[side] = g.qemu_command(base.kernel.image, self.initrd,
                                              self.consoles[side], devices=list(devices) + extra,
                                              mem=mem, cpus=cpus, append=append)
         self.procs: dict[str, subprocess.Popen] = {}
         self.stats: dict = {}
+        self.pause_destination = pause_destination
+        self.mem_bytes = _size(mem)
 
     def console(self, side: str) -> str:
         return self.consoles[side].read_bytes().decode(errors="replace").replace("\r\n", "\n")
@@ -182,11 +195,57 @@ class MigrationRun:
                     raise g.GuestTimeout(f"migration not completed within {timeout} s: {info}")
                 time.sleep(0.2)
             self.stats = info
+            if self.pause_destination:
+                return self.stats           # ram_diff() needs the source; it quits it
             src.execute("quit")
         finally:
-            src.close()
+            if not self.pause_destination:
+                src.close()
         self.procs["source"].wait(timeout=30)
         return self.stats
+
+    def ram_diff(self) -> list[int]:
+        """(pause_destination) Once the destination has loaded the last round: both sides'
+        guest RAM dumped and compared; returns the guest-physical addresses of the 4 KiB pages
+        that differ.  Quits the source."""
+        dst = Qmp(self.qmp_paths["dest"])
+        try:
+            deadline = time.monotonic() + 60
+            while dst.execute("query-status")["status"] == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise g.GuestTimeout("destination still loading after 60 s")
+                time.sleep(0.1)
+            dumps = {side: self.dir / f"{side}.ram" for side in ("source", "dest")}
+            self._qmp.execute("pmemsave", val=0, size=self.mem_bytes,
+                              filename=str(dumps["source"]))
+            dst.execute("pmemsave", val=0, size=self.mem_bytes, filename=str(dumps["dest"]))
+            self._qmp.execute("quit")
+        finally:
+            dst.close()
+            self._qmp.close()
+        self.procs["source"].wait(timeout=30)
+        pages = []
+        with open(dumps["source"], "rb") as a, open(dumps["dest"], "rb") as b:
+            gpa = 0
+            while True:
+                x, y = a.read(1 << 20), b.read(1 << 20)
+                if not x:
+                    break
+                if x != y:
+                    pages += [gpa + k for k in range(0, len(x), 4096)
+                              if x[k:k + 4096] != y[k:k + 4096]]
+                gpa += len(x)
+        for f in dumps.values():
+            f.unlink()
+        return pages
+
+    def resume_destination(self) -> None:
+        """(pause_destination) Let the migrated guest run."""
+        dst = Qmp(self.qmp_paths["dest"])
+        try:
+            dst.execute("cont")
+        finally:
+            dst.close()
 
     def migrate(self, max_bandwidth: int = 32 << 20, timeout: float = 300) -> dict:
         """start_migration + wait_migration."""

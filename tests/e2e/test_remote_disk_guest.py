@@ -1,20 +1,23 @@
-"""End to end: a TCG guest whose disk is a pyvhost-blk device on a Ceph RBD image (a throwaway
-one-node cluster, vhost/testing/ceph.py), 1 queue at -smp 1 and 2 queues at -smp 2.  The guest
+"""End to end: a TCG guest whose disk is a pyvhost-blk device on shared storage -- a Ceph RBD
+image (a throwaway one-node cluster, vhost/testing/ceph.py) or an NBD export (qemu-nbd on an
+image file, vhost/testing/nbdserver.py) -- 1 queue at -smp 1 and 2 queues at -smp 2.  The guest
 writes and verifies 1 MiB slots in a loop (busybox dd with O_DIRECT from every vCPU, sha256sum;
 fio's libraries are too large for the test initramfs), flushes, discards a slot with blkdiscard
-and reads it back as zeroes; afterwards `rbd export` holds what every slot's last pass
-verified."""
+and reads it back as zeroes; afterwards the store (`rbd export`, the exported file) holds what
+every slot's last pass verified."""
 from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 
 import pytest
 
 from vhost.testing import guest as g
 from vhost.testing.backends import pyvhost_blk
+from vhost.testing.nbdserver import NbdServer
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ceph]
+pytestmark = [pytest.mark.e2e]
 
 _ok, _why = g.have_guest_tools()
 if not _ok:
@@ -53,15 +56,30 @@ exit $fail
 
 
 @pytest.mark.parametrize("queues", [1, 2])
-def test_guest_write_verify_on_an_rbd_image(ceph_cluster, tmp_path, queues):
-    spec = ceph_cluster.create_image(f"guest{queues}", 64 * MiB)
-    sockdir = g.short_tmpdir("rbdg")
+@pytest.mark.parametrize("store", [pytest.param("rbd", marks=pytest.mark.ceph), "nbd"])
+def test_guest_write_verify_on_shared_storage(request, tmp_path, store, queues):
+    sockdir = g.short_tmpdir("rdg")
     script = (SCRIPT.replace("@SLOTS@", str(SLOTS)).replace("@PASSES@", str(PASSES))
               .replace("@CPUS@", str(queues)))
-    with pyvhost_blk(None, sockdir / "blk.sock", num_queues=queues,
-                     extra=ceph_cluster.pyvhost_args(spec)) as b:
-        res = g.run_guest(script, devices=g.blk_device_args(b.sock, queues), cpus=queues,
-                          timeout=300)
+    if store == "rbd":
+        cluster = request.getfixturevalue("ceph_cluster")
+        spec = cluster.create_image(f"guest{queues}", 64 * MiB)
+        args = cluster.pyvhost_args(spec)
+        nbd = None
+    else:
+        img = tmp_path / "disk.img"
+        with open(img, "wb") as f:
+            f.truncate(64 * MiB)
+        nbd = NbdServer("qemu-nbd", sockdir / "nbd.sock", image=img).start()
+        args = ["--nbd", nbd.uri]
+    try:
+        with pyvhost_blk(None, sockdir / "blk.sock", num_queues=queues, extra=args) as b:
+            res = g.run_guest(script, devices=g.blk_device_args(b.sock, queues), cpus=queues,
+                              timeout=300)
+    finally:
+        if nbd is not None:
+            nbd.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
     out = res.script_output
     assert not re.findall(r"^(?:VERIFY|WRITE|DISCARD)_FAIL.*$|^DISCARD_NOT_ZERO$", out, re.M), \
         res.tail()
@@ -70,9 +88,12 @@ def test_guest_write_verify_on_an_rbd_image(ceph_cluster, tmp_path, queues):
     assert [int(p) for p, _, _ in passes] == list(range(PASSES))
     assert "DISCARD_ZEROES" in out
     assert "Traceback" not in b.log_text()
-    export = tmp_path / "export.img"
-    ceph_cluster.rbd("export", spec, str(export))
-    data = export.read_bytes()
+    if store == "rbd":
+        export = tmp_path / "export.img"
+        cluster.rbd("export", spec, str(export))
+        data = export.read_bytes()
+    else:
+        data = img.read_bytes()
     last = {int(slot): sha for _, slot, sha in passes}
     for slot, sha in last.items():
         assert hashlib.sha256(data[slot * MiB:(slot + 1) * MiB]).hexdigest() == sha, slot
