@@ -17,6 +17,14 @@ VHOST_F_LOG_ALL, VHOST_VRING_F_LOG), with a thread clearing the bitmap every 100
 dirty sync does; `pyvhost+packed` over packed virtqueues (VIRTIO_F_RING_PACKED, as QEMU's
 `packed=on`).  Their `vs_pyvhost` ratios are the cost of logging / of the packed layout.
 
+Shared storage, the same way: `rbd` (an RBD image of a throwaway one-node Ceph cluster,
+vhost/testing/ceph.py: a mon and a memstore OSD on loopback; pyvhost `--rbd`, QSD
+`driver=rbd`) and `nbd` (one qemu-nbd export of an image in /dev/shm, shared by both: pyvhost
+`--nbd`, QSD `driver=nbd`; qemu-nbd offers no multi-conn for a writable export, so each backend
+has one connection), on the workloads REMOTE_WORKLOADS, without the +log/+packed rows.  There
+the cluster or the server shares the machine's CPUs with the backend under test, which is
+measured alone (its own CPU seconds per million I/Os).
+
 Workloads: 4 KiB randread / randwrite at QD 1, 32, 128; 64 KiB sequential read / write at QD 16;
 4 KiB randread at QD 32 on each of 2 queues (two driver threads).  Per (workload, medium,
 backend): IOPS, MiB/s, p50/p99 latency (us), backend CPU seconds per million I/Os, the rounds'
@@ -85,10 +93,16 @@ WORKLOADS = (
     Workload("4k-randread-qd32-2q", "read", 4 * KiB, True, 32, 2),
 )
 QUICK_WORKLOADS = ("4k-randread-qd1", "4k-randread-qd32")
-MEDIA = ("null", "tmpfs", "disk")
+# the rows issue 12 names for shared storage: 4 KiB random QD 1 / 32, 64 KiB sequential
+REMOTE_WORKLOADS = ("4k-randread-qd1", "4k-randread-qd32", "4k-randwrite-qd1",
+                    "4k-randwrite-qd32", "64k-seqread-qd16", "64k-seqwrite-qd16")
+REMOTE_MEDIA = ("rbd", "nbd")
+MEDIA = ("null", "tmpfs", "disk") + REMOTE_MEDIA
 QUICK_MEDIA = ("null", "tmpfs")
-IMAGE_SIZES = {"null": 1 * GiB, "tmpfs": 512 * MiB, "disk": 1 * GiB}
-QUICK_IMAGE_SIZES = {"null": 1 * GiB, "tmpfs": 64 * MiB, "disk": 256 * MiB}
+IMAGE_SIZES = {"null": 1 * GiB, "tmpfs": 512 * MiB, "disk": 1 * GiB, "rbd": 256 * MiB,
+               "nbd": 256 * MiB}
+QUICK_IMAGE_SIZES = {"null": 1 * GiB, "tmpfs": 64 * MiB, "disk": 256 * MiB, "rbd": 64 * MiB,
+                     "nbd": 64 * MiB}
 MEDIUM_DIRS = {"tmpfs": "/dev/shm", "disk": "/var/tmp"}
 
 
@@ -108,6 +122,8 @@ class Medium:
     directory: Path | None = None
     o_direct: bool | None = None  # whether the file system takes O_DIRECT
     notes: list[str] = dataclasses.field(default_factory=list)
+    store_args: list[str] | None = None   # pyvhost's store options instead of --blk-file
+    qsd_blockdev: str | None = None       # QSD's --blockdev (node-name n0) instead of a file
 
     def describe(self) -> dict:
         return dict(medium=self.name, image=str(self.path) if self.path else None,
@@ -138,6 +154,9 @@ def _o_direct_ok(path: Path) -> bool:
 
 @contextlib.contextmanager
 def prepared_medium(name: str, size: int, base_dir: str | None = None) -> Iterator[Medium]:
+    if name in REMOTE_MEDIA:
+        yield from _remote_medium(name, size)
+        return
     if name == "null":
         yield Medium("null", size, notes=["no backing store (pyvhost --null, QSD null-co)"])
         return
@@ -152,6 +171,50 @@ def prepared_medium(name: str, size: int, base_dir: str | None = None) -> Iterat
                        f"{time.monotonic() - t0:.1f} s; O_DIRECT "
                        f"{'supported' if m.o_direct else 'NOT supported (buffered I/O)'}")
         yield m
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _remote_medium(name: str, size: int) -> Iterator[Medium]:
+    """An RBD image on a throwaway cluster, or a qemu-nbd export of a tmpfs image; written
+    through (reads must read)."""
+    from vhost.testing.backends import short_tmpdir
+    d = short_tmpdir("pvhr")
+    try:
+        img = d / "bench.img"
+        t0 = time.monotonic()
+        _fill_image(img, size)
+        if name == "rbd":
+            from vhost.testing.ceph import CephCluster
+            with CephCluster(d / "ceph", memstore_bytes=max(1 << 30, 3 * size)) as c:
+                spec = f"{c.pool}/bench"
+                c.rbd("import", str(img), spec)
+                img.unlink()
+                m = Medium("rbd", size, None, d, None, store_args=c.pyvhost_args(spec),
+                           qsd_blockdev=c.qsd_blockdev(spec, node="n0"))
+                m.notes.append(f"{size // MiB} MiB RBD image {spec} on a one-node cluster "
+                               f"(memstore OSD, started in {c.start_seconds:.1f} s), imported "
+                               f"in {time.monotonic() - t0:.1f} s")
+                yield m
+            return
+        from vhost.testing.nbdserver import NbdServer
+        shm = Path(tempfile.mkdtemp(prefix="pvhn-", dir="/dev/shm"))
+        try:
+            shutil.move(str(img), shm / "bench.img")
+            srv = NbdServer("qemu-nbd", d / "nbd.sock", image=shm / "bench.img")
+            # two clients at once (both backends stay up), page cache (tmpfs has no O_DIRECT)
+            srv.command = lambda: ["qemu-nbd", "-f", "raw", "-x", "disk", "-k", str(srv.sock),
+                                   "-t", "-e", "4", "--cache=writeback", "--aio=threads",
+                                   "--discard=unmap", str(shm / "bench.img")]
+            with srv:
+                m = Medium("nbd", size, None, d, None, store_args=["--nbd", srv.uri],
+                           qsd_blockdev=f"driver=nbd,node-name=n0,server.type=unix,"
+                                        f"server.path={srv.sock},export=disk")
+                m.notes.append(f"{size // MiB} MiB image in /dev/shm exported by qemu-nbd "
+                               f"(one connection per backend: no multi-conn)")
+                yield m
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -253,7 +316,9 @@ def pyvhost_backend(medium: Medium, workdir: Path, extra: Sequence[str] = (),
     sock = workdir / f"pyvhost-{medium.name}.sock"
     cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-blk", "--socket-path", str(sock),
            "--num-queues", str(NUM_QUEUES)]
-    if medium.path is None:
+    if medium.store_args is not None:
+        cmd += medium.store_args
+    elif medium.path is None:
         cmd += ["--null", "--size", str(medium.size)]
     else:
         cmd += ["--blk-file", str(medium.path)]
@@ -268,7 +333,9 @@ def pyvhost_backend(medium: Medium, workdir: Path, extra: Sequence[str] = (),
         raise BenchError(f"pyvhost-blk exited ({b.proc.returncode}) at start-up:\n"
                          f"{_tail(b.log_path)}")
     log = b.log_path.read_text(errors="replace")
-    if medium.path is None:
+    if medium.store_args is not None:
+        b.options = dict(store=medium.name)
+    elif medium.path is None:
         b.options = dict(null=True)
     else:
         b.options = dict(direct="O_DIRECT not supported" not in log
@@ -290,7 +357,9 @@ def qsd_backend(medium: Medium, workdir: Path, cpus: frozenset | None = None) ->
     export = ["--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,"
                           f"addr.path={sock},writable=on,num-queues={NUM_QUEUES}",
               "--pidfile", str(pidfile)]
-    if medium.path is None:
+    if medium.qsd_blockdev is not None:
+        attempts = [(medium.qsd_blockdev, dict(driver=medium.name))]
+    elif medium.path is None:
         attempts = [(f"driver=null-co,node-name=n0,size={medium.size},read-zeroes=off",
                      dict(driver="null-co", read_zeroes=False))]
     else:
@@ -549,7 +618,9 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                 pv = pyvhost_backend(medium, wd, pyvhost_extra, backend_cpus)
                 stack.callback(_stop_checked, pv)
                 backends.append(pv)
-                measured = [pv] + [Variant(pv, suffix, **how) for suffix, how in VARIANTS]
+                remote = mname in REMOTE_MEDIA
+                measured = [pv] + ([] if remote else
+                                   [Variant(pv, suffix, **how) for suffix, how in VARIANTS])
                 try:
                     qsd = qsd_backend(medium, wd, backend_cpus)
                     stack.callback(_stop_checked, qsd)
@@ -560,6 +631,8 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                 for b in backends:
                     say(f"[{mname}] {b.name}: {' '.join(b.command)}  {b.options} {b.notes}")
                 for wl in wls:
+                    if remote and wl.name not in REMOTE_WORKLOADS:
+                        continue
                     runs: dict[str, list[dict]] = {b.name: [] for b in measured}
                     for rnd in range(rounds):
                         for b in measured:          # A A' B A A' B ...
@@ -589,7 +662,7 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                             runs[b.name].append(m)
                     summary = {b.name: _summarize(medium, wl, b, runs[b.name])
                                for b in measured}
-                    variants = [f"pyvhost+{suffix}" for suffix, _ in VARIANTS]
+                    variants = [] if remote else [f"pyvhost+{suffix}" for suffix, _ in VARIANTS]
                     if "qsd" in summary:
                         for name in ["pyvhost"] + variants:
                             summary[name]["vs_qsd"] = _ratios(summary[name], summary["qsd"])
