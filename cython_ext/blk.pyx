@@ -1000,6 +1000,11 @@ cdef class BlkQueueWorker:
         memory or with a full completion queue would."""
         self.engine.inject_enter_errors(n)
 
+    def set_capacity(self, uint64_t sectors):
+        """The store was resized (an RBD image): requests are checked against the new size from
+        the next one on (an aligned 64-bit store the worker reads once per request)."""
+        self.ctx.capacity = sectors
+
     def set_write_through(self, bint on):
         """The guest changed CONFIG_WCE: from the next write on, writes are (not) FUA."""
         self.ctx.write_through = on

@@ -23,7 +23,7 @@ import os
 from libc.stdint cimport uint64_t
 from libc.errno cimport errno
 from libc.string cimport memset
-from posix.unistd cimport close
+from posix.unistd cimport read, write, close
 from posix.uio cimport iovec
 
 from cython_ext.engine cimport *
@@ -63,6 +63,10 @@ cdef extern from "<rbd/librbd.h>" nogil:
     int rbd_aio_discard(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c)
     int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
                              int zero_flags, int op_flags)
+    ctypedef void (*rbd_update_callback_t)(void *arg)
+    int rbd_update_watch(rbd_image_t image, uint64_t *handle, rbd_update_callback_t cb,
+                         void *arg)
+    int rbd_update_unwatch(rbd_image_t image, uint64_t handle)
 
 
 class RbdError(OSError):
@@ -127,6 +131,13 @@ cdef int rbd_kick(void *p) noexcept nogil:
     return 0                    # librbd sends each request when it is submitted
 
 
+cdef void rbd_header_updated(void *arg) noexcept nogil:
+    """librbd's thread: the image header changed (a resize, a snapshot...): wake the control
+    thread, which re-reads the size (RbdImage.event_fd)."""
+    cdef uint64_t one = 1
+    write(<int><long>arg, &one, 8)      # our own non-blocking eventfd: never blocks
+
+
 cdef bytes _b(s):
     return s.encode() if s is not None else None
 
@@ -145,6 +156,9 @@ cdef class RbdImage:
     cdef readonly str pool
     cdef readonly str name
     cdef readonly bint read_only
+    cdef readonly int event_fd           # readable when the image header changed (resize)
+    cdef uint64_t _watch
+    cdef bint _watching
 
     def __cinit__(self, str spec, str conf=None, str client_id=None, str keyring=None,
                   double timeout=30.0, bint read_only=False):
@@ -154,6 +168,7 @@ cdef class RbdImage:
         cdef const char *c_name
         cdef const char *c_pool
         cdef bytes b_tmo = _b(f"{timeout:g}")
+        self.event_fd = -1
         parts = spec.split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise RbdError(f"rbd {spec!r}: expected POOL/IMAGE or POOL/NAMESPACE/IMAGE")
@@ -216,6 +231,13 @@ cdef class RbdImage:
             r = rbd_get_size(self.image, &self.size)
             if r < 0:
                 raise RbdError(f"rbd {spec}: size: {os.strerror(-r)}")
+            # a resize by another client (rbd resize) reaches us as a header update
+            self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+            if self.event_fd < 0:
+                raise RbdError(f"rbd {spec}: eventfd: {os.strerror(errno)}")
+            r = rbd_update_watch(self.image, &self._watch, rbd_header_updated,
+                                 <void *><long>self.event_fd)
+            self._watching = r == 0
         except BaseException:
             self.close()
             raise
@@ -236,8 +258,17 @@ cdef class RbdImage:
         self.size = size
         return size
 
+    def drain_event(self):
+        """Read event_fd (after it was readable)."""
+        cdef uint64_t v
+        read(self.event_fd, &v, 8)
+
     def close(self):
         """Close the image and the connection (every queue's I/O is finished)."""
+        if self._watching:
+            with nogil:
+                rbd_update_unwatch(self.image, self._watch)
+            self._watching = False
         if self.image != NULL:
             with nogil:
                 rbd_close(self.image)
@@ -249,6 +280,9 @@ cdef class RbdImage:
             with nogil:
                 rados_shutdown(self.cluster)
             self.cluster = NULL
+        if self.event_fd >= 0:
+            close(self.event_fd)
+            self.event_fd = -1
 
 
 def _connect_error(int err, double timeout):

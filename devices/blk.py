@@ -246,6 +246,23 @@ class BlkDevice(Device):
         log.debug("queue %d started (size %d, avail %d, event_idx %s)", index, queue.size,
                   queue.last_avail_idx, queue.event_idx)
 
+    def config_event_fd(self) -> int:
+        # an RBD image resized by `rbd resize` (librbd's header watch); files and NBD exports
+        # keep their size
+        return self.rbd.event_fd if self.rbd is not None else -1
+
+    def config_changed(self) -> bool:
+        if self.rbd is None:
+            return False
+        self.rbd.drain_event()
+        capacity = self.rbd.refresh_size() // vb.SECTOR_SIZE
+        if capacity == self.capacity:
+            return False
+        log.info("rbd %s resized: %d -> %d sectors", self.rbd.spec, self.capacity, capacity)
+        self.capacity = capacity
+        self.queues.for_each(lambda w: w.set_capacity(capacity))
+        return True
+
     def _store_engine(self, index: int):
         if self.rbd is not None:
             return self.rbd.queue_engine(index)

@@ -335,6 +335,17 @@ class Device(abc.ABC):
         """Stop the worker for `index`, completing in-flight requests first; return the next
         avail index to process (the value GET_VRING_BASE reports)."""
 
+    def config_event_fd(self) -> int:
+        """An fd that becomes readable when the device's config may have changed under the
+        guest (an RBD image resized), or -1 (never).  The control thread of the connection
+        polls it and then calls config_changed()."""
+        return -1
+
+    def config_changed(self) -> bool:
+        """After config_event_fd() was readable: drain it, re-read the store; True when the
+        guest-visible config changed (the protocol then sends CONFIG_CHANGE_MSG)."""
+        return False
+
     def set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU (net devices with protocol feature NET_MTU)."""
         raise ValueError("this device has no MTU")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from protocols import virtio
 from protocols.vhost_user import (
     CONFIG_FLAG_MIGRATION,
+    BackendReq,
     Config,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -95,7 +96,7 @@ SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS
     | ProtocolFeature.NET_MTU | ProtocolFeature.RARP | ProtocolFeature.LOG_SHMFD
-    | ProtocolFeature.INFLIGHT_SHMFD)
+    | ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.BACKEND_REQ)
 # The split ring's indices are 16 bits (virtio 1.2 §2.7); a larger SET_VRING_BASE is an error.
 MAX_VRING_BASE = 0xFFFF
 # Failure value of a REPLY_ACK ack (QEMU treats any non-zero u64 as failure).
@@ -399,8 +400,12 @@ class BackendProtocol:
     def offered_protocol_features(self) -> ProtocolFeature:
         # QEMU refuses to migrate a vhost-user device without both LOG_ALL and LOG_SHMFD
         offered = int(self.device.protocol_features()) & int(SUPPORTED_PROTOCOL_FEATURES)
+        # BACKEND_REQ only for a device whose config can change under the guest (an RBD image
+        # resized): its only message here is CONFIG_CHANGE_MSG
         for feature, wanted in ((ProtocolFeature.LOG_SHMFD, self.device.dirty_log),
-                                (ProtocolFeature.INFLIGHT_SHMFD, self.device.inflight_tracking)):
+                                (ProtocolFeature.INFLIGHT_SHMFD, self.device.inflight_tracking),
+                                (ProtocolFeature.BACKEND_REQ,
+                                 self.device.config_event_fd() >= 0)):
             offered = offered | feature if wanted else offered & ~feature
         return ProtocolFeature(offered)
 
@@ -428,6 +433,20 @@ class BackendProtocol:
     @property
     def backend_req_fd(self) -> int:
         return self._backend_req_fd
+
+    def config_events(self) -> list[bytes]:
+        """The device's config_event_fd() was readable: the messages to send on the backend
+        channel (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, no reply asked, when the guest-visible
+        config changed and the frontend set up the channel with CONFIG negotiated; QEMU then
+        reads the config again with GET_CONFIG and tells the guest)."""
+        changed = self.device.config_changed()
+        if not changed or self._dead or self._backend_req_fd < 0 or \
+                not self._protocol_features & ProtocolFeature.BACKEND_REQ or \
+                not self._protocol_features & ProtocolFeature.CONFIG:
+            return []
+        log.info("%sconfig changed: CONFIG_CHANGE_MSG to the frontend", self._prefix)
+        return [Header.build(dict(request=int(BackendReq.CONFIG_CHANGE_MSG), flags=VERSION,
+                                  size=0))]
 
     @property
     def closed(self) -> bool:
@@ -967,10 +986,11 @@ class BackendProtocol:
             raise RequestError(f"bad fd: {e}") from None
         if not stat.S_ISSOCK(st.st_mode):
             raise RequestError("the backend request channel is not a socket")
-        # BACKEND_REQ is not offered, so nothing is ever sent on it; kept for the connection's
-        # lifetime all the same (closing it would look like a dead channel to the frontend).
+        # kept for the connection's lifetime (closing it would look like a dead channel to the
+        # frontend); the server sends config_events() on it, non-blocking
         _close(self._backend_req_fd)
         self._backend_req_fd = msg.take_fd()
+        os.set_blocking(self._backend_req_fd, False)
 
     def _set_vring_endian(self, msg, body):
         raise RequestError("rings are always little-endian (VERSION_1 only)")

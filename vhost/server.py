@@ -424,10 +424,25 @@ class Server:
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
+        config_fd = protocol.device.config_event_fd()
+        if config_fd >= 0:
+            poller.register(config_fd, select.POLLIN)
         while True:
-            for fd, _ in poller.poll():
-                if fd == stop_fd:
-                    return "stopped"
+            ready = [fd for fd, _ in poller.poll()]
+            if stop_fd in ready:
+                return "stopped"
+            if config_fd in ready:
+                # the device's config changed (an RBD image resized): tell the frontend on the
+                # backend channel (non-blocking, bounded: a frontend that does not read it
+                # loses the message, never this thread)
+                for msg in protocol.config_events():
+                    try:
+                        with socket.socket(fileno=os.dup(protocol.backend_req_fd)) as chan:
+                            _send_all(chan, msg)
+                    except OSError as e:
+                        log.warning("config change not delivered: %s", e)
+                if conn.fileno() not in ready:
+                    continue
             for _ in range(READS_PER_WAKEUP):
                 try:
                     data, fds, flags, _ = socket.recv_fds(conn, protocol.next_read_size, MAX_FDS,

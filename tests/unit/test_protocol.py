@@ -279,6 +279,49 @@ def test_protocol_features_masked_to_supported():
     p.proto.connection_lost()
 
 
+class ResizableDevice(FakeDevice):
+    """A device whose config may change under the guest (as an RBD image resized)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.event_fd = eventfd()
+        self.change = False
+
+    def config_event_fd(self):
+        return self.event_fd
+
+    def config_changed(self):
+        os.eventfd_read(self.event_fd)
+        return self.change
+
+
+def test_config_change_goes_on_the_backend_channel():
+    dev = ResizableDevice()
+    p = Peer(dev)
+    offered = u64_of(p.get(R.GET_PROTOCOL_FEATURES))
+    assert offered & PF.BACKEND_REQ                 # only a device with a config event fd
+    assert p.send(R.SET_PROTOCOL_FEATURES,
+                  vu.u64(PF.REPLY_ACK | PF.CONFIG | PF.BACKEND_REQ)) == []
+    dev.change = True
+    os.eventfd_write(dev.event_fd, 1)
+    assert p.proto.config_events() == []            # no channel yet: nothing to send
+    dev.change = False
+    ours, theirs = socket.socketpair()
+    assert p.ack(R.SET_BACKEND_REQ_FD, b"", [theirs.detach()]) == 0
+    assert not os.get_blocking(p.proto.backend_req_fd)     # sent to without blocking
+    os.eventfd_write(dev.event_fd, 1)
+    assert p.proto.config_events() == []            # the store says nothing changed
+    dev.change = True
+    os.eventfd_write(dev.event_fd, 1)
+    (m,) = p.proto.config_events()
+    h = vu.Header.parse(m)
+    assert (h.request, h.flags, h.size, len(m)) == (vu.BackendReq.CONFIG_CHANGE_MSG, vu.VERSION,
+                                                     0, vu.HEADER_SIZE)
+    p.proto.connection_lost()
+    ours.close()
+    os.close(dev.event_fd)
+
+
 def test_default_protocol_features(peer):
     offered = u64_of(peer.get(R.GET_PROTOCOL_FEATURES))
     assert offered == int(Device.protocol_features(peer.device)) & int(SUPPORTED_PROTOCOL_FEATURES)
