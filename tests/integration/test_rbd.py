@@ -197,3 +197,50 @@ def test_start_errors_say_what_to_fix_in_one_line(ceph_cluster, tmp):
     line = _last_line(err)
     assert rc != 0 and "no monitor answered within 3 s" in line, err
     assert took < 30, took
+
+
+def test_a_cluster_gone_while_serving_stalls_only_its_device(ceph_cluster, tmp):
+    """`pyvhost serve` with an RBD device and two file devices: the OSD stops while the RBD
+    device has a write in flight.  That write waits (not failed); the file device's load keeps
+    completing, a new connection to the idle device is answered at once, and the service still
+    stops on SIGTERM once the OSD is back and the write completed."""
+    from vhost.testing.healthy import BlkLoad, get_features_time
+    from vhost.testing.serve import Serve, blk_dev
+    spec = ceph_cluster.create_image("service", IMG_SIZE)
+    c = ceph_cluster
+    cfg = tmp / "pyvhost.toml"
+    cfg.write_text('[service]\nstop-timeout = 5\n'
+                   + blk_dev(tmp, "file0") + blk_dev(tmp, "idle0")
+                   + f'[[device]]\nname = "rbd0"\ntype = "block"\nsocket = "{tmp}/rbd0.sock"\n'
+                     f'rbd = "{spec}"\nceph-conf = "{c.conf}"\nkeyring = "{c.keyring}"\n')
+    serve = Serve(tmp, cfg)
+    load = None
+    try:
+        serve.ready()
+        load = BlkLoad(tmp / "file0.sock", max_seconds=90)
+        load.start_and_wait()
+        with Frontend(str(tmp / "rbd0.sock"), timeout=60) as fe:
+            assert fe.write(0, b"1" * 4096) == vb.S_OK
+            c.stop_osd()
+            result = {}
+            t = threading.Thread(target=lambda: result.update(st=fe.write(8, b"2" * 4096)),
+                                 daemon=True)
+            t.start()
+            load.mark()
+            time.sleep(3)
+            w = load.window()
+            assert t.is_alive() and not result, result        # the RBD write waits
+            assert w.error is None and w.ops > 10 and w.max_stall < 2.0, w
+            assert get_features_time(tmp / "idle0.sock") < 1.0
+            c.start_osd()
+            t.join(60)
+            assert result.get("st") == vb.S_OK, result
+            assert fe.read(0, 8192) == (vb.S_OK, b"1" * 4096 + b"2" * 4096)
+        load.halt()
+        assert load.error is None, load.error
+        assert serve.stop() == 0, serve.log_text()[-3000:]
+    finally:
+        if load is not None:
+            load.halt()
+        if serve.proc.poll() is None:
+            serve.stop()
