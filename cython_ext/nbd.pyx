@@ -267,11 +267,19 @@ cdef int nbd_submit(void *p, blk_io_t *io) noexcept nogil:
 
 cdef int nbd_kick(void *p) noexcept nogil:
     cdef nbd_eng_t *e = <nbd_eng_t *>p
+    cdef nbd_conn_t *c = e.conn
+    cdef bint unsent = False
     if e.kicked:
-        # libnbd sent what it could in the submitting thread; the I/O thread polls for the
-        # rest (its poll set follows the handle's direction, re-read on this wakeup)
+        # libnbd sent what it could in the submitting thread; the I/O thread (which polls for
+        # replies all along) is woken only when requests are left unsent and it must poll for
+        # POLLOUT too: a wakeup per batch would cost it a context switch per request at QD1
         e.kicked = 0
-        wake(e.conn.wake_fd)
+        pthread_mutex_lock(&c.lock)
+        if c.up and c.h != NULL:
+            unsent = (nbd_aio_get_direction(c.h) & LIBNBD_AIO_DIRECTION_WRITE) != 0
+        pthread_mutex_unlock(&c.lock)
+        if unsent:
+            wake(c.wake_fd)
     return 0
 
 
