@@ -124,6 +124,19 @@ def targets(results: dict) -> list[dict]:
         out.append(dict(target=f"blk {medium} 4k randread QD32: IOPS on packed / split rings",
                         value=(pk["iops"] / p["iops"]) if pk and p and p["iops"] else None,
                         goal="reported", ok=None))
+    # shared storage (issue 12): at least QSD's IOPS at no more CPU per I/O, on every row
+    from bench.blk import REMOTE_MEDIA, REMOTE_WORKLOADS
+    for medium in REMOTE_MEDIA:
+        for wl in REMOTE_WORKLOADS:
+            p = _get(blk, medium=medium, workload=wl, backend="pyvhost")
+            q = _get(blk, medium=medium, workload=wl, backend="qsd")
+            out.append(dict(target=f"blk {medium} {wl}: IOPS >= 1.0x QSD",
+                            value=(p["iops"] / q["iops"]) if p and q and q.get("iops")
+                            else None, goal=">= 1.0", ok=None))
+            out.append(dict(target=f"blk {medium} {wl}: CPU per I/O <= QSD",
+                            value=(p["cpu_s_per_mio"] / q["cpu_s_per_mio"])
+                            if p and q and q.get("cpu_s_per_mio") else None, goal="<= 1.0",
+                            ok=None))
     net = results.get("net", {}).get("rows") or []
     for size in (64, 1500):
         pv = [r["mpps"] for r in net if r.get("backend") == "pyvhost" and r.get("pkt_len") == size
