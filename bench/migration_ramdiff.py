@@ -9,13 +9,16 @@ same image, which takes vhost-user out of the picture.
     .venv/bin/python -m bench.migration_ramdiff [--disk pyvhost|builtin] [--ring split|packed]
                                                  [--queues N] [--runs N] [--accel tcg,...]
 
-Prints one line per run (pages that differ, their addresses, whether the destination guest
-then finished its checks) and a summary.
+Prints one line per run (pages that differ, their addresses, how many of them the source's
+pyvhost ever wrote -- PYVHOST_LOG_SHADOW, cython_ext/ring.pyx: a copy of every dirty-log bit
+that nobody clears --, whether the destination guest then finished its checks) and a summary.
+A lost page the device never wrote was written by the guest's CPU: QEMU's to track.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shutil
 import sys
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from vhost.testing import guest as g
 from vhost.testing.backends import pyvhost_blk
-from vhost.testing.migrate import MigrationRun
+from vhost.testing.migrate import MigrationRun, shadow_pages
 
 MiB = 1 << 20
 P1, P2, SLOTS = 20, 40, 16
@@ -39,7 +42,11 @@ def workload_script(cpus: int) -> str:
             .replace("@SLOTS@", str(SLOTS)).replace("@CPUS@", str(cpus)))
 
 
-def one_run(disk: str, ring: str, queues: int, accel: str | None) -> tuple[list[int], str]:
+KEEP = None          # --keep DIR: the RAM dumps of the last run stay there
+
+
+def one_run(disk: str, ring: str, queues: int,
+            accel: str | None) -> tuple[list[int], set[int], int, str]:
     work = Path(tempfile.mkdtemp(prefix="ramdiff-", dir="/var/tmp"))
     sockdir = g.short_tmpdir("rdif")
     img = work / "disk.img"
@@ -48,9 +55,14 @@ def one_run(disk: str, ring: str, queues: int, accel: str | None) -> tuple[list[
     extra = "packed=on" if ring == "packed" else ""
     try:
         with contextlib.ExitStack() as stack:
+            shadow = work / "shadow.bin"
             if disk == "pyvhost":
-                src = stack.enter_context(pyvhost_blk(img, sockdir / "src.sock",
-                                                      num_queues=queues))
+                os.environ["PYVHOST_LOG_SHADOW"] = str(shadow)
+                try:
+                    src = stack.enter_context(pyvhost_blk(img, sockdir / "src.sock",
+                                                          num_queues=queues))
+                finally:
+                    del os.environ["PYVHOST_LOG_SHADOW"]
                 dst = stack.enter_context(pyvhost_blk(img, sockdir / "dst.sock",
                                                       num_queues=queues))
                 devs = [g.blk_device_args(b.sock, queues, extra=extra) for b in (src, dst)]
@@ -72,14 +84,18 @@ def one_run(disk: str, ring: str, queues: int, accel: str | None) -> tuple[list[
             run.wait_console("source", "PHASE2\n", timeout=P1 + 120)
             run.set_parameters(**{"downtime-limit": 300})
             run.wait_migration(timeout=240)
-            pages = run.ram_diff()
+            pages = run.ram_diff(keep=KEEP)
+            device = shadow_pages(shadow)
+            if KEEP and shadow.exists():
+                shutil.copy(shadow, os.path.join(KEEP, "device-pages.bin"))
+            written, logged = device & set(pages), len(device)
             run.resume_destination()
             try:
                 _, _, rc = run.wait(timeout=P2 + 180)
                 outcome = "guest ok" if rc == 0 else f"guest checks failed ({rc})"
             except g.GuestError as e:
                 outcome = f"guest died: {str(e).splitlines()[-1][:100]}"
-        return pages, outcome
+        return pages, written, logged, outcome
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(sockdir, ignore_errors=True)
@@ -92,15 +108,23 @@ def main(argv=None) -> int:
     p.add_argument("--queues", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--accel", help="QEMU -accel value instead of tcg (e.g. tcg,thread=single)")
+    p.add_argument("--keep", help="keep the last run's RAM dumps and device page map here")
     a = p.parse_args(argv)
-    diverged = 0
+    global KEEP
+    KEEP = a.keep
+    diverged = by_device = 0
     for k in range(a.runs):
-        pages, outcome = one_run(a.disk, a.ring, a.queues, a.accel)
+        pages, written, logged, outcome = one_run(a.disk, a.ring, a.queues, a.accel)
         diverged += bool(pages)
-        print(f"run {k + 1}: {len(pages)} pages differ {[hex(x) for x in pages[:8]]}; "
-              f"{outcome}", flush=True)
+        by_device += bool(written)
+        print(f"run {k + 1}: {len(pages)} pages differ {[hex(x) for x in pages[:8]]}"
+              + (f", {len(written)} of them written by the device "
+                 f"{[hex(x) for x in sorted(written)[:8]]} (it logged {logged} pages)"
+                 if a.disk == "pyvhost" else "")
+              + f"; {outcome}", flush=True)
     print(f"{a.disk} {a.ring} queues={a.queues}: {diverged} of {a.runs} migrations lost "
-          f"writes")
+          f"writes" + (f", {by_device} of them pages the device wrote"
+                       if a.disk == "pyvhost" else ""))
     return 0
 
 

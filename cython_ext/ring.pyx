@@ -134,6 +134,24 @@ if _os.environ.get("PYVHOST_FAILPOINT"):
     _arm_failpoint(_os.environ["PYVHOST_FAILPOINT"])
 
 
+# PYVHOST_LOG_SHADOW=FILE (read once, at import; a diagnostic): every dirty-log bit a worker
+# sets is also set in FILE (a bitmap of 4 KiB guest pages, 1 MiB: 32 GiB of guest memory),
+# which nobody clears, so that after a migration it says which pages the device ever wrote
+# (bench/migration_ramdiff.py compares it with the pages the migration lost).
+cdef uint8_t *_shadow = NULL
+cdef uint64_t _shadow_size = 0
+_shadow_map = None
+
+if _os.environ.get("PYVHOST_LOG_SHADOW"):
+    import mmap as _mmap
+    with open(_os.environ["PYVHOST_LOG_SHADOW"], "a+b") as _f:
+        _f.truncate(1 << 20)
+        _shadow_map = _mmap.mmap(_f.fileno(), 1 << 20)
+    import ctypes as _ctypes
+    _shadow = <uint8_t *><uint64_t>_ctypes.addressof(_ctypes.c_char.from_buffer(_shadow_map))
+    _shadow_size = 1 << 20
+
+
 cdef void vq_failpoint(int point) noexcept nogil:
     if _fp_point == point and fp_hit(&_fp_count):
         kill(getpid(), SIGKILL)
@@ -504,6 +522,8 @@ cdef void vq_log_gpa(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil:
             vq.log_beyond += 1
             return
         log_or(vq.log + (page >> 3), <uint8_t>(1 << (page & 7)))
+        if _shadow != NULL and (page >> 3) < _shadow_size:
+            log_or(_shadow + (page >> 3), <uint8_t>(1 << (page & 7)))
         vq.log_pages += 1
         page += 1
 

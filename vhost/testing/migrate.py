@@ -19,6 +19,7 @@ vhost.config.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,16 @@ from pathlib import Path
 from typing import Sequence
 
 from vhost.testing import guest as g
+
+
+def shadow_pages(shadow: str | os.PathLike) -> set[int]:
+    """The guest-physical addresses of the 4 KiB pages a backend started with
+    PYVHOST_LOG_SHADOW=`shadow` ever marked dirty (cython_ext/ring.pyx; empty if no file)."""
+    try:
+        bits = Path(shadow).read_bytes()
+    except FileNotFoundError:
+        return set()
+    return {(i * 8 + k) << 12 for i, b in enumerate(bits) if b for k in range(8) if b >> k & 1}
 
 
 def _size(mem: str) -> int:
@@ -204,10 +215,11 @@ class MigrationRun:
         self.procs["source"].wait(timeout=30)
         return self.stats
 
-    def ram_diff(self) -> list[int]:
+    def ram_diff(self, keep: str | os.PathLike | None = None) -> list[int]:
         """(pause_destination) Once the destination has loaded the last round: both sides'
         guest RAM dumped and compared; returns the guest-physical addresses of the 4 KiB pages
-        that differ.  Quits the source."""
+        that differ.  Quits the source.  `keep`: a directory the two dumps (source.ram,
+        dest.ram) are moved to instead of being deleted."""
         dst = Qmp(self.qmp_paths["dest"])
         try:
             deadline = time.monotonic() + 60
@@ -236,7 +248,10 @@ class MigrationRun:
                               if x[k:k + 4096] != y[k:k + 4096]]
                 gpa += len(x)
         for f in dumps.values():
-            f.unlink()
+            if keep is not None:
+                shutil.move(str(f), os.path.join(keep, f.name))
+            else:
+                f.unlink()
         return pages
 
     def resume_destination(self) -> None:
