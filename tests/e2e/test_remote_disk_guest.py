@@ -1,10 +1,11 @@
 """End to end: a TCG guest whose disk is a pyvhost-blk device on shared storage -- a Ceph RBD
 image (a throwaway one-node cluster, vhost/testing/ceph.py) or an NBD export (qemu-nbd on an
 image file, vhost/testing/nbdserver.py) -- 1 queue at -smp 1 and 2 queues at -smp 2.  The guest
-writes and verifies 1 MiB slots in a loop (busybox dd with O_DIRECT from every vCPU, sha256sum;
-fio's libraries are too large for the test initramfs), flushes, discards a slot with blkdiscard
-and reads it back as zeroes; afterwards the store (`rbd export`, the exported file) holds what
-every slot's last pass verified."""
+runs fio random write + verify (crc32c, libaio, O_DIRECT, QD 16, one job per vCPU on its own
+region), then writes and verifies 1 MiB slots in a loop (busybox dd with O_DIRECT from every
+vCPU, sha256sum), flushes, discards a slot with blkdiscard and reads it back as zeroes;
+afterwards the store (`rbd export`, the exported file) holds what every slot's last pass
+verified."""
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,13 @@ PASSES = 24
 SCRIPT = r"""
 D=/dev/vda
 sha_of() { sha256sum | cut -d' ' -f1; }
-i=0; fail=0
+fail=0
+/usr/bin/fio --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+    --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting @FIO_JOBS@ \
+    > /tmp/fio.out 2>&1
+echo FIO_RC=$?
+grep -E "err=|verify" /tmp/fio.out | head -5
+i=0
 while [ $i -lt @PASSES@ ]; do
     slot=$((i % @SLOTS@))
     dd if=/dev/urandom of=/tmp/c bs=65536 count=16 2>/dev/null
@@ -59,8 +66,11 @@ exit $fail
 @pytest.mark.parametrize("store", [pytest.param("rbd", marks=pytest.mark.ceph), "nbd"])
 def test_guest_write_verify_on_shared_storage(request, tmp_path, store, queues):
     sockdir = g.short_tmpdir("rdg")
+    # one fio job per vCPU, each on its own 16 MiB region past the dd slots
+    jobs = " ".join(f"--name=j{k} --filename=/dev/vda --offset={16 + 16 * k}M --size=16M "
+                    f"--cpus_allowed={k}" for k in range(queues))
     script = (SCRIPT.replace("@SLOTS@", str(SLOTS)).replace("@PASSES@", str(PASSES))
-              .replace("@CPUS@", str(queues)))
+              .replace("@CPUS@", str(queues)).replace("@FIO_JOBS@", jobs))
     if store == "rbd":
         cluster = request.getfixturevalue("ceph_cluster")
         spec = cluster.create_image(f"guest{queues}", 64 * MiB)
@@ -75,13 +85,15 @@ def test_guest_write_verify_on_shared_storage(request, tmp_path, store, queues):
     try:
         with pyvhost_blk(None, sockdir / "blk.sock", num_queues=queues, extra=args) as b:
             res = g.run_guest(script, devices=g.blk_device_args(b.sock, queues), cpus=queues,
-                              timeout=300)
+                              timeout=420, mem="512M",       # fio's libraries: ~85 MB
+                              extra_files=g.binary_with_libs("/usr/bin/fio"))
         log = b.log_text()
     finally:
         if nbd is not None:
             nbd.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
     out = res.script_output
+    assert "FIO_RC=0" in out, res.tail()                   # fio wrote and verified
     assert not re.findall(r"^(?:VERIFY|WRITE|DISCARD)_FAIL.*$|^DISCARD_NOT_ZERO$", out, re.M), \
         res.tail()
     assert "I/O error" not in out and res.exit_code == 0, res.tail()
