@@ -198,9 +198,21 @@ cdef int part_done(void *arg, int *error) noexcept nogil:
     return 1
 
 
+cdef inline bint handle_dead(nbd_handle *h) noexcept nogil:
+    return nbd_aio_is_dead(h) or nbd_aio_is_closed(h)
+
+
+cdef inline int refused_error() noexcept nogil:
+    cdef int err = nbd_get_errno()
+    return -(err if err > 0 and not conn_lost(err) else EIO)
+
+
 cdef int issue(nbd_conn_t *c, nbd_handle *h, blk_io_t *io) noexcept nogil:
-    """Send io's commands on h (c.lock held).  Returns 0, or -1 when the handle refused the
-    first command (io untouched, nothing in flight)."""
+    """Send io's commands on h (c.lock held).  Returns 0, or -1 when a dead handle refused the
+    first command (io untouched, nothing in flight: it goes to the retry list).  A live handle
+    that refuses a command (libnbd's own checks: a TRIM the server does not take, which a
+    guest may send whatever we offered) fails the I/O with that error: resubmitting it would
+    be refused again, forever."""
     cdef nbd_completion_callback cb
     cdef int64_t r = 0
     cdef int k
@@ -224,6 +236,9 @@ cdef int issue(nbd_conn_t *c, nbd_handle *h, blk_io_t *io) noexcept nogil:
                 r = nbd_aio_pwrite(h, io.iov[k].iov_base, io.iov[k].iov_len, off, cb, flags)
             if r < 0:
                 pv_dec_int(&io.pending)
+                if not handle_dead(h):
+                    pv_store_int(&io.err, refused_error())
+                    break
                 if k == 0:
                     return -1
                 # a later segment: the connection died under us; the parts sent come back
@@ -242,7 +257,9 @@ cdef int issue(nbd_conn_t *c, nbd_handle *h, blk_io_t *io) noexcept nogil:
                              0 if io.flags & IO_F_UNMAP else LIBNBD_CMD_FLAG_NO_HOLE)
         if r < 0:
             pv_dec_int(&io.pending)
-            return -1
+            if handle_dead(h):
+                return -1
+            pv_store_int(&io.err, refused_error())
     if pv_dec_int(&io.pending) == 0:
         io_finish(io)
     return 0

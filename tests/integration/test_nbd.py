@@ -140,6 +140,22 @@ def test_a_server_away_longer_than_the_timeout_fails_io_then_serves_again(tmp):
     assert data[16 * 512:16 * 512 + 4096] == b"c" * 4096
 
 
+def test_a_request_the_server_cannot_take_fails_alone(tmp):
+    """An export without WRITE_ZEROES (nbdkit's nozero filter): the device does not offer it,
+    and a guest that sends one anyway gets IOERR at once -- libnbd refuses the command on a
+    live connection, which is not a lost server to wait for -- while the queue keeps serving."""
+    srv = NbdServer("nbdkit", tmp / "nz.sock", nbdkit_args=("--filter=nozero", "zeromode=none"))
+    with srv, pyvhost_blk(None, tmp / "s.sock", extra=("--nbd", srv.uri)) as b, \
+            Frontend(str(b.sock), timeout=10) as fe:
+        assert not fe.features & vb.F_WRITE_ZEROES
+        t0 = time.monotonic()
+        assert fe.write_zeroes(0, 8) == vb.S_IOERR
+        assert time.monotonic() - t0 < 5
+        assert fe.write(0, b"z" * 4096) == vb.S_OK
+        assert fe.read(0, 4096) == (vb.S_OK, b"z" * 4096)
+    assert "Traceback" not in b.log_text()
+
+
 def _start_fails(*args):
     cp = subprocess.run([sys.executable, "-m", "vhost.programs", "pyvhost-blk",
                          "--socket-path", "/tmp/pyvhost-nbd-never.sock", *args],

@@ -26,9 +26,11 @@ class NbdServer:
     """One NBD server process exporting `export` on the Unix socket `sock`."""
 
     def __init__(self, kind: str, sock: str | os.PathLike, *, export: str = "disk",
-                 image: str | os.PathLike | None = None, size: str = "64M"):
+                 image: str | os.PathLike | None = None, size: str = "64M",
+                 nbdkit_args: tuple[str, ...] = ()):
         self.kind, self.sock, self.export = kind, Path(sock), export
         self.image, self.size = image, size
+        self.nbdkit_args = tuple(nbdkit_args)   # e.g. ("--filter=nozero", ..., "zeromode=none")
         self.log = self.sock.parent / f"{self.sock.name}.{kind}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -42,7 +44,10 @@ class NbdServer:
             # the file, so it survives a kill of qemu-nbd
             return ["qemu-nbd", "-f", "raw", "-x", self.export, "-k", str(self.sock), "-t",
                     "--cache=none", "--aio=threads", "--discard=unmap", str(self.image)]
-        return ["nbdkit", "-f", "-U", str(self.sock), "-e", self.export, "memory", self.size]
+        filters = [a for a in self.nbdkit_args if a.startswith("--filter")]
+        params = [a for a in self.nbdkit_args if not a.startswith("--filter")]
+        return ["nbdkit", "-f", "-U", str(self.sock), "-e", self.export, *filters, "memory",
+                self.size, *params]
 
     def start(self, timeout: float = 20.0) -> "NbdServer":
         with contextlib.suppress(FileNotFoundError):
