@@ -6,6 +6,8 @@
 # hand-off to the worker (rbd.pyx).  Declarations; engine.pyx holds the base class.
 from posix.uio cimport iovec
 from libc.stdint cimport uint64_t
+from libc.errno cimport errno
+from cython_ext.posix_io cimport eventfd, EFD_CLOEXEC, EFD_NONBLOCK
 
 cdef enum:
     IO_READ = 1              # into the iovecs (guest memory)
@@ -77,3 +79,19 @@ cdef class QueueEngine:
     """One queue's engine; subclasses fill `eng` (and keep what it points to alive)."""
     cdef blk_engine_t eng
     cdef readonly str kind
+
+
+cdef inline int handoff_engine_init(blk_engine_t *eng, void *state, blk_handoff_t *hand,
+                                    eng_submit_fn submit, eng_kick_fn kick) except -1:
+    """Fill `eng` for an engine whose `state` struct starts with its hand-off `hand`
+    (rbd.pyx, nbd.pyx): the hand-off's eventfd, and the shared reap / wait_fd / ready."""
+    hand.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if hand.efd < 0:
+        raise OSError(errno, "eventfd")
+    eng.e = state
+    eng.submit = submit
+    eng.kick = kick
+    eng.reap = blk_handoff_eng_reap
+    eng.wait_fd = blk_handoff_eng_fd
+    eng.ready = blk_handoff_eng_ready
+    return 0

@@ -512,15 +512,7 @@ cdef class NbdEngine(QueueEngine):
         self.conn = conn
         memset(&self.e, 0, sizeof(nbd_eng_t))
         self.e.conn = conn.c
-        self.e.hand.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.e.hand.efd < 0:
-            raise OSError(errno, "eventfd")
-        self.eng.e = &self.e
-        self.eng.submit = nbd_submit
-        self.eng.kick = nbd_kick
-        self.eng.reap = blk_handoff_eng_reap
-        self.eng.wait_fd = blk_handoff_eng_fd
-        self.eng.ready = blk_handoff_eng_ready
+        handoff_engine_init(&self.eng, &self.e, &self.e.hand, nbd_submit, nbd_kick)
 
     def close(self):
         # every I/O of this queue came back (the worker drained): nothing writes the eventfd

@@ -307,15 +307,7 @@ cdef class RbdEngine(QueueEngine):
         self.img = img
         memset(&self.r, 0, sizeof(rbd_eng_t))
         self.r.image = img.image
-        self.r.hand.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.r.hand.efd < 0:
-            raise OSError(errno, "eventfd")
-        self.eng.e = &self.r
-        self.eng.submit = rbd_submit
-        self.eng.kick = rbd_kick
-        self.eng.reap = blk_handoff_eng_reap
-        self.eng.wait_fd = blk_handoff_eng_fd
-        self.eng.ready = blk_handoff_eng_ready
+        handoff_engine_init(&self.eng, &self.r, &self.r.hand, rbd_submit, rbd_kick)
 
     def close(self):
         if self.r.hand.efd >= 0 and self.r.submitted == blk_load_u64(&self.r.hand.completed):

@@ -124,6 +124,19 @@ class BlkDevice(Device):
         else:
             log.warning("io_uring disabled: SYNCHRONOUS preadv/pwritev, one request at a time")
 
+    def _remote_store(self, what: str, store, serial: str | None) -> None:
+        """The device's side of an RBD image or NBD export opened as `store`: its size, no
+        file descriptors, a serial derived from `what` unless one is given."""
+        if store.size < vb.SECTOR_SIZE:
+            store.close()
+            raise ValueError(f"{what}: smaller than one sector")
+        self.capacity = store.size // vb.SECTOR_SIZE
+        self.fd_direct = self.fd_buffered = -1
+        self.use_io_uring = False
+        if serial is None:
+            serial = "pyvhost-" + hashlib.sha1(what.encode()).hexdigest()[:12]
+        self.serial = serial.encode()[:vb.ID_BYTES]
+
     def _open_rbd(self, spec, conf, client_id, keyring, timeout, serial) -> None:
         try:
             from cython_ext.rbd import RbdImage
@@ -131,15 +144,7 @@ class BlkDevice(Device):
             raise OSError(f"rbd {spec}: this pyvhost was built without the Ceph RBD engine "
                           f"(install librbd-dev and librados-dev, then reinstall): {e}") from None
         self.rbd = RbdImage(spec, conf, client_id, keyring, timeout, self.read_only)
-        if self.rbd.size < vb.SECTOR_SIZE:
-            self.rbd.close()
-            raise ValueError(f"rbd {spec}: image is smaller than one sector")
-        self.capacity = self.rbd.size // vb.SECTOR_SIZE
-        self.fd_direct = self.fd_buffered = -1
-        self.use_io_uring = False
-        if serial is None:
-            serial = "pyvhost-" + hashlib.sha1(f"rbd:{spec}".encode()).hexdigest()[:12]
-        self.serial = serial.encode()[:vb.ID_BYTES]
+        self._remote_store(f"rbd {spec}", self.rbd, serial)
         log.info("rbd %s: %d bytes, client.%s%s", spec, self.rbd.size, client_id or "admin",
                  ", read-only" if self.read_only else "")
 
@@ -150,14 +155,7 @@ class BlkDevice(Device):
             raise OSError(f"nbd {uri}: this pyvhost was built without the NBD engine (install "
                           f"libnbd-dev, then reinstall): {e}") from None
         self.nbd = NbdExport(uri, timeout, self.read_only, connections)
-        if self.nbd.size < vb.SECTOR_SIZE:
-            raise ValueError(f"nbd {uri}: export is smaller than one sector")
-        self.capacity = self.nbd.size // vb.SECTOR_SIZE
-        self.fd_direct = self.fd_buffered = -1
-        self.use_io_uring = False
-        if serial is None:
-            serial = "pyvhost-" + hashlib.sha1(f"nbd:{uri}".encode()).hexdigest()[:12]
-        self.serial = serial.encode()[:vb.ID_BYTES]
+        self._remote_store(f"nbd {uri}", self.nbd, serial)
         n = connections if self.nbd.multi_conn else 1
         log.info("nbd %s: %d bytes, up to %d connection%s%s%s", uri, self.nbd.size, n,
                  "s" if n > 1 else "", "" if self.nbd.multi_conn else " (no multi-conn)",
