@@ -46,6 +46,7 @@ other exception leaves `receive`.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -143,8 +144,10 @@ class LimitExceeded(RequestError):
     disconnect if the frontend goes on."""
 
 
+@functools.lru_cache(maxsize=1)
 def host_memory() -> int:
-    """This host's RAM in bytes (MemTotal)."""
+    """This host's RAM in bytes (MemTotal), read once: every connection's default limit uses
+    it."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

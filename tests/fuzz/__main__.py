@@ -1,5 +1,5 @@
-"""python -m tests.fuzz TARGET [--runs N | --seconds S] [--corpus DIR] [--artifacts DIR]
-                      [--reproduce FILE ...] [-- LIBFUZZER_ARGS ...]
+"""python -m tests.fuzz TARGET [--runs N | --seconds S] [--workers N] [--corpus DIR]
+                      [--artifacts DIR] [--reproduce FILE ...] [-- LIBFUZZER_ARGS ...]
 
 Runs one fuzz target of tests/fuzz under atheris (libFuzzer).  Exit status 0: no crash; non-zero:
 libFuzzer found one and wrote the input to the artifacts directory (crash-<sha1>), or a
@@ -13,6 +13,11 @@ symbol namespace first, then the target (and with it the Cython extensions) is i
 atheris's Python instrumentation.  On a fuzz build (PYVHOST_FUZZ_BUILD=1) the extensions'
 SanitizerCoverage counters then go to libFuzzer; on any other build the fuzzer sees Python
 coverage only (said on stderr).
+
+--workers N is libFuzzer's fork mode (-fork=N): one run, one corpus, N worker processes, and
+the executions counted over all of them (so --runs is the run's total).  libFuzzer starts each
+worker as its own argv[0] with its flags, so argv[0] is a small shell script that comes back
+here as a --fork-job child.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -92,6 +98,17 @@ class ThreadErrors:
             raise RuntimeError(f"exception in a thread: {type(e).__name__}: {e}") from e
 
 
+def _fork_shim(target: str, artifacts: str) -> str:
+    """The executable libFuzzer's fork mode runs as each worker: this module, as a --fork-job
+    child of `target`, given the flags libFuzzer passes.  Lives beside the artifacts."""
+    path = os.path.join(os.path.abspath(artifacts), f".fuzz-{target}-worker")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tests.fuzz --child "
+                f"{shlex.quote(target)} --fork-job -- \"$@\"\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +122,9 @@ def parse_args(argv):
     p.add_argument("--no-seeds", action="store_true", help="do not read corpus/TARGET")
     p.add_argument("--reproduce", nargs="+", metavar="FILE",
                    help="run these inputs once each instead of fuzzing")
+    p.add_argument("--workers", type=int, help="libFuzzer fork mode: N worker processes")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fork-job", action="store_true", help=argparse.SUPPRESS)
     extra = []
     if "--" in argv:
         at = argv.index("--")
@@ -152,13 +171,22 @@ def child(args) -> int:
         target.TestOneInput(data)
         threads.check()
 
+    if args.fork_job:       # a worker of a --workers run: libFuzzer's own flags and dirs only
+        atheris.Setup([sys.argv[0]] + list(args.libfuzzer), one_input, internal_libfuzzer=True)
+        atheris.Fuzz()
+        return 0
     os.makedirs(args.artifacts, exist_ok=True)
+    argv0 = sys.argv[0]
+    if args.workers:
+        argv0 = _fork_shim(args.target, args.artifacts)
     flags = [f"-artifact_prefix={os.path.join(os.path.abspath(args.artifacts), '')}",
              f"-timeout={args.timeout}", f"-max_len={target.MAX_LEN}", "-print_final_stats=1"]
     if args.runs is not None:
         flags.append(f"-runs={args.runs}")
     if args.seconds is not None:
         flags.append(f"-max_total_time={args.seconds}")
+    if args.workers:
+        flags.append(f"-fork={args.workers}")
     if args.reproduce:
         dirs = list(args.reproduce)
     else:
@@ -167,7 +195,7 @@ def child(args) -> int:
         for seeds in (os.path.join(CORPUS, args.target), os.path.join(CRASHES, args.target)):
             if not args.no_seeds and os.path.isdir(seeds):
                 dirs.append(seeds)
-    atheris.Setup([sys.argv[0]] + flags + list(args.libfuzzer) + dirs, one_input,
+    atheris.Setup([argv0] + flags + list(args.libfuzzer) + dirs, one_input,
                   internal_libfuzzer=True)
     atheris.Fuzz()          # ends the process itself (0, or non-zero on a crash)
     return 0

@@ -69,8 +69,9 @@ def make_device(sel: int):
 
 
 def memfd_maps() -> int:
+    # one read and a C-level count: a per-line generator was 14 % of an execution (py-spy)
     with open("/proc/self/maps") as f:
-        return sum(1 for line in f if MEMFD_NAME in line)
+        return f.read().count(MEMFD_NAME)
 
 
 def fd_count() -> int:

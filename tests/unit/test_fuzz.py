@@ -83,3 +83,22 @@ def test_a_crash_fails_the_run_and_keeps_its_input(how, tmp_path):
     assert r.returncode != 0
     r = fuzz("canary", "--reproduce", str(seeds / "boring"), artifacts=art, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_workers_is_one_run_counted_over_its_worker_processes(tmp_path):
+    """--workers N (libFuzzer's fork mode, how the long runs are done on two cores): the workers
+    come back through the shell shim as --fork-job children, and --runs bounds the run's total
+    executions, not each worker's."""
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "boring").write_bytes(b"nothing to see")
+    art = tmp_path / "artifacts"
+    r = fuzz("canary", "--runs", "3000", "--workers", "2", "--", str(seeds), artifacts=art,
+             timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "-fork=2: fuzzing in separate process(s)" in r.stderr, r.stderr[-3000:]
+    done = re.search(r"fuzzed for (\d+) iterations", r.stderr)
+    assert done and int(done.group(1)) >= 3000, r.stderr[-3000:]
+    jobs = {int(j) for j in re.findall(r" job: (\d+)", r.stderr)}
+    assert jobs, r.stderr[-3000:]
+    assert not found(art), r.stderr[-3000:]
