@@ -1,7 +1,17 @@
 """bench/net.py: pyvhost-net against DPDK's own vhost-user backend (``net_vhost``), both driven by
 the same DPDK frontend (testpmd ``net_virtio_user``), 64 B and 1500 B frames.
 
-    python -m bench.net [--quick] [--duration S] [--rounds N] [--size B ...] [--flood] [--json F]
+    python -m bench.net [--quick] [--duration S] [--rounds N] [--size B ...] [--flood]
+                        [--mode forward|sink ...] [--json F]
+
+Two modes.  ``forward`` (default, below): the A -> B ring through the backend.  ``sink``: testpmd
+txonly on one net_virtio_user port (one queue, one forwarding core) into a backend that only
+consumes -- pyvhost-net as a one-port ``--switch`` (every frame popped, validated, its source
+learned, its unknown destination flooded to no other port, used entry published) against
+net_vhost under testpmd rxonly; "Mpps" is what the frontend got onto the ring, which is full in
+steady state, so what the backend consumed (cross-checked against the backend's own count).
+This is the ring engine's per-frame cost, with no copy on our side.  bench.run runs both modes,
+five rounds alternated.
 
 What is compared
 ----------------
@@ -76,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -229,8 +240,9 @@ def _pyvhost_stats(log: str) -> dict:
 
 
 @contextlib.contextmanager
-def _dpdk(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backend]:
-    with vhost_backend(socks, fwd="io", name="net_vhost", mem_mb=MEM_MB,
+def _dpdk(socks: list[Path], workdir: Path, queue_size: int,
+          fwd: str = "io") -> Iterator[_Backend]:
+    with vhost_backend(socks, fwd=fwd, name="net_vhost", mem_mb=MEM_MB,
                        log_path=workdir / "net_vhost.log") as be:
         b = _Backend("dpdk", be.proc.pid, be)
         be.start()
@@ -241,10 +253,30 @@ def _dpdk(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backen
 
 
 _BACKEND_CM = {"pyvhost": _pyvhost, "dpdk": _dpdk}
+# sink mode: the backend only consumes (a one-port switch drops what it cannot deliver; DPDK's
+# rxonly frees every mbuf it dequeues)
+_SINK_CM = {"pyvhost": _pyvhost, "dpdk": functools.partial(_dpdk, fwd="rxonly")}
 
 
 # ---------------------------------------------------------------------------------------------
 # one run
+
+def _interval(fe: TestPmd, be: _Backend, duration: float) -> tuple[dict, dict]:
+    """Measure for ``duration`` s while traffic runs: the frontend's per-port NIC counter
+    deltas, and the CPU (cores) of the backend, the frontend and everything else meanwhile
+    (other benchmarks, this script), with the interval's length ("seconds")."""
+    s0 = fe.port_stats()
+    c0, f0, m0 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
+    t0 = time.monotonic()
+    time.sleep(duration)
+    s1 = fe.port_stats()
+    c1, f1, m1 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
+    dt = time.monotonic() - t0
+    d = {p: {k: s1[p].get(k, 0) - s0.get(p, {}).get(k, 0) for k in s1[p]} for p in s1}
+    return d, {"backend_cpu": (c1 - c0) / dt, "frontend_cpu": (f1 - f0) / dt,
+               "other_cpu": max(0.0, ((m1 - m0) - (c1 - c0) - (f1 - f0)) / dt),
+               "seconds": dt}
+
 
 def _seed_ring(fe: TestPmd, window: int, flood: bool) -> None:
     """Put ``window`` frames on P0 only, then forward P1 -> P0 (io) without flushing P1's rx.
@@ -282,15 +314,9 @@ def _run_one(kind: str, pkt_len: int, duration: float, warmup: float, workdir: P
                          eth_peers=None if flood else {0: MAC_B, 1: MAC_B}) as fe:
             _seed_ring(fe, window, flood)
             time.sleep(warmup)
-            s0 = fe.port_stats()
-            c0, f0, m0 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
-            t0 = time.monotonic()
-            time.sleep(duration)
-            s1 = fe.port_stats()
-            c1, f1, m1 = _cpu_seconds(be.pid), _cpu_seconds(fe.proc.pid), _busy_cpu_seconds()
-            dt = time.monotonic() - t0
+            d, cpu = _interval(fe, be, duration)
             fwd = fe.stop()
-    d = {p: {k: s1[p].get(k, 0) - s0.get(p, {}).get(k, 0) for k in s1[p]} for p in s1}
+    dt = cpu["seconds"]
     rx = d.get(1, {}).get("rx_packets", 0)
     tx = d.get(0, {}).get("tx_packets", 0)
     lost = fwd.get(0, {}).get("tx_dropped", 0) + be.drops
@@ -298,21 +324,19 @@ def _run_one(kind: str, pkt_len: int, duration: float, warmup: float, workdir: P
         "mpps": rx / dt / 1e6,                                         # delivered at P1
         "gbps": d.get(1, {}).get("rx_bytes", 0) * 8 / dt / 1e9,
         "offered_mpps": tx / dt / 1e6,                                 # sent by P0
-        "backend_cpu": (c1 - c0) / dt,                                 # cores
-        "frontend_cpu": (f1 - f0) / dt,
-        # everything else the machine ran meanwhile (other benchmarks, this script), cores
-        "other_cpu": max(0.0, ((m1 - m0) - (c1 - c0) - (f1 - f0)) / dt),
+        **cpu,
         "lost": lost,
-        "seconds": dt,
         "loadavg_after": _loadavg(),
     })
     row["valid"] = rx > 0 and lost <= window // 4
-    notes = []
-    if rx == 0:
-        notes.append("no traffic")
-    elif not row["valid"]:
-        notes.append(f"lost {lost} of the {window}-frame window")
-    # the frontend busy-polls: less than ~a whole core means it shared a CPU with someone
+    return _noted(row, "no traffic" if rx == 0 else
+                  None if row["valid"] else f"lost {lost} of the {window}-frame window")
+
+
+def _noted(row: dict, problem: str | None) -> dict:
+    """The row's note: what made it invalid, and CPU contention: the frontend busy-polls, so
+    less than ~a whole core means it shared a CPU with someone (still counted)."""
+    notes = [problem] if problem else []
     if row["frontend_cpu"] < CONTENDED:
         notes.append(f"CPU contention (frontend got {100 * row['frontend_cpu']:.0f}% of a core)")
     row["contended"] = row["frontend_cpu"] < CONTENDED
@@ -321,13 +345,51 @@ def _run_one(kind: str, pkt_len: int, duration: float, warmup: float, workdir: P
     return row
 
 
+def _run_sink(kind: str, pkt_len: int, duration: float, warmup: float, workdir: Path,
+              queue_size: int) -> dict:
+    """Sink mode: testpmd txonly on one net_virtio_user port (one queue, one forwarding core)
+    sends as fast as the backend takes frames off the ring; the backend consumes and drops
+    them.  pyvhost-net is a one-port switch (every frame popped, validated, translated, its
+    source learned, its unknown destination flooded to no other port, its used entry
+    published); DPDK is net_vhost under testpmd rxonly (dequeue into an mbuf, free it).  The
+    frontend's ring is full in steady state, so what it sends is what the backend consumed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    socks = [workdir / "a.sock"]
+    row: dict = {"backend": kind, "mode": "sink", "pkt_len": pkt_len, "dst": "unknown",
+                 "queue_size": queue_size, "loadavg_before": _loadavg()}
+    with _SINK_CM[kind](socks, workdir, queue_size) as be:
+        with virtio_user(socks, "txonly", pkt_len=pkt_len, mac=MAC_A, queue_size=queue_size,
+                         name="frontend", mem_mb=MEM_MB, log_path=workdir / "frontend.log",
+                         peer=MAC_B) as fe:
+            fe.start()
+            time.sleep(warmup)
+            d, cpu = _interval(fe, be, duration)
+            fe.stop()
+    dt = cpu["seconds"]
+    tx = d.get(0, {}).get("tx_packets", 0)
+    txb = d.get(0, {}).get("tx_bytes", 0)
+    # the backend's own count of what it took, over the whole run (a cross-check)
+    if kind == "pyvhost":
+        taken = be.detail.get("sw0:0", {}).get("tx_packets", 0)
+    else:
+        taken = be.detail.get(0, {}).get("rx_packets", 0)
+    row.update({
+        "mpps": tx / dt / 1e6, "gbps": txb * 8 / dt / 1e9, "offered_mpps": tx / dt / 1e6,
+        **cpu, "lost": 0, "backend_taken": taken, "loadavg_after": _loadavg(),
+    })
+    row["valid"] = tx > 0 and taken >= tx
+    return _noted(row, "no traffic" if tx == 0 else None if taken >= tx else
+                  f"backend counted {taken} frames, frontend sent {tx} in the interval")
+
+
 # ---------------------------------------------------------------------------------------------
 # the suite
 
 def run_net_bench(*, duration: float = 5.0, rounds: int = 2, quick: bool = False,
                   pkt_lens: tuple[int, ...] = PKT_LENS, window: int = WINDOW,
                   queue_size: int = QUEUE_SIZE, flood: bool = False,
-                  backends: tuple[str, ...] = BACKENDS, progress=None) -> list[dict]:
+                  backends: tuple[str, ...] = BACKENDS, modes: tuple[str, ...] = ("forward",),
+                  progress=None) -> list[dict]:
     """Run the comparison; one dict per run: ``backend`` ("pyvhost" / "dpdk"), ``pkt_len``,
     ``round``, ``mpps`` (delivered), ``gbps``, ``offered_mpps``, ``backend_cpu``,
     ``frontend_cpu`` and ``other_cpu`` (cores), ``lost`` (frames), ``valid``, ``contended``,
@@ -351,12 +413,16 @@ def run_net_bench(*, duration: float = 5.0, rounds: int = 2, quick: bool = False
     top = Path(tempfile.mkdtemp(prefix="pvhnet", dir="/tmp"))   # short: sun_path is 108 bytes
     try:
         for rnd in range(rounds):
-            for pkt_len in pkt_lens:
+            for mode, pkt_len in ((m, n) for m in modes for n in pkt_lens):
                 by_kind = {}
                 for kind in backends:
-                    row = _run_one(kind, pkt_len, duration, warmup,
-                                   top / f"r{rnd}-{pkt_len}-{kind}", window, queue_size,
-                                   flood)
+                    wd = top / f"r{rnd}-{mode}-{pkt_len}-{kind}"
+                    if mode == "sink":
+                        row = _run_sink(kind, pkt_len, duration, warmup, wd, queue_size)
+                    else:
+                        row = _run_one(kind, pkt_len, duration, warmup, wd, window,
+                                       queue_size, flood)
+                        row["mode"] = "forward"
                     row["round"] = rnd
                     by_kind[kind] = row
                     rows.append(row)
@@ -372,17 +438,20 @@ def run_net_bench(*, duration: float = 5.0, rounds: int = 2, quick: bool = False
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per packet length: median Mpps of each backend over the valid runs, and their ratio."""
+    """Per mode and packet length: median Mpps of each backend over the valid runs, the
+    spread (min..max), and their ratio."""
     out = []
-    for pkt_len in sorted({r["pkt_len"] for r in rows}):
-        s: dict = {"pkt_len": pkt_len}
+    for mode, pkt_len in sorted({(r.get("mode", "forward"), r["pkt_len"]) for r in rows}):
+        mine = [r for r in rows if r.get("mode", "forward") == mode and r["pkt_len"] == pkt_len]
+        s: dict = {"mode": mode, "pkt_len": pkt_len}
         for kind in BACKENDS:
-            v = [r for r in rows if r["pkt_len"] == pkt_len and r["backend"] == kind
-                 and r["valid"]]
+            v = [r for r in mine if r["backend"] == kind and r["valid"]]
             s[kind] = statistics.median(r["mpps"] for r in v) if v else None
+            s[f"{kind}_range"] = (min(r["mpps"] for r in v), max(r["mpps"] for r in v)) \
+                if v else None
             s[f"{kind}_cpu"] = statistics.median(r["backend_cpu"] for r in v) if v else None
             s[f"{kind}_runs"] = len(v)
-        ratios = [r["ratio"] for r in rows if r["pkt_len"] == pkt_len and "ratio" in r]
+        ratios = [r["ratio"] for r in mine if "ratio" in r]
         s["ratio"] = (s["pyvhost"] / s["dpdk"]) if s["pyvhost"] and s["dpdk"] else None
         s["ratio_range"] = (min(ratios), max(ratios)) if ratios else None
         out.append(s)
@@ -392,7 +461,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-HEADER = (f"{'size':>5}  {'backend':<15} {'rnd':>3}  {'Mpps':>7} {'Gbit/s':>7} "
+HEADER = (f"{'mode':<7} {'size':>5}  {'backend':<15} {'rnd':>3}  {'Mpps':>7} {'Gbit/s':>7} "
           f"{'offered':>7} {'lost':>5} {'be CPU':>7} {'Mpps/core':>9} {'fe CPU':>7} "
           f"{'others':>6} {'ratio':>6}  note")
 LEGEND = ("Mpps: delivered at P1; offered: sent by P0; lost: frames refused or dropped (the "
@@ -404,15 +473,16 @@ LEGEND = ("Mpps: delivered at P1; offered: sent by P0; lost: frames refused or d
 def _fmt_row(r: dict) -> str:
     per_core = r["mpps"] / r["backend_cpu"] if r["backend_cpu"] > 0.01 else float("nan")
     ratio = f"{r['ratio']:6.2f}" if "ratio" in r else " " * 6
-    return (f"{r['pkt_len']:>5}  {NAMES[r['backend']]:<15} {r.get('round', 0):>3}  "
+    return (f"{r.get('mode', 'forward'):<7} {r['pkt_len']:>5}  {NAMES[r['backend']]:<15} {r.get('round', 0):>3}  "
             f"{r['mpps']:7.3f} {r['gbps']:7.2f} {r['offered_mpps']:7.3f} {r['lost']:>5} "
             f"{100 * r['backend_cpu']:6.0f}% {per_core:9.3f} {100 * r['frontend_cpu']:6.0f}% "
             f"{100 * r['other_cpu']:5.0f}% {ratio}  {r.get('note', '')}")
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'size':>5}  {'pyvhost Mpps':>12} {'DPDK Mpps':>10} {'ratio':>6} "
-             f"{'(per round)':>14}  {'pyvhost CPU':>11} {'DPDK CPU':>8}  (medians of valid runs)"]
+    lines = [f"{'mode':<7} {'size':>5}  {'pyvhost Mpps':>12} {'(spread)':>13} {'DPDK Mpps':>10} "
+             f"{'(spread)':>13} {'ratio':>6} {'(per round)':>14}  {'pyvhost CPU':>11} "
+             f"{'DPDK CPU':>8}  (medians of valid runs)"]
 
     def num(v, w, spec):
         return f"{v:{w}{spec}}" if v is not None else f"{'-':>{w}}"
@@ -420,11 +490,14 @@ def format_summary(rows: list[dict]) -> str:
     def pct(v):
         return f"{100 * v:.0f}%" if v is not None else "-"
 
+    def spread(v):
+        return f"{v[0]:.2f}..{v[1]:.2f}" if v else "-"
+
     for s in summarize(rows):
-        rr = s["ratio_range"]
-        rng = f"{rr[0]:.2f}..{rr[1]:.2f}" if rr else "-"
-        lines.append(f"{s['pkt_len']:>5}  {num(s['pyvhost'], 12, '.3f')} "
-                     f"{num(s['dpdk'], 10, '.3f')} {num(s['ratio'], 6, '.2f')} {rng:>14}  "
+        lines.append(f"{s['mode']:<7} {s['pkt_len']:>5}  {num(s['pyvhost'], 12, '.3f')} "
+                     f"{spread(s['pyvhost_range']):>13} {num(s['dpdk'], 10, '.3f')} "
+                     f"{spread(s['dpdk_range']):>13} {num(s['ratio'], 6, '.2f')} "
+                     f"{spread(s['ratio_range']):>14}  "
                      f"{pct(s['pyvhost_cpu']):>11} {pct(s['dpdk_cpu']):>8}")
     return "\n".join(lines)
 
@@ -448,6 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, action="append", help="packet length (repeatable)")
     ap.add_argument("--flood", action="store_true",
                     help="send to an unknown MAC (the switch floods) instead of P1's MAC")
+    ap.add_argument("--mode", action="append", choices=("forward", "sink"),
+                    help="forward: the A -> B ring through the backend (default); sink: "
+                         "testpmd txonly into a backend that only consumes (repeatable)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -460,7 +536,7 @@ def main(argv=None) -> int:
     try:
         rows = run_net_bench(duration=args.duration, rounds=args.rounds, quick=args.quick,
                              pkt_lens=tuple(args.size or PKT_LENS), window=args.window,
-                             flood=args.flood,
+                             flood=args.flood, modes=tuple(args.mode or ("forward",)),
                              progress=lambda r: print(_fmt_row(r), flush=True))
     except DpdkError as e:
         print(f"bench.net: cannot run: {e}", file=sys.stderr)

@@ -83,7 +83,9 @@ def run_part(name: str, quick: bool, pin: bool) -> list[dict]:
         return run_blk_bench(quick=quick, pin=pin)
     if name == "net":
         from bench.net import run_net_bench
-        return run_net_bench(quick=quick)
+        # five rounds alternated (pyvhost, DPDK, ...): the machine's rates are bimodal from
+        # run to run (bench/net.py), medians and spreads are what is reported
+        return run_net_bench(quick=quick, rounds=5, modes=("forward", "sink"))
     if name == "guest":
         from bench.guest import run_guest_bench
         return run_guest_bench(quick=quick)
@@ -138,14 +140,18 @@ def targets(results: dict) -> list[dict]:
                             if p and q and q.get("cpu_s_per_mio") else None, goal="<= 1.0",
                             ok=None))
     net = results.get("net", {}).get("rows") or []
-    for size in (64, 1500):
-        pv = [r["mpps"] for r in net if r.get("backend") == "pyvhost" and r.get("pkt_len") == size
-              and r.get("valid")]
-        dp = [r["mpps"] for r in net if r.get("backend") == "dpdk" and r.get("pkt_len") == size
-              and r.get("valid")]
-        out.append(dict(target=f"net {size} B: Mpps >= 0.5x DPDK net_vhost (aim 1.0x)",
-                        value=(statistics.median(pv) / statistics.median(dp)) if pv and dp
-                        and statistics.median(dp) else None, goal=">= 0.5", ok=None))
+    # issue 13: the switch A -> B ring at DPDK's rate; frames consumed (sink) >= 0.8x at 64 B
+    # (moonshot 1.0x) and >= 1.0x at 1500 B; medians of the alternated rounds
+    for mode, size, goal in (("forward", 64, 1.0), ("forward", 1500, 1.0), ("sink", 64, 0.8),
+                             ("sink", 1500, 1.0)):
+        def med(kind):
+            v = [r["mpps"] for r in net if r.get("backend") == kind and r.get("pkt_len") == size
+                 and r.get("mode", "forward") == mode and r.get("valid")]
+            return statistics.median(v) if v else None
+        pv, dp = med("pyvhost"), med("dpdk")
+        what = "switch A -> B" if mode == "forward" else "frames consumed (one-port switch sink)"
+        out.append(dict(target=f"net {size} B {what}: Mpps >= {goal}x DPDK net_vhost",
+                        value=(pv / dp) if pv and dp else None, goal=f">= {goal}", ok=None))
     guest = results.get("guest", {}).get("rows") or []
     for case in ("qd32", "qd1"):
         pv = [r for r in guest if r.get("backend") == "pyvhost" and r.get("case") == case
@@ -215,7 +221,9 @@ def plot(results: dict, path: Path) -> None:
     sizes = sorted({r["pkt_len"] for r in net})
     if sizes:
         med = lambda kind, s: statistics.median([r["mpps"] for r in net if r["backend"] == kind
-                                                 and r["pkt_len"] == s and r.get("valid")] or [0])
+                                                 and r["pkt_len"] == s and r.get("valid")
+                                                 and r.get("mode", "forward") == "forward"]
+                                                or [0])
         bars(axes[1][0], [f"{s} B" for s in sizes], [med("pyvhost", s) for s in sizes],
              [med("dpdk", s) for s in sizes], "pyvhost-net (switch)", "DPDK net_vhost (io fwd)",
              "net Mpps, testpmd virtio_user A -> backend -> B", "Mpps")
