@@ -46,7 +46,6 @@ cdef extern from "vhost_compat.h" nogil:
     void users_leave(int *p)
     int users_count(const int *p)
     void cpu_relax()
-    void prefetch_r(const void *p)
 
 cdef enum:
     MAX_PORTS = 64
@@ -851,7 +850,7 @@ ctypedef struct worker_t:
     # tx side (owned by the runtime: its kick fd is rt.kick_fds[0])
     bint has_tx
     vq_t tx
-    chain_t *chain           # TX_AHEAD chains: popped, not yet sent
+    chain_t *chain
     # rx side (tap mode: the port's rx queue q; switch uplink: none)
     bint has_rx
     int rx_kick
@@ -864,70 +863,37 @@ ctypedef struct worker_t:
     fwd_t fwd
 
 
-cdef inline void tx_one(worker_t *w, chain_t *c) noexcept nogil:
-    """Send one popped tx chain (to the tap or into the switch) and push its used entry."""
-    cdef frame_t f
-    cdef int f_code
-    cdef ssize_t wr
-    f_code = frame_from_chain(c, w.port.hdr_len, &f)
-    if f_code != F_NONE:
-        note_fault(&w.tx, 2 * w.pair + 1, f_code)
-        w.fwd.stats[ST_TX_DROPPED] += 1
-    else:
-        w.fwd.stats[ST_TX_PACKETS] += 1
-        w.fwd.stats[ST_TX_BYTES] += f.len
-        if w.mode == 1:
-            # tap mode: header + frame straight from guest memory (the tap takes our header)
-            f.iov[0] = f.first
-            wr = writev(w.tap_fd, c.segs, c.nsegs)
-            if wr < 0:
-                w.fwd.stats[ST_TX_DROPPED] += 1
-        else:
-            switch_forward(w.sw, w.port_index, &f, w.pair, &w.fwd)
-    vq_push(&w.tx, c.head, 0)
-
-
-cdef inline void tx_prefetch(chain_t *c) noexcept nogil:
-    """Start loading the lines a frame's first touch needs: the virtio_net_hdr and the
-    Ethernet addresses after it (DPDK's virtio_user puts the header in the mbuf headroom,
-    the last bytes of one cache line, and the frame at the start of the next)."""
-    cdef uint8_t *b
-    if c.fault == F_NONE and c.nsegs > 0:
-        b = <uint8_t *>c.segs[0].iov_base
-        prefetch_r(b)
-        if c.segs[0].iov_len > 64:
-            prefetch_r(b + 63)
-
-
-# Chains popped ahead of the one being sent (tx_pass), so their first lines load meanwhile.
-cdef enum:
-    TX_AHEAD = 8
-
 cdef int tx_pass(worker_t *w) noexcept nogil:
-    """Pop and send up to BATCH frames from the tx queue.  Returns frames popped or -1.
-
-    Chains are popped TX_AHEAD ahead of the one being sent, their header lines prefetched
-    when popped: the frontend has just written those lines on another CPU, and the first read
-    of each frame was a cache miss that took 60 % of the one-port sink's time (perf).  Used
-    entries are pushed in pop order."""
-    cdef int n = 0, r, ahead = 0, first = 0
+    """Pop and send up to BATCH frames from the tx queue.  Returns frames popped or -1."""
+    cdef int n = 0, r, f_code
+    cdef frame_t f
+    cdef ssize_t wr
+    cdef port_t *p = w.port
     w.fwd.now_ms = now_ms()
-    while True:
-        while ahead < TX_AHEAD and n < BATCH:
-            r = vq_pop(&w.tx, &w.chain[(first + ahead) % TX_AHEAD])
-            if r == 0:
-                break
-            if r < 0:
-                note_fault(&w.tx, 2 * w.pair + 1, F_AVAIL)
-                return -1
-            tx_prefetch(&w.chain[(first + ahead) % TX_AHEAD])
-            ahead += 1
-            n += 1
-        if ahead == 0:
+    while n < BATCH:
+        r = vq_pop(&w.tx, w.chain)
+        if r == 0:
             break
-        tx_one(w, &w.chain[first])
-        first = (first + 1) % TX_AHEAD
-        ahead -= 1
+        if r < 0:
+            note_fault(&w.tx, 2 * w.pair + 1, F_AVAIL)
+            return -1
+        n += 1
+        f_code = frame_from_chain(w.chain, p.hdr_len, &f)
+        if f_code != F_NONE:
+            note_fault(&w.tx, 2 * w.pair + 1, f_code)
+            w.fwd.stats[ST_TX_DROPPED] += 1
+        else:
+            w.fwd.stats[ST_TX_PACKETS] += 1
+            w.fwd.stats[ST_TX_BYTES] += f.len
+            if w.mode == 1:
+                # tap mode: header + frame straight from guest memory (the tap takes our header)
+                f.iov[0] = f.first
+                wr = writev(w.tap_fd, w.chain.segs, w.chain.nsegs)
+                if wr < 0:
+                    w.fwd.stats[ST_TX_DROPPED] += 1
+            else:
+                switch_forward(w.sw, w.port_index, &f, w.pair, &w.fwd)
+        vq_push(&w.tx, w.chain.head, 0)
     fwd_flush(&w.fwd, w.sw)
     if n:
         vq_publish(&w.tx)
@@ -1393,7 +1359,7 @@ cdef class NetWorker:
         w.rx_kick = rx_kick
         w.fwd.lookup_port = -1
         w.has_rx = w.mode == 3 or (w.mode == 1 and port.p.rx[pair].active)
-        w.chain = <chain_t *>calloc(TX_AHEAD, sizeof(chain_t))
+        w.chain = <chain_t *>calloc(1, sizeof(chain_t))
         if w.mode != 2:
             w.bounce = <uint8_t *>malloc(HDR_MAX + MAX_FRAME)
             if w.bounce == NULL:

@@ -17,9 +17,6 @@
 #define PYVHOST_DEBUG 0
 #endif
 
-/* A read prefetch (to all cache levels): a hint, never a fault, whatever the address. */
-static inline void prefetch_r(const void *p) { __builtin_prefetch(p, 0, 3); }
-
 static inline void vq_mb(void)  { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void vq_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void vq_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
