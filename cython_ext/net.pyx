@@ -159,9 +159,7 @@ ctypedef struct switch_t:
 # Per-sender forwarding state: rx queues written in this batch (published and notified once
 # at the end of the batch instead of once per frame), and one-entry caches of the last source
 # MAC learned and destination looked up, so a stream between two stations takes the MAC
-# table's mutex about once per millisecond rather than twice per frame.  An unknown
-# destination is cached too: a frame flooded for up to MAC_CACHE_MS after its station was
-# learned still reaches it (flooding goes to every port), it merely costs more.
+# table's mutex about once per millisecond rather than twice per frame.
 cdef enum:
     MAX_DIRTY = 64
     MAC_CACHE_MS = 1
@@ -173,11 +171,8 @@ ctypedef struct fwd_t:
     int learned_verdict            # mac_learn's answer for learned_mac (LEARN_*)
     uint64_t learned_ms
     uint8_t lookup_mac[6]
-    int lookup_port                # -1: lookup_mac is not known (flooded), cached all the same
-    bint lookup_valid
+    int lookup_port
     uint64_t lookup_ms
-    uint64_t flooded               # frames flooded / unicast since the last fwd_flush, added
-    uint64_t unicast               # to the switch's shared counters once per batch
     uint64_t now_ms                # read once per batch (a clock read per frame cost ~18%)
     uint64_t stats[NUM_STATS]      # the sender's tx-side counters: one writer, no atomics
 
@@ -678,16 +673,16 @@ cdef void mac_forget_port(switch_t *sw, int port) noexcept nogil:
         sw.ports[port].mac_count = 0
 
 
-cdef int mac_lookup(switch_t *sw, const uint8_t *mac, uint64_t t) noexcept nogil:
-    """Port of `mac` at time t (ms, CLOCK_MONOTONIC), or -1 (unknown, aged out, or a group
-    address: flood).  The caller reads the clock (once per batch on the data path: a read per
-    frame here was 11 % of the sink's profile)."""
+cdef int mac_lookup(switch_t *sw, const uint8_t *mac) noexcept nogil:
+    """Port of `mac`, or -1 (unknown, aged out, or a group address: flood)."""
     cdef uint32_t h, i
     cdef mac_entry_t *e
     cdef int port = -1
+    cdef uint64_t t
     if mac[0] & 1:
         return -1
     h = mac_hash(mac)
+    t = now_ms()
     pthread_mutex_lock(&sw.lock)
     for i in range(MAC_PROBE):
         e = &sw.table[(h + i) & (MAC_TABLE_SIZE - 1)]
@@ -717,21 +712,13 @@ cdef inline bint frame_mac(frame_t *f, size_t off, uint8_t *mac) noexcept nogil:
     return False
 
 
-cdef inline void fwd_flush(fwd_t *fw, switch_t *sw) noexcept nogil:
-    """Publish and notify every rx queue this sender wrote since the last flush; add its
-    flood/unicast counts to the switch's (one atomic per batch, not per frame: the counters
-    are shared by every sender)."""
+cdef void fwd_flush(fwd_t *fw) noexcept nogil:
+    """Publish and notify every rx queue this sender wrote since the last flush."""
     cdef int k
+    cdef rxq_t *q
     for k in range(fw.ndirty):
         rxq_flush(fw.dirty[k])
     fw.ndirty = 0
-    if sw != NULL:
-        if fw.flooded:
-            stat_add(&sw.flooded, fw.flooded)
-            fw.flooded = 0
-        if fw.unicast:
-            stat_add(&sw.unicast, fw.unicast)
-            fw.unicast = 0
 
 
 cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
@@ -818,23 +805,23 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
             fw.stats[ST_TX_DROPPED] += 1
             fw.stats[ST_TX_SRC_MAC] += 1
             return
-    if fw.lookup_valid and t - fw.lookup_ms < MAC_CACHE_MS \
+    if fw.lookup_port >= 0 and t - fw.lookup_ms < MAC_CACHE_MS \
             and memcmp(fw.lookup_mac, dmac, 6) == 0:
         dst = fw.lookup_port
     else:
-        dst = mac_lookup(sw, dmac, t)
-        memcpy(fw.lookup_mac, dmac, 6)
-        fw.lookup_port = dst
-        fw.lookup_valid = True
-        fw.lookup_ms = t
+        dst = mac_lookup(sw, dmac)
+        if dst >= 0:                             # only known stations are cached
+            memcpy(fw.lookup_mac, dmac, 6)
+            fw.lookup_port = dst
+            fw.lookup_ms = t
     if dst == src:
         fw.stats[ST_HAIRPIN] += 1                             # no hairpin
         return
     if dst >= 0 and sw.ports[dst] != NULL and sw.ports[dst].used:
-        fw.unicast += 1
+        stat_add(&sw.unicast, 1)
         port_receive(sw.ports[dst], f, pair, fw)
         return
-    fw.flooded += 1
+    stat_add(&sw.flooded, 1)
     for k in range(sw.nports):
         p = sw.ports[k]
         if p != NULL and p.used and k != src:
@@ -894,7 +881,8 @@ cdef int tx_pass(worker_t *w) noexcept nogil:
             else:
                 switch_forward(w.sw, w.port_index, &f, w.pair, &w.fwd)
         vq_push(&w.tx, w.chain.head, 0)
-    fwd_flush(&w.fwd, w.sw)
+    if w.fwd.ndirty:
+        fwd_flush(&w.fwd)
     if n:
         vq_publish(&w.tx)
         vq_notify(&w.tx)
@@ -943,7 +931,8 @@ cdef int tap_rx_pass(worker_t *w) noexcept nogil:
             break                            # held, not dropped: retried when buffers come
         w.bounce_len = 0
         n += 1
-    fwd_flush(&w.fwd, w.sw)
+    if w.fwd.ndirty:
+        fwd_flush(&w.fwd)
     if w.mode == 1:
         rxq_flush(&p.rx[w.pair])
     return n
@@ -1070,7 +1059,7 @@ cdef class Switch:
         cdef const unsigned char *m = _mac6(mac)
         cdef int r
         with nogil:
-            r = mac_lookup(self.sw, m, now_ms())
+            r = mac_lookup(self.sw, m)
         return r
 
 
@@ -1148,7 +1137,7 @@ cdef class Port:
             with nogil:
                 fw.now_ms = now_ms()
                 switch_forward(self.switch.sw, self.index, &f, 0, fw)
-                fwd_flush(fw, self.switch.sw)
+                fwd_flush(fw)
         finally:
             free(fw)
 
