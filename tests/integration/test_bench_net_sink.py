@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.net import run_net_bench, summarize
+from bench.net import MEM_MB, run_net_bench, summarize
 from vhost.testing.dpdk import dpdk_available
 
 pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(240)]
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module", autouse=True)
 def _need_dpdk():
-    ok, why = dpdk_available(hugepages=2 * 256 // 2 + 32)
+    ok, why = dpdk_available(hugepages=2 * MEM_MB // 2 + 32)   # as run_net_bench asks
     if not ok:
         pytest.skip(why)
 
