@@ -579,14 +579,17 @@ class VhostUserFrontend:
         return self.vring_bases
 
     def _release(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        # the listener first, as QEMU does: a client-mode backend re-dials the moment its
+        # connection drops, and a listener still open then takes that dial into its backlog
+        # (a connect that succeeds and is reset when the listener closes a moment later)
         if self.listener is not None:
             self.listener.close()
             self.listener = None
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         for fd in self._eventfds:
             os.close(fd)
         self._eventfds = []
