@@ -2,8 +2,8 @@
 
 For each medium -- `null` (no I/O: pyvhost `--null`, QSD `null-co,read-zeroes=off`), `tmpfs` (an
 image in /dev/shm) and `disk` (an image in /var/tmp) -- both backends are started on the *same*
-image (each with 2 queues) and every workload is measured alternately, pyvhost then QSD, `rounds`
-times (A B A B ...), each measurement on a fresh vhost-user connection: connect, warm up, sample
+image (each with 2 queues) and every workload is measured alternately, `rounds` times (pyvhost
+then QSD, then QSD then pyvhost, ...), each measurement on a fresh vhost-user connection: connect, warm up, sample
 the backend's CPU time (utime + stime of all its threads, /proc/PID/stat), measure for `duration`
 seconds, sample again.  The driver is `bench.loadgen` (compiled, GIL released, one thread per
 queue), set up by `vhost.testing.blk.Frontend`: indirect chains (what a Linux guest sends), EVENT_IDX,
@@ -24,6 +24,10 @@ vhost/testing/ceph.py: a mon and a memstore OSD on loopback; pyvhost `--rbd`, QS
 has one connection), on the workloads REMOTE_WORKLOADS, without the +log/+packed rows.  There
 the cluster or the server shares the machine's CPUs with the backend under test, which is
 measured alone (its own CPU seconds per million I/Os).
+
+On a medium with a block device under it (`disk`), the device's own view is sampled around the
+measured interval from its sysfs stat: the mean queue depth there (iostat's aqu-sz) and device
+I/Os per guest I/O (merging) -- whether a backend keeps the device busy or leaves it idle.
 
 Workloads: 4 KiB randread / randwrite at QD 1, 32, 128; 64 KiB sequential read / write at QD 16;
 4 KiB randread at QD 32 on each of 2 queues (two driver threads).  Per (workload, medium,
@@ -124,6 +128,8 @@ class Medium:
     notes: list[str] = dataclasses.field(default_factory=list)
     store_args: list[str] | None = None   # pyvhost's store options instead of --blk-file
     qsd_blockdev: str | None = None       # QSD's --blockdev (node-name n0) instead of a file
+    block_stat: str | None = None         # sysfs stat of the block device under the image
+
 
     def describe(self) -> dict:
         return dict(medium=self.name, image=str(self.path) if self.path else None,
@@ -152,6 +158,34 @@ def _o_direct_ok(path: Path) -> bool:
     return True
 
 
+def block_stat_path(path: Path) -> str | None:
+    """/sys/dev/block/MAJ:MIN/stat of the block device holding `path` (a partition's own
+    file, Documentation/block/stat.rst), or None on a file system without one (tmpfs)."""
+    dev = os.stat(path).st_dev
+    p = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+    return p if os.major(dev) and os.path.exists(p) else None
+
+
+def _block_sample(path: str | None):
+    """(t, completed I/Os, time_in_queue ms) from a block stat file (fields 1+5 and 11)."""
+    if path is None:
+        return None
+    v = [int(x) for x in Path(path).read_text().split()]
+    return time.monotonic(), v[0] + v[4], v[10]
+
+
+def _device_queue(s0, s1, guest_ops: int) -> dict:
+    """What the block device saw over the interval: its mean queue depth (in flight, the
+    scheduler's queue included: weighted time / wall time, as iostat's aqu-sz), the mean time
+    an I/O spent there, and device I/Os per guest I/O (< 1: the block layer merged them)."""
+    if s0 is None or s1 is None:
+        return dict(dev_qd=None, dev_us_per_io=None, dev_ios_per_op=None)
+    dt, ios, wq = s1[0] - s0[0], s1[1] - s0[1], s1[2] - s0[2]
+    return dict(dev_qd=wq / 1e3 / dt if dt > 0 else None,
+                dev_us_per_io=wq * 1e3 / ios if ios else None,
+                dev_ios_per_op=ios / guest_ops if guest_ops else None)
+
+
 @contextlib.contextmanager
 def prepared_medium(name: str, size: int, base_dir: str | None = None) -> Iterator[Medium]:
     if name in REMOTE_MEDIA:
@@ -166,7 +200,7 @@ def prepared_medium(name: str, size: int, base_dir: str | None = None) -> Iterat
         img = d / "bench.img"
         t0 = time.monotonic()
         _fill_image(img, size)
-        m = Medium(name, size, img, d, _o_direct_ok(img))
+        m = Medium(name, size, img, d, _o_direct_ok(img), block_stat=block_stat_path(img))
         m.notes.append(f"{size // MiB} MiB image in {parent}, written in "
                        f"{time.monotonic() - t0:.1f} s; O_DIRECT "
                        f"{'supported' if m.o_direct else 'NOT supported (buffered I/O)'}")
@@ -447,7 +481,7 @@ LOG_CLEAR_INTERVAL = 0.1
 def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, warmup: float,
             seed: int, others: Sequence[BackendProc] = (), spin_us: float = 50.0,
             interrupts: str = "always", indirect: bool = True,
-            driver_cpus: frozenset | None = None) -> dict:
+            driver_cpus: frozenset | None = None, block_stat: str | None = None) -> dict:
     """Connect, warm up, measure `duration` seconds of `wl`; the backend's CPU time is sampled
     around the measured interval only.  A Variant with dirty_log turns dirty logging on first; one with packed runs packed rings."""
     per = 1 if indirect else 3
@@ -479,10 +513,12 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
                 _run_loads(loads, wl.op, kw, seeds, warmup, driver_cpus)
             others0 = [o.cpu_seconds() for o in others if o.alive()]
             cpu0 = backend.cpu_seconds()
+            dev0 = _block_sample(block_stat)
             t0 = time.monotonic()
             res = _run_loads(loads, wl.op, kw, [s + 1 if s is not None else None for s in seeds],
                              duration, driver_cpus)
             wall = time.monotonic() - t0
+            dev1 = _block_sample(block_stat)
             cpu1 = backend.cpu_seconds()
             others1 = [o.cpu_seconds() for o in others if o.alive()]
         finally:
@@ -521,7 +557,8 @@ def measure(backend: BackendProc, wl: Workload, *, size: int, duration: float, w
         calls=sum(r["calls"] for r in res), sleeps=sum(r["sleeps"] for r in res),
         batches=sum(r["batches"] for r in res),
         queue_size=qsize, event_idx=res[0]["event_idx"], indirect=res[0]["indirect"],
-        dirty_pages_cleared=seen[0] if dlog is not None else None)
+        dirty_pages_cleared=seen[0] if dlog is not None else None,
+        **_device_queue(dev0, dev1, ops))
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +587,9 @@ def _summarize(medium: Medium, wl: Workload, backend: BackendProc, runs: list[di
         lat_mean_us=_mean(r["lat_mean_us"] for r in ok),
         lat_max_us=max((r["lat_max_us"] for r in ok), default=None),
         cpu_s_per_mio=_mean(r["cpu_s_per_mio"] for r in ok),
+        dev_qd=_mean(r.get("dev_qd") for r in ok),
+        dev_us_per_io=_mean(r.get("dev_us_per_io") for r in ok),
+        dev_ios_per_op=_mean(r.get("dev_ios_per_op") for r in ok),
         errors=sum(r.get("errors", 0) for r in ok),
         command=list(backend.command), options=dict(backend.options),
         notes=list(backend.notes) + list(medium.notes), medium_info=medium.describe(),
@@ -635,7 +675,10 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                         continue
                     runs: dict[str, list[dict]] = {b.name: [] for b in measured}
                     for rnd in range(rounds):
-                        for b in measured:          # A A' B A A' B ...
+                        # A A' A'' B, then B A'' A' A: the order alternates so that a medium
+                        # whose speed drifts within the run (this machine's virtual disk: 19-57k
+                        # IOPS for one backend across rounds) favours neither backend
+                        for b in (measured if rnd % 2 == 0 else measured[::-1]):
                             seed = zlib.crc32(f"{wl.name}/{rnd}".encode()) & 0xFFFFFF
                             others = [o for o in backends if o is not getattr(b, "backend", b)]
                             try:
@@ -644,7 +687,8 @@ def run_blk_bench(*, duration: float = 3.0, rounds: int = 2, quick: bool = False
                                 m = measure(b, wl, size=medium.size, duration=duration,
                                             warmup=warmup, seed=seed, others=others,
                                             spin_us=spin_us, interrupts=interrupts,
-                                            indirect=indirect, driver_cpus=driver_cpus)
+                                            indirect=indirect, driver_cpus=driver_cpus,
+                                            block_stat=medium.block_stat)
                             except Exception as e:   # noqa: BLE001 - recorded, suite goes on
                                 m = dict(error=f"{type(e).__name__}: {e}",
                                          backend_alive=b.alive(),
@@ -707,7 +751,7 @@ def _f(v, fmt):
 def format_table(rows: list[dict]) -> str:
     hdr = (f"{'medium':6s} {'workload':20s} {'backend':14s} {'IOPS':>9s} {'+-%':>5s} "
            f"{'MiB/s':>8s} {'p50us':>8s} {'p99us':>8s} {'cpu/MIO':>8s} "
-           f"{'xIOPS':>6s} {'xp99':>5s} {'xCPU':>5s}")
+           f"{'xIOPS':>6s} {'xp99':>5s} {'xCPU':>5s} {'devQD':>5s} {'devIO':>5s}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         v = r.get("vs_qsd") or {}
@@ -716,7 +760,8 @@ def format_table(rows: list[dict]) -> str:
             f"{_f(r['iops_spread_pct'], '5.1f')} {_f(r['mib_s'], '8.1f')} "
             f"{_f(r['p50_us'], '8.1f')} {_f(r['p99_us'], '8.1f')} "
             f"{_f(r['cpu_s_per_mio'], '8.2f')} {_f(v.get('iops'), '6.2f')} "
-            f"{_f(v.get('p99'), '5.2f')} {_f(v.get('cpu_per_mio'), '5.2f')}"
+            f"{_f(v.get('p99'), '5.2f')} {_f(v.get('cpu_per_mio'), '5.2f')} "
+            f"{_f(r.get('dev_qd'), '5.1f')} {_f(r.get('dev_ios_per_op'), '5.2f')}"
             + (f"  (x{r['vs_pyvhost']['iops']:.2f} IOPS, "
                f"x{_f(r['vs_pyvhost']['cpu_per_mio'], '.2f')} CPU of pyvhost)"
                if r.get("vs_pyvhost") and r["vs_pyvhost"].get("iops") else "")
@@ -727,7 +772,9 @@ def format_table(rows: list[dict]) -> str:
                  "(all threads) per million I/Os; x*: pyvhost / QSD from the same run "
                  "(xIOPS > 1 and xp99, xCPU < 1 favour pyvhost); pyvhost+log: the same "
                  "pyvhost with dirty logging on, as during a live migration; pyvhost+packed: "
-                 "the same pyvhost over packed virtqueues (QEMU packed=on)")
+                 "the same pyvhost over packed virtqueues (QEMU packed=on); devQD: mean "
+                 "queue depth at the block device under the image (iostat's aqu-sz, the "
+                 "scheduler's queue included), devIO: its I/Os per guest I/O (< 1: merged)")
     seen = set()
     for r in rows:
         key = (r["medium"], r["backend"])

@@ -126,10 +126,12 @@ def targets(results: dict) -> list[dict]:
         out.append(dict(target=f"blk {medium} 4k randread QD32: IOPS on packed / split rings",
                         value=(pk["iops"] / p["iops"]) if pk and p and p["iops"] else None,
                         goal="reported", ok=None))
-    # shared storage (issue 12): at least QSD's IOPS at no more CPU per I/O, on every row
-    from bench.blk import REMOTE_MEDIA, REMOTE_WORKLOADS
-    for medium in REMOTE_MEDIA:
-        for wl in REMOTE_WORKLOADS:
+    # the real disk (issue 13) and shared storage (issue 12): at least QSD's IOPS at no more
+    # CPU per I/O, on every row
+    from bench.blk import REMOTE_MEDIA, REMOTE_WORKLOADS, WORKLOADS
+    for medium, wls in [("disk", [w.name for w in WORKLOADS])] + [
+            (m, REMOTE_WORKLOADS) for m in REMOTE_MEDIA]:
+        for wl in wls:
             p = _get(blk, medium=medium, workload=wl, backend="pyvhost")
             q = _get(blk, medium=medium, workload=wl, backend="qsd")
             out.append(dict(target=f"blk {medium} {wl}: IOPS >= 1.0x QSD",
