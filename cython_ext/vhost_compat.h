@@ -55,6 +55,9 @@ static inline int fp_hit(int *count) {
 static inline int load_flag(const int *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
+static inline void store_flag(int *p, int v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
 
 /* A count of threads using something outside its lock (net: an rx queue's call fd being
  * signalled after the queue lock was dropped); the owner waits for 0 before freeing it. */
