@@ -59,6 +59,13 @@ def device_parser(dtype: DeviceType) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (e.g. 127.0.0.1:9560)")
+    # the service's socket-group / socket-mode keys: libvirt's QEMU runs as libvirt-qemu:kvm
+    # and cannot connect to a root:root 0600 socket (virtiofsd has --socket-group for this)
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the listening socket(s) (e.g. kvm for libvirt's QEMU)")
+    p.add_argument("--socket-mode", metavar="MODE", default="0600",
+                   help="octal mode of the listening socket(s) (default 0600; 0660 with "
+                        "--socket-group)")
     for o in dtype.cli_options():
         if o.kind == "bool" and o.default is None:      # tri-state: --NAME / --no-NAME
             p.add_argument(f"--{o.name}", action=argparse.BooleanOptionalAction,
@@ -113,6 +120,10 @@ def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.
         p.error("--fd must be a non-negative file descriptor")
     if args.client and args.fd is not None:
         p.error("--client connects to --socket-path; it does not take --fd")
+    try:
+        group, mode = cfg.socket_access(args.socket_group, args.socket_mode)
+    except ValueError as e:
+        p.error(str(e).replace("socket-", "--socket-", 1))
     values = {o.attr: getattr(args, o.attr) for o in dtype.cli_options()}
     names = Names(cli=True)
     try:
@@ -129,7 +140,7 @@ def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.
     except ValueError as e:
         p.error(str(e))
     service = cfg.ServiceSpec(metrics_address=args.metrics_address, log_level=args.log_level,
-                              loop=args.loop)
+                              loop=args.loop, socket_group=group, socket_mode=mode)
     try:
         conf = cfg.finish(None, service, specs, tables, names)
     except cfg.ConfigError as e:

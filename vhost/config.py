@@ -82,6 +82,27 @@ def _key(name: str) -> str:
 
 
 _GUEST_MEMORY = Option("max-guest-memory", "size")
+def socket_access(group: str | None, mode_text: str,
+                  check_group: bool = True) -> tuple[str | None, int]:
+    """`socket-group` / `socket-mode` (the service's keys, and the single-device programs'
+    --socket-group / --socket-mode) checked: (group, mode).  The mode is an octal string that
+    leaves the owner rw (a socket its own service cannot use is a typo)."""
+    if group is not None and check_group:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ValueError(f"socket-group {group!r}: no such group") from None
+    try:
+        mode = int(mode_text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise ValueError(f"socket-mode must be an octal string like \"0660\" that leaves the "
+                         f"owner rw, not {mode_text!r}")
+    return group, mode
+
+
 _SERVICE_KEYS = {"metrics-address", "log-level", "socket-group", "socket-mode", "stop-timeout",
                  "loop", "max-guest-memory", "max-message-fds"}
 
@@ -143,20 +164,12 @@ def _service(c: _Checker, table) -> ServiceSpec:
     if level not in ("debug", "info", "warning", "error"):
         c.fail(where, f"log-level must be debug, info, warning or error, not {level!r}")
     group = c.take(table, where, "socket-group", str)
-    if group is not None and c.check_files:
-        import grp
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            c.fail(where, f"socket-group {group!r}: no such group")
     mode_text = c.take(table, where, "socket-mode", str, "0600")
     try:
-        mode = int(mode_text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
-        c.fail(where, f"socket-mode must be an octal string like \"0660\" that leaves the owner "
-                      f"rw, not {mode_text!r}")
+        group, mode = socket_access(group, mode_text, c.check_files)
+    except ValueError as e:
+        c.fail(where, str(e))
+        mode = 0o600
     stop_timeout = c.take(table, where, "stop-timeout", float, 10.0)
     if not 0 < stop_timeout <= 3600:
         c.fail(where, f"stop-timeout must be 0..3600 seconds, not {stop_timeout}")

@@ -18,6 +18,7 @@ from vhost.testing.backends import REPO_ROOT, short_tmpdir
 from vhost.testing.blk import Frontend
 
 CMD = [sys.executable, "-m", "vhost.programs", "pyvhost-blk"]
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def run(args, **kw):
@@ -56,6 +57,12 @@ def test_console_script_installed():
     (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--queue-size", "100"], "power of two"),
     (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--size", "lots"], "bad size"),
     (["--bogus"], "unrecognized arguments"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--socket-mode", "66x"],
+     "--socket-mode must be an octal string"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--socket-mode", "0440"],
+     "leaves the owner rw"),
+    (["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--socket-group", "no-such-grp-x"],
+     "no such group"),
 ])
 def test_bad_invocations_fail_with_one_line(args, needle):
     r = run(args)
@@ -100,6 +107,54 @@ def test_size_creates_sparse_image_and_sigterm_exits_0(tmp):
         rc = _term(p)
     assert rc == 0
     assert not sock.exists(), "socket file left behind"
+
+
+def _other_group() -> str:
+    import grp
+    for name in ("kvm", "daemon", "nogroup"):
+        try:
+            return grp.getgrnam(name).gr_name
+        except KeyError:
+            pass
+    return next(g.gr_name for g in grp.getgrall() if g.gr_gid != 0)
+
+
+_CONNECT = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n")
+
+
+def test_socket_group_and_mode_let_another_user_in(tmp):
+    """--socket-group / --socket-mode, as libvirt's QEMU (libvirt-qemu:kvm) needs: the socket
+    gets the group and mode, a process of another uid in that group connects; one outside
+    the group gets EACCES, as with the default 0600 root:root socket."""
+    import grp
+    group = _other_group()
+    gid = grp.getgrnam(group).gr_gid
+    os.chmod(tmp, 0o755)                  # the other user must reach the socket
+    img, sock = tmp / "d.img", tmp / "s.sock"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    p = subprocess.Popen(CMD + ["--socket-path", str(sock), "--blk-file", str(img),
+                                "--socket-group", group, "--socket-mode", "0660"],
+                         cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    try:
+        _wait_sock(p, sock)
+        st = os.stat(sock)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+
+        def connect_as(groups):
+            # Debian's own python3: the venv's interpreter may live where uid 65534 cannot
+            # reach (/root/.pyenv)
+            return subprocess.run([SYSTEM_PYTHON, "-c", _CONNECT, str(sock)], user=65534,
+                                  group=65534, extra_groups=groups, timeout=30).returncode
+        assert connect_as([gid]) == 0, "a member of the socket's group could not connect"
+        assert connect_as([]) == 13, "a uid outside the group connected to a 0660 socket"
+        with Frontend(str(sock)) as fe:           # the device still serves its frontend
+            assert fe.write(0, b"c" * 512) == vb.S_OK
+    finally:
+        rc = _term(p)
+    assert rc == 0
 
 
 def test_inherited_listening_fd(tmp):
