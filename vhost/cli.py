@@ -149,7 +149,7 @@ def parse_device(dtype: DeviceType, argv=None) -> tuple[argparse.Namespace, cfg.
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    """`pyvhost serve|check --config FILE` (vhost/service.py)."""
+    """`pyvhost serve|check --config FILE`, `pyvhost install-host` (vhost/service.py)."""
     p = _Parser(prog="pyvhost", description="vhost-user device backends as a service")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     s = sub.add_parser("serve", help="serve the devices of a configuration file")
@@ -161,6 +161,14 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="overrides [service] metrics-address")
     s.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
+    i = sub.add_parser("install-host", help="write the systemd units, QEMU's vhost-user "
+                       "descriptors and an example config naming this installation's programs")
+    i.add_argument("--prefix", default="/", metavar="DIR",
+                   help="root of the tree written (default /: /etc/systemd/system, "
+                        "/etc/qemu/vhost-user, /etc/pyvhost)")
+    i.add_argument("--bindir", default=None, metavar="DIR",
+                   help="where the programs are (default: this installation's scripts)")
+    i.add_argument("--dry-run", action="store_true", help="list the files, write nothing")
     return p
 
 

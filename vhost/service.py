@@ -482,7 +482,10 @@ def main(argv=None) -> int:
     p = serve_parser()
     args = p.parse_args(argv)
     if args.command is None:
-        p.error("a command is required: serve or check")
+        p.error("a command is required: serve, check or install-host")
+    if args.command == "install-host":
+        from .install import install_host
+        return install_host(args.prefix, args.bindir, args.dry_run)
     try:
         config = cfg.load(args.config)
     except cfg.ConfigError as e:

@@ -260,3 +260,50 @@ def test_null_device(tmp):
         assert _term(p) == 0
     r = run(["--socket-path", str(sock), "--null"])
     assert r.returncode != 0 and "--null takes --size" in r.stderr
+
+
+# -- pyvhost install-host (the units and descriptors are checked in test_systemd.py and
+#    test_descriptors.py) -------------------------------------------------------------------------
+
+PYVHOST = str(Path(sys.executable).parent / "pyvhost")
+
+
+def install_host(*args):
+    return subprocess.run([PYVHOST, "install-host", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_install_host_dry_run_writes_nothing_and_lists_the_same_files(tmp_path):
+    dry = install_host("--prefix", str(tmp_path / "a"), "--dry-run")
+    assert dry.returncode == 0 and not (tmp_path / "a").exists(), dry.stderr
+    real = install_host("--prefix", str(tmp_path / "a"))
+    assert real.returncode == 0, real.stderr
+    wrote = [ln.split(" ", 1)[1] for ln in real.stdout.splitlines() if ln.startswith("wrote ")]
+    assert [ln.split(" ", 2)[2] for ln in dry.stdout.splitlines()
+            if ln.startswith("would write ")] == wrote
+    assert sorted(wrote) == sorted(str(p) for p in (tmp_path / "a").rglob("*") if p.is_file())
+    conf = tmp_path / "a/etc/pyvhost/pyvhost.toml"
+    assert conf.read_text() == (REPO_ROOT / "vhost/data/pyvhost.toml").read_text()
+    assert all(os.stat(p).st_mode & 0o777 == 0o644 for p in map(Path, wrote))
+
+
+def test_install_host_keeps_an_existing_config_and_refreshes_units(tmp_path):
+    conf = tmp_path / "etc/pyvhost/pyvhost.toml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("# the administrator's\n")
+    unit = tmp_path / "etc/systemd/system/pyvhost.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("stale\n")
+    r = install_host("--prefix", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert conf.read_text() == "# the administrator's\n" and f"kept {conf}" in r.stdout
+    assert "ExecStart=" in unit.read_text()
+
+
+def test_install_host_programs_missing_from_bindir_fail_with_one_line(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = install_host("--prefix", str(tmp_path / "root"), "--bindir", str(empty))
+    assert r.returncode == 1 and not (tmp_path / "root").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not found in" in lines[0] and "pyvhost-blk" in lines[0], r.stderr

@@ -53,7 +53,11 @@ def test_file_name_convention(descriptor):
 
 
 def test_schema(descriptor):
-    path, d = descriptor
+    assert_valid_descriptor(*descriptor)
+
+
+def assert_valid_descriptor(path: Path, d) -> None:
+    """VhostUserBackend's schema, and the type and program this file name stands for."""
     assert isinstance(d, dict), "the root element must be one VhostUserBackend object"
     allowed = set(MANDATORY) | set(OPTIONAL)
     assert set(d) <= allowed, f"{path.name}: unknown keys {set(d) - allowed}"
@@ -107,3 +111,20 @@ def test_pip_installs_them_under_share_qemu_vhost_user(tmp_path):
     assert sorted(data) == sorted(EXPECTED)
     for name, content in data.items():
         assert content == (DESCRIPTOR_DIR / name).read_bytes()
+
+
+def test_install_host_writes_descriptors_naming_the_installed_programs(tmp_path):
+    """`pyvhost install-host`: the same descriptors, "binary" naming this installation's
+    programs (the shipped ones say /usr/local/bin), still valid, still agreeing with the program."""
+    r = subprocess.run([str(BIN_DIR / "pyvhost"), "install-host", "--prefix", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "etc/qemu/vhost-user"
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPECTED)
+    for path in out.iterdir():
+        d = json.loads(path.read_text())
+        assert_valid_descriptor(path, d)
+        assert d["binary"] == str(BIN_DIR.resolve() / EXPECTED[path.name][1])
+        caps = subprocess.run([d["binary"], "--print-capabilities"], capture_output=True,
+                              text=True, timeout=30)
+        assert caps.returncode == 0 and json.loads(caps.stdout)["type"] == d["type"]

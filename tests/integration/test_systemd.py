@@ -591,3 +591,29 @@ def test_security_exposure_is_reported(tmp):
         assert line, r.stdout + r.stderr
         print(line.strip())
     assert staged
+
+
+@need_analyze
+def test_install_host_units_name_the_installed_programs_and_verify_clean(tmp):
+    """`pyvhost install-host` writes the shipped units with ExecStart= naming this
+    installation's programs instead of /usr/local/bin; systemd-analyze verify takes them."""
+    r = subprocess.run([str(BIN_DIR / "pyvhost"), "install-host", "--prefix", str(tmp)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    units = tmp / "etc/systemd/system"
+    staged = sorted(units.iterdir())
+    assert sorted(p.name for p in staged) == sorted(UNITS)
+    for unit in staged:
+        assert "/usr/local/bin/pyvhost" not in unit.read_text(), unit
+        for line in unit.read_text().splitlines():
+            if line.startswith("ExecStart="):
+                prog = line.split("=", 1)[1].split()[0]
+                assert prog.startswith(str(BIN_DIR.resolve()) + "/"), line
+                assert os.access(prog, os.X_OK), line
+    for t in [u for u in staged if "@." in u.name]:        # instances, as systemd loads them
+        inst = units / t.name.replace("@.", "@vda.")
+        inst.write_text(t.read_text())
+        staged.append(inst)
+    v = _verify(staged)
+    assert _problems(v, units) == [], v.stderr
+    assert v.returncode == 0, v.stderr
