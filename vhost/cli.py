@@ -161,6 +161,9 @@ def serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="overrides [service] metrics-address")
     s.add_argument("--loop", choices=("uvloop", "asyncio"), default=None)
+    s.add_argument("--control-socket", default=None, metavar="PATH",
+                   help="serve the control API (JSON-RPC 2.0, pyvhostctl) here; overrides "
+                        "[service] control-socket")
     i = sub.add_parser("install-host", help="write the systemd units, QEMU's vhost-user "
                        "descriptors and an example config naming this installation's programs")
     i.add_argument("--prefix", default="/", metavar="DIR",

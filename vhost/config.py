@@ -55,6 +55,10 @@ class ServiceSpec:
     # this host's RAM) and fds one message may carry.
     max_guest_memory: int = 0
     max_message_fds: int = 32
+    # The control API (vhost/control.py): its socket, and whether devices added through it are
+    # written to DROPIN_DIR beside the config file (read back at every start and reload)
+    control_socket: str | None = None
+    control_persist: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,11 @@ def socket_access(group: str | None, mode_text: str,
 
 
 _SERVICE_KEYS = {"metrics-address", "log-level", "socket-group", "socket-mode", "stop-timeout",
-                 "loop", "max-guest-memory", "max-message-fds"}
+                 "loop", "max-guest-memory", "max-message-fds", "control-socket",
+                 "control-persist"}
+# Drop-ins beside the config file: pyvhost.d/*.toml, each holding [[device]] tables only (what
+# `device-add` with control-persist writes), read in name order after the file's own devices.
+DROPIN_DIR = "pyvhost.d"
 
 
 class _Checker:
@@ -169,7 +177,12 @@ def _service(c: _Checker, table) -> ServiceSpec:
         group, mode = socket_access(group, mode_text, c.check_files)
     except ValueError as e:
         c.fail(where, str(e))
-        mode = 0o600
+    control = c.take(table, where, "control-socket", str)
+    if control is not None:
+        c.socket_path(where + " control-socket", control)
+    persist = c.take(table, where, "control-persist", bool, False)
+    if persist and control is None:
+        c.fail(where, "control-persist needs control-socket")
     stop_timeout = c.take(table, where, "stop-timeout", float, 10.0)
     if not 0 < stop_timeout <= 3600:
         c.fail(where, f"stop-timeout must be 0..3600 seconds, not {stop_timeout}")
@@ -191,7 +204,8 @@ def _service(c: _Checker, table) -> ServiceSpec:
         c.fail(where, f"max-message-fds must be 8..1024, not {max_fds}")
     return ServiceSpec(metrics_address=addr, log_level=level, socket_group=group,
                        socket_mode=mode, stop_timeout=stop_timeout, loop=loop,
-                       max_guest_memory=max_memory, max_message_fds=max_fds)
+                       max_guest_memory=max_memory, max_message_fds=max_fds,
+                       control_socket=control, control_persist=persist)
 
 
 def _options(c: _Checker, options, t: dict, where: str) -> dict:
@@ -301,10 +315,10 @@ def finish(path: str | None, service: ServiceSpec, specs: list, tables: dict,
     return Config(path=c.path, service=service, devices=tuple(specs), tables=tables)
 
 
-def load(path: str, check_files: bool = True) -> Config:
+def _read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
@@ -312,7 +326,59 @@ def load(path: str, check_files: bool = True) -> Config:
     except UnicodeDecodeError as e:         # tomllib decodes the bytes before parsing them
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 (byte {e.start}: "
                           f"{e.reason})") from None
+
+
+def dropin_dir(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), DROPIN_DIR)
+
+
+def load(path: str, check_files: bool = True) -> Config:
+    """The file and its drop-ins (DROPIN_DIR/*.toml: [[device]] tables only)."""
+    data = _read_toml(path)
+    d = dropin_dir(path)
+    if os.path.isdir(d):
+        extra = []
+        for name in sorted(os.listdir(d)):
+            if not name.endswith(".toml"):
+                continue
+            more = _read_toml(os.path.join(d, name))
+            if set(more) - {"device"} or not isinstance(more.get("device", []), list):
+                raise ConfigError(f"{os.path.join(d, name)}: a drop-in holds [[device]] tables "
+                                  f"only")
+            extra += more.get("device", [])
+        if extra:
+            if not isinstance(data.get("device", []), list):
+                raise ConfigError(f"{path}: devices are an array of tables: [[device]]")
+            data = dict(data, device=list(data.get("device", [])) + extra)
     return parse(data, path, check_files)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json_string(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
+
+
+def json_string(v: str) -> str:
+    """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
+    import json
+    return json.dumps(v, ensure_ascii=False)
+
+
+def device_toml(table: dict) -> str:
+    """One [[device]] table as TOML text (flat values: strings, numbers, booleans, arrays)."""
+    lines = ["[[device]]"]
+    for k, v in table.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", k):
+            raise ValueError(f"bad key {k!r}")
+        lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
 
 
 def spec_fields(spec) -> dict:

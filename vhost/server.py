@@ -233,6 +233,7 @@ class Server:
         self._identity = None
         self._where = ""
         self.connections = 0            # connections accepted so far
+        self.peer: str | None = None    # the connected frontend (pid/uid), for the control API
         self.protocol: BackendProtocol | None = None    # the current connection's, if any
 
     def _device(self):
@@ -370,6 +371,7 @@ class Server:
             conn.close()
             raise
         self.protocol = protocol
+        self.peer = peer
         log.info("frontend connected (%s)", peer, extra={"fields": self._log_fields})
         self._notify_connection(True)
         stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -393,6 +395,7 @@ class Server:
                          extra={"fields": self._log_fields})
                 os.close(stop_fd)
             self.protocol = None
+            self.peer = None
             self._notify_connection(False)
 
     def _notify_connection(self, connected: bool) -> None:

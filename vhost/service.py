@@ -75,6 +75,8 @@ class Service:
         self._watchdog: asyncio.Task | None = None
         self._reload_tasks: set = set()
         self.loop_name = "?"
+        self.control = None             # ServiceControl: the control API's methods
+        self.control_server = None      # ControlServer on control-socket
 
     # -- naming and status ---------------------------------------------------------------------
 
@@ -186,6 +188,12 @@ class Service:
 
     def _on_connection(self, server: Server, connected: bool) -> None:
         self.notifier.status(self.status_text())
+        self._event("frontend-connected" if connected else "frontend-disconnected",
+                    device=server.name, frontend=server.peer)
+
+    def _event(self, event: str, **fields) -> None:
+        if self.control_server is not None:
+            self.control_server.publish(event, **fields)
 
     async def _start(self, rt: DeviceRuntime) -> None:
         loop = asyncio.get_running_loop()
@@ -204,6 +212,7 @@ class Service:
         self.devices[rt.spec.name] = rt
         rt.task.add_done_callback(lambda t, name=rt.spec.name: self._server_ended(name, t))
         log.info("serving %s", _describe(rt.spec), extra=_fields(device=rt.spec.name))
+        self._event("device-added", device=rt.spec.name, type=rt.spec.type)
 
     def _server_ended(self, name: str, task: asyncio.Task) -> None:
         if task.cancelled() or self._stopping is None or self._stopping.is_set():
@@ -223,6 +232,7 @@ class Service:
                 pass
         self._close_device(rt, log_stats)
         log.info("device %s stopped", name, extra=_fields(device=name))
+        self._event("device-removed", device=name)
 
     async def start_all(self) -> None:
         """Build every device, then listen on every socket; any failure stops what started and
@@ -270,6 +280,13 @@ class Service:
         except BaseException:
             self._close_metrics()
             raise
+        try:
+            await self._start_control(self.config.service)
+        except BaseException:
+            for name in list(self.devices):
+                await self._stop(name, log_stats=False)
+            self._close_metrics()
+            raise
         n = len(self.devices)
         log.info("ready: %d device%s", n, "s" if n != 1 else "",
                  extra=_fields(loop=self.loop_name, config=self.config.path or "-",
@@ -286,6 +303,20 @@ class Service:
             await self._stopping.wait()
         finally:
             await self.shutdown()
+
+    async def _start_control(self, svc: cfg.ServiceSpec) -> None:
+        if svc.control_socket is None:
+            return
+        from .control import ControlServer
+        from .service_control import ServiceControl
+        self.control = ServiceControl(self)
+        self.control_server = ControlServer(svc.control_socket, self.control.methods(),
+                                            group=svc.socket_group)
+        try:
+            await self.control_server.start()
+        except OSError as e:
+            self.control_server = None
+            raise StartError(f"{self.config.path or 'control'}: {e}") from None
 
     async def _watchdog_loop(self, interval: float) -> None:
         # Pinged from the event loop itself: a wedged control plane stops the pings and systemd
@@ -304,6 +335,9 @@ class Service:
             self._watchdog.cancel()
         for t in list(self._reload_tasks):
             t.cancel()
+        if self.control_server is not None:
+            await self.control_server.close()
+            self.control_server = None
         inflight = 0
         for rt in self.devices.values():
             try:
@@ -358,6 +392,19 @@ class Service:
                 log.error("reload failed, keeping the running configuration: %s", e)
                 self.notifier.ready(self.status_text())
                 return False
+            if self.control is not None:
+                new = self.control.merge_into(new)
+            # the control socket is bound once (--control-socket may have set it): kept as is
+            svc_new = new.service
+            if (svc_new.control_socket, svc_new.control_persist) != \
+                    (self.config.service.control_socket, self.config.service.control_persist):
+                if svc_new.control_socket is not None or svc_new.control_persist:
+                    log.warning("control-socket and control-persist are only read at start; "
+                                "restart the service to change them")
+                import dataclasses
+                new = dataclasses.replace(new, service=dataclasses.replace(
+                    svc_new, control_socket=self.config.service.control_socket,
+                    control_persist=self.config.service.control_persist))
             old = self.config
             stop, start = [], []
             for name, rt in self.devices.items():
@@ -416,6 +463,7 @@ class Service:
             log.info("socket-mode/socket-group apply to sockets bound from now on")
         if new.loop != old.loop:
             log.warning("loop is only read at start; restart the service to change it")
+
 
 
 def _limits(svc: cfg.ServiceSpec) -> Limits:
@@ -506,6 +554,10 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
         overrides["metrics_address"] = args.metrics_address
+    if getattr(args, "control_socket", None):
+        if not os.path.isabs(args.control_socket):
+            p.error("--control-socket must be an absolute path")
+        overrides["control_socket"] = args.control_socket
     if overrides:
         import dataclasses
         config = dataclasses.replace(config, service=dataclasses.replace(svc, **overrides))

@@ -117,6 +117,10 @@ BAD = [
     ("bad metrics address", lambda t: '[service]\nmetrics-address = "nowhere"\n',
      "[service]"),
     ("bad mode", lambda t: '[service]\nsocket-mode = "0066"\n', "socket-mode"),
+    ("control socket not absolute",
+     lambda t: '[service]\ncontrol-socket = "ctl.sock"\n', "absolute path"),
+    ("control-persist alone",
+     lambda t: '[service]\ncontrol-persist = true\n', "control-persist needs control-socket"),
     ("bad name", lambda t: _blk(t, "a b"), "name must be a string matching"),
     ("guest memory limit", lambda t: '[service]\nmax-guest-memory = "lots"\n',
      "[service]: max-guest-memory: bad size"),
@@ -324,3 +328,29 @@ def test_checking_a_config_loads_no_extension(tmp):
                        timeout=60, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split(None, 1) == ["3", "[]\n"]
+
+
+def test_dropins_add_devices_and_hold_only_devices(tmp):
+    """pyvhost.d/*.toml beside the file (what device-add with control-persist writes): their
+    [[device]] tables join the file's, in name order, validated as one configuration."""
+    path = _write(tmp, _blk(tmp, "vda"))
+    d = Path(cfg.dropin_dir(path))
+    d.mkdir()
+    (d / "b.toml").write_text(cfg.device_toml(dict(name="vdc", type="block",
+                                                   socket=f"{tmp}/vdc.sock",
+                                                   **{"blk-file": f"{tmp}/vdc.img"},
+                                                   size="1M")))
+    (d / "a.toml").write_text(cfg.device_toml(dict(name="vdb", type="block",
+                                                   socket=f"{tmp}/vdb.sock",
+                                                   **{"blk-file": f"{tmp}/vdb.img"},
+                                                   size="1M")))
+    (d / "notes.txt").write_text("not read")
+    assert [s.name for s in cfg.load(path).devices] == ["vda", "vdb", "vdc"]
+    (d / "c.toml").write_text(cfg.device_toml(dict(name="vda", type="block",
+                                                   socket=f"{tmp}/x.sock",
+                                                   **{"blk-file": f"{tmp}/x.img"}, size="1M")))
+    with pytest.raises(cfg.ConfigError, match="duplicate device name"):
+        cfg.load(path)
+    (d / "c.toml").write_text('[service]\nlog-level = "debug"\n')
+    with pytest.raises(cfg.ConfigError, match="a drop-in holds"):
+        cfg.load(path)

@@ -32,6 +32,10 @@ LAYERS = {
     "vhost.programs": "service",
     "vhost.metrics": "service",
     "vhost.sdnotify": "service",
+    "vhost.control": "service",         # the control API's socket (JSON-RPC 2.0)
+    "vhost.service_control": "service",
+    "vhost.ctl": "service",             # pyvhostctl, the client
+    "vhost.install": "service",         # pyvhost install-host
     # a leaf (imports nothing of ours): the log line format, written by the service layer and
     # parsed by the harnesses in vhost/testing
     "vhost.logfmt": "core",
