@@ -1075,6 +1075,35 @@ cdef class Switch:
         return dict(flooded=self.sw.flooded, unicast=self.sw.unicast, learned=self.sw.learned,
                     reclaims=self.sw.reclaims, mac_entries=n, mac_locked=nl)
 
+    def macs(self):
+        """The MAC table now: [(mac "aa:bb:..", port index, locked, ms since last seen)], aged
+        entries left out.  Copied under the lock, built into Python objects after it (the
+        control API's switch-show; never on the data path)."""
+        cdef mac_entry_t *copy = <mac_entry_t *>malloc(sizeof(mac_entry_t) * MAC_TABLE_SIZE)
+        cdef uint64_t t, ageing
+        cdef int i
+        if copy == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                t = now_ms()
+                pthread_mutex_lock(&self.sw.lock)
+                memcpy(copy, self.sw.table, sizeof(mac_entry_t) * MAC_TABLE_SIZE)
+                ageing = self.sw.ageing_ms
+                pthread_mutex_unlock(&self.sw.lock)
+            out = []
+            for i in range(MAC_TABLE_SIZE):
+                if not copy[i].used:
+                    continue
+                age = t - copy[i].seen_ms if t > copy[i].seen_ms else 0
+                if not copy[i].locked and age > ageing:
+                    continue
+                out.append((":".join(f"{copy[i].mac[k]:02x}" for k in range(6)),
+                            copy[i].port, bool(copy[i].locked), age))
+            return sorted(out)
+        finally:
+            free(copy)
+
     def learn(self, bytes mac, int port):
         """Learn `mac` on port index `port` as a frame from it would: "ok", "refused" (the
         port holds its mac limit) or "conflict" (the MAC is locked to another port)."""

@@ -628,6 +628,23 @@ class NetEnv(DeviceEnv):
         return [(f"{name}:uplink", f"tap {sr.uplink.tap.name}", sr.uplink.queue_counters)
                 for name, sr in list(self.switches.items()) if sr.uplink is not None]
 
+    def describe(self) -> dict:
+        """Each running switch: its ports (device name -> port index), uplink, counters and
+        learned/locked MACs with the port (device name, or "uplink") they are on."""
+        out = {}
+        for name, sr in list(self.switches.items()):
+            where = {i: n for n, i in sr.ports.items()}
+            if sr.uplink is not None:
+                where[sr.uplink.port.index] = "uplink"
+            out[name] = dict(
+                ports=dict(sorted(sr.ports.items())),
+                uplink=sr.uplink.tap.name if sr.uplink is not None else None,
+                stats=sr.switch.stats(),
+                macs=[dict(mac=m, port=where.get(p, f"#{p}"), locked=locked,
+                           age_s=round(age / 1000, 1))
+                      for m, p, locked, age in sr.switch.macs()])
+        return out
+
     def close(self) -> None:
         for name in list(self.switches):
             sr = self.switches.pop(name)

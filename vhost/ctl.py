@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                                                      "KEY=VALUE pairs)")
     p.add_argument("--count", type=int, default=None, help="subscribe: stop after N events")
     p.add_argument("method", help="device-list, device-show, device-add, device-del, "
-                                  "set-log-level, subscribe")
+                                  "switch-show, set-log-level, subscribe")
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
     a = p.parse_args(argv)
     params = {}

@@ -175,6 +175,11 @@ class DeviceEnv:
         """Extra metrics sources that are not devices: [(name, socket label, queue_counters)]."""
         return []
 
+    def describe(self) -> dict:
+        """What the devices of this type share, as JSON-able data (the control API's
+        switch-show for net): {name: {...}}."""
+        return {}
+
     def close(self) -> None:
         """Service exit: release what the devices no longer use (log final counters)."""
 

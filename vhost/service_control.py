@@ -2,7 +2,7 @@
 by vhost/control.py on `control-socket`.
 
 Methods: `device-list`, `device-show {name}`, `device-add {the keys of a [[device]] table}`,
-`device-del {name, force}`, `set-log-level {level}`, and `subscribe` (control.py: events
+`device-del {name, force}`, `switch-show {name?}`, `set-log-level {level}`, and `subscribe` (control.py: events
 device-added, device-removed, frontend-connected, frontend-disconnected).
 
 Owns what a runtime change means for the configuration: a device added here is validated by the
@@ -63,7 +63,7 @@ class ServiceControl:
     def methods(self) -> dict:
         return {"device-list": self.device_list, "device-show": self.device_show,
                 "device-add": self.device_add, "device-del": self.device_del,
-                "set-log-level": self.set_log_level}
+                "switch-show": self.switch_show, "set-log-level": self.set_log_level}
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -101,6 +101,17 @@ class ServiceControl:
         except Exception as e:          # counters are best effort, the answer is not
             out["queues"] = {"error": str(e)}
         return out
+
+    def switch_show(self, params, caller):
+        """Every switch (or `name`'s): ports, uplink, counters, MAC table."""
+        env = self.svc.envs.get("net")
+        switches = _jsonable(env.describe()) if env is not None else {}
+        name = params.get("name")
+        if name is None:
+            return switches
+        if name not in switches:
+            raise RpcError(f"no running switch {name!r}", data=sorted(switches))
+        return {name: switches[name]}
 
     def set_log_level(self, params, caller):
         level = params.get("level")

@@ -300,3 +300,39 @@ def test_pyvhostctl_table_json_and_errors(tmp):
     finally:
         rc = sv.stop()
     assert rc == 0, sv.log_text()
+
+
+def test_switch_show_lists_ports_and_learned_macs(tmp):
+    from vhost.testing.net import NetFrontend, make_frame
+    mac_a, mac_b = bytes.fromhex("02aa00000001"), bytes.fromhex("02bb00000002")
+    conf = tmp / "c.toml"
+    conf.write_text(f'[service]\ncontrol-socket = "{tmp}/control.sock"\n'
+                    + "".join(f'[[device]]\nname = "{n}"\ntype = "net"\n'
+                              f'socket = "{tmp}/{n}.sock"\nswitch = "sw0"\n'
+                              for n in ("p0", "p1")))
+    sv = Serve(tmp, conf)
+    try:
+        sv.ready()
+        with Client(str(tmp / "control.sock")) as c, \
+                NetFrontend(tmp / "p0.sock", mac=mac_a, timeout=TIMEOUT) as a, \
+                NetFrontend(tmp / "p1.sock", mac=mac_b, timeout=TIMEOUT) as b:
+            b.post_rx()
+            f = make_frame(100, dst=mac_b, src=mac_a, seq=1)
+            a.send(f)
+            assert [p.frame for p in b.recv_packets(1, TIMEOUT)] == [f]
+            c.call("device-add", dict(name="p2", type="net", socket=f"{tmp}/p2.sock",
+                                      switch="sw0", mac="02:cc:00:00:00:03"))
+            sw = c.call("switch-show", {"name": "sw0"})["sw0"]
+            assert set(sw["ports"]) == {"p0", "p1", "p2"} and sw["uplink"] is None
+            macs = {m["mac"]: m for m in sw["macs"]}
+            assert macs["02:aa:00:00:00:01"]["port"] == "p0"
+            assert macs["02:aa:00:00:00:01"]["locked"] is False
+            assert macs["02:cc:00:00:00:03"] == dict(mac="02:cc:00:00:00:03", port="p2",
+                                                     locked=True, age_s=macs[
+                                                         "02:cc:00:00:00:03"]["age_s"])
+            assert sw["stats"]["flooded"] >= 1          # B was not learned yet: flooded
+            with pytest.raises(CtlError, match="no running switch"):
+                c.call("switch-show", {"name": "sw9"})
+    finally:
+        rc = sv.stop()
+    assert rc == 0, sv.log_text()
