@@ -8,7 +8,8 @@ each its own Server (its own socket, its own queue workers), systemd
 integration (READY/STATUS/WATCHDOG/STOPPING/RELOADING notifications, socket activation by
 LISTEN_FDNAMES = device name), the metrics endpoint, signals (SIGTERM/SIGINT: stop accepting,
 let in-flight I/O complete within stop-timeout, close sockets, exit 0; SIGHUP: re-read the file,
-start added devices, stop removed ones, restart changed ones, leave the rest untouched).
+start added devices, stop removed ones, restart changed ones, leave the rest untouched), and
+the control API's socket when configured (its methods: service_control.py).
 
 Must not: parse TOML (config.py), speak vhost-user (protocol.py), touch a ring (cython_ext),
 or know what a device type is beyond its DeviceType hooks.
