@@ -107,6 +107,11 @@ class ControlServer:
             except BaseException:
                 pass
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether any client subscribed to events."""
+        return bool(self._subscribers)
+
     def publish(self, event: str, **fields) -> None:
         """An event to every subscriber (never blocks: a full queue drops that subscriber)."""
         note = {"jsonrpc": "2.0", "method": "event", "params": dict(event=event, **fields)}

@@ -314,10 +314,15 @@ class BackendProtocol:
     `receive(data, fds)` -> list of reply messages to send, in order.  `connection_lost()` at
     EOF.  `next_read_size` tells a server how many bytes finish the current header or payload,
     so that it can read message by message and fds attach to the right one.
+    `on_queue(index, state, avail)`, if given, is called after a queue started ("started") or
+    stopped ("stopped"), with the avail index it starts or stopped at; it runs in the caller of
+    `receive` / `connection_lost` and must not raise or block.
     """
 
-    def __init__(self, device: Device, *, name: str = "", limits: Limits | None = None):
+    def __init__(self, device: Device, *, name: str = "", limits: Limits | None = None,
+                 on_queue=None):
         self.device = device
+        self._on_queue = on_queue
         self.name = name
         self._prefix = f"{name}: " if name else ""
         self.limits = limits or Limits()
@@ -420,6 +425,11 @@ class BackendProtocol:
     @property
     def protocol_features(self) -> ProtocolFeature:
         return self._protocol_features
+
+    def queues_running(self) -> frozenset[int]:
+        """Indices of the queues that have a worker now (read from another thread: a snapshot
+        of plain bools, may be one message stale)."""
+        return frozenset(q.index for q in list(self._queues) if q.running)
 
     @property
     def owner(self) -> bool:
@@ -716,6 +726,14 @@ class BackendProtocol:
         q.run_log = bool(log_addr)
         q.run_inflight = bool(handle.inflight_addr)
         log.debug("%squeue %d running (size %d, base %d)", self._prefix, q.index, q.size, q.base)
+        self._queue_event(q, "started")
+
+    def _queue_event(self, q: _Queue, state: str) -> None:
+        if self._on_queue is not None:
+            try:
+                self._on_queue(q.index, state, q.base)
+            except Exception:           # an observer never breaks the conversation
+                log.exception("%squeue event callback failed", self._prefix)
 
     def _inflight_for(self, q: _Queue) -> dict:
         """q's part of the inflight region, as QueueHandle keywords (none: not tracked)."""
@@ -757,6 +775,7 @@ class BackendProtocol:
                 if base is not None:
                     q.base = int(base)
             log.debug("%squeue %d stopped at %d", self._prefix, q.index, q.base)
+            self._queue_event(q, "stopped")
         return q.base
 
     def _stop_all(self) -> None:

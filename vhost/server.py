@@ -204,13 +204,16 @@ class Server:
     resets it at every disconnect) or a zero-argument callable returning a Device per
     connection.  `on_ready(server)` (plain or async) is called once the socket listens;
     `on_connection(server, connected)` when a frontend connects (True) and after it is gone
-    (False).  `name` labels the log lines (the device name).
+    (False); `on_queue(server, index, state, avail)` on the event loop after one of the
+    connection's queues started or stopped (BackendProtocol's `on_queue`, handed over from the
+    control thread).  `name` labels the log lines (the device name).
     """
 
     def __init__(self, device_factory_or_device, *, socket_path: str | None = None,
                  listen_fd: int | None = None, on_ready=None, on_connection=None,
                  socket_mode: int = 0o600, socket_group: str | None = None,
-                 name: str | None = None, limits: Limits | None = None, client: bool = False):
+                 name: str | None = None, limits: Limits | None = None, client: bool = False,
+                 on_queue=None):
         if (socket_path is None) == (listen_fd is None):
             raise ValueError("exactly one of socket_path and listen_fd is required")
         if client and socket_path is None:
@@ -221,6 +224,7 @@ class Server:
         self.listen_fd = listen_fd
         self._on_ready = on_ready
         self._on_connection = on_connection
+        self._on_queue = on_queue
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.name = name
@@ -366,7 +370,8 @@ class Server:
         try:
             label = f"connection {self.connections}"
             protocol = BackendProtocol(self._device(), limits=self.limits,
-                                       name=f"{self.name}: {label}" if self.name else label)
+                                       name=f"{self.name}: {label}" if self.name else label,
+                                       on_queue=self._queue_observer(loop))
         except BaseException:
             conn.close()
             raise
@@ -397,6 +402,25 @@ class Server:
             self.protocol = None
             self.peer = None
             self._notify_connection(False)
+
+    def _queue_observer(self, loop: asyncio.AbstractEventLoop):
+        """BackendProtocol's on_queue for this connection: it runs in the control thread, so
+        the server's on_queue is called on the loop instead."""
+        if self._on_queue is None:
+            return None
+
+        def observed(index: int, state: str, avail: int) -> None:
+            try:
+                loop.call_soon_threadsafe(self._notify_queue, index, state, avail)
+            except RuntimeError:            # the loop is closed: nobody is listening
+                pass
+        return observed
+
+    def _notify_queue(self, index: int, state: str, avail: int) -> None:
+        try:
+            self._on_queue(self, index, state, avail)
+        except Exception:
+            log.exception("queue callback failed")
 
     def _notify_connection(self, connected: bool) -> None:
         if self._on_connection is not None:

@@ -78,6 +78,7 @@ class Service:
         self.loop_name = "?"
         self.control = None             # ServiceControl: the control API's methods
         self.control_server = None      # ControlServer on control-socket
+        self._broken_watch = None       # its task publishing queue-broken events
 
     # -- naming and status ---------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class Service:
         svc = self.config.service
         server = Server(dev, socket_path=socket_path, listen_fd=listen_fd, name=spec.name,
                         socket_mode=svc.socket_mode, socket_group=svc.socket_group,
-                        on_connection=self._on_connection,
+                        on_connection=self._on_connection, on_queue=self._on_queue,
                         limits=_limits(svc), client=client)
         return DeviceRuntime(spec=spec, device=dev, server=server)
 
@@ -191,6 +192,9 @@ class Service:
         self.notifier.status(self.status_text())
         self._event("frontend-connected" if connected else "frontend-disconnected",
                     device=server.name, frontend=server.peer)
+
+    def _on_queue(self, server: Server, index: int, state: str, avail: int) -> None:
+        self._event(f"queue-{state}", device=server.name, queue=index, avail=avail)
 
     def _event(self, event: str, **fields) -> None:
         if self.control_server is not None:
@@ -318,6 +322,8 @@ class Service:
         except OSError as e:
             self.control_server = None
             raise StartError(f"{self.config.path or 'control'}: {e}") from None
+        self._broken_watch = asyncio.get_running_loop().create_task(
+            self.control.watch_broken(self.control_server), name="control: broken rings")
 
     async def _watchdog_loop(self, interval: float) -> None:
         # Pinged from the event loop itself: a wedged control plane stops the pings and systemd
@@ -336,6 +342,8 @@ class Service:
             self._watchdog.cancel()
         for t in list(self._reload_tasks):
             t.cancel()
+        if self._broken_watch is not None:
+            self._broken_watch.cancel()
         if self.control_server is not None:
             await self.control_server.close()
             self.control_server = None

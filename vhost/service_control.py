@@ -2,8 +2,12 @@
 by vhost/control.py on `control-socket`.
 
 Methods: `device-list`, `device-show {name}`, `device-add {the keys of a [[device]] table}`,
-`device-del {name, force}`, `switch-show {name?}`, `set-log-level {level}`, and `subscribe` (control.py: events
-device-added, device-removed, frontend-connected, frontend-disconnected).
+`device-del {name, force}`, `switch-show {name?}`, `set-log-level {level}`, and `subscribe` (control.py).
+Events: device-added, device-removed, frontend-connected, frontend-disconnected (the service),
+queue-started / queue-stopped {device, queue, avail} (the connection's protocol, through the
+server), queue-broken {device, queue} (`watch_broken`: the workers latch a corrupt ring in a
+counter without telling anyone, so the counters are read every BROKEN_POLL seconds while
+someone is subscribed).
 
 Owns what a runtime change means for the configuration: a device added here is validated by the
 same code as the file (config.parse for its table, config.finish across the running devices:
@@ -17,6 +21,7 @@ and the counters the metrics use.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -29,6 +34,7 @@ from .devtype import Names
 log = logging.getLogger("pyvhost.service")
 
 LEVELS = ("debug", "info", "warning", "error")
+BROKEN_POLL = 0.5           # s: how late a queue-broken event may be; a read of the counters
 
 
 def _jsonable(v):
@@ -97,10 +103,34 @@ class ServiceControl:
             out["features"] = f"{proto.features:#x}"            # negotiated (SET_FEATURES)
             out["protocol_features"] = f"{int(proto.protocol_features):#x}"
         try:
-            out["queues"] = _jsonable(dev.queue_counters())
+            queues = dev.queue_counters()
         except Exception as e:          # counters are best effort, the answer is not
             out["queues"] = {"error": str(e)}
+            return out
+        running = proto.queues_running() if proto is not None else ()
+        for i, c in queues.items():
+            c["state"] = "broken" if c.get("broken") else \
+                "running" if i in running else "stopped"
+        out["queues"] = _jsonable(queues)
         return out
+
+    async def watch_broken(self, server) -> None:
+        """Publish queue-broken when a queue's `broken` gauge goes to 1 (once per breakage)."""
+        seen: set[tuple[str, int]] = set()
+        while True:
+            await asyncio.sleep(BROKEN_POLL)
+            if not server.subscribed:
+                continue
+            now = set()
+            for name, rt in list(self.svc.devices.items()):
+                try:
+                    counters = rt.device.queue_counters()
+                except Exception:       # noqa: BLE001 - a device being torn down
+                    continue
+                now.update((name, i) for i, c in counters.items() if c.get("broken"))
+            for name, i in sorted(now - seen):
+                server.publish("queue-broken", device=name, queue=i)
+            seen = now
 
     def switch_show(self, params, caller):
         """Every switch (or `name`'s): ports, uplink, counters, MAC table."""

@@ -6,8 +6,9 @@ program and the real client (`pyvhostctl`, vhost/ctl.py):
     refused while a frontend is connected unless forced (which disconnects it);
   * malformed requests (not JSON, a batch, no method, an unknown method, bad params, a line over
     the cap) each get their JSON-RPC error, and another client is served meanwhile;
-  * events (subscribe): device-added, frontend-connected, frontend-disconnected,
-    device-removed;
+  * events (subscribe): device-added, frontend-connected, queue-started, queue-broken (a corrupt
+    ring; device-show says "broken" for that queue while the other runs on), queue-stopped,
+    frontend-disconnected, device-removed, on both event loops;
   * runtime devices across SIGHUP (kept) and restarts (kept with control-persist, through the
     pyvhost.d drop-in; gone without it);
   * pyvhostctl's table, --json and error exit.
@@ -218,21 +219,53 @@ def test_malformed_requests_get_errors_and_others_are_served(tmp):
     assert rc == 0, sv.log_text()
 
 
-def test_subscribe_sees_devices_and_frontends(tmp):
-    sv = Serve(tmp, config(tmp))
+def read_events(ev: Client, until: str) -> list[dict]:
+    """Events up to and including the first `until` (bounded by the client's timeout)."""
+    seen = []
+    while not seen or seen[-1]["event"] != until:
+        assert len(seen) < 64, seen
+        seen.append(ev.read()["params"])
+    return seen
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_subscribe_sees_devices_frontends_and_queues(tmp, loop):
+    sv = Serve(tmp, config(tmp), loop=loop)
     try:
         sv.ready()
         with Client(str(tmp / "control.sock")) as ev, Client(str(tmp / "control.sock")) as c:
             assert ev.call("subscribe") == {"subscribed": True}
-            c.call("device-add", blk_table(tmp, "vdb"))
-            with Frontend(str(tmp / "vdb.sock"), timeout=TIMEOUT) as fb:
+            c.call("device-add", blk_table(tmp, "vdb", **{"num-queues": 2}))
+            with Frontend(str(tmp / "vdb.sock"), num_queues=2, timeout=TIMEOUT) as fb:
                 assert fb.write(0, b"x" * 512) == vb.S_OK
+                assert fb.write(8, b"y" * 512, queue=1) == vb.S_OK
+                show = c.call("device-show", {"name": "vdb"})
+                assert [show["queues"][q]["state"] for q in ("0", "1")] == ["running"] * 2
+                # a corrupt avail ring on queue 1 (more than a ring ahead): queue-broken for
+                # it, queue 0 serves on
+                vq = fb.queues[1]
+                vq.set_avail_idx(vq.avail_idx + vq.size + 1)
+                vq.kick(force=True)
+                seen = read_events(ev, "queue-broken")
+                assert fb.write(16, b"z" * 512) == vb.S_OK
+                show = c.call("device-show", {"name": "vdb"})
+                assert [show["queues"][q]["state"] for q in ("0", "1")] == \
+                    ["running", "broken"]
             wait_disconnected(c, "vdb")
+            seen += read_events(ev, "frontend-disconnected")
             c.call("device-del", {"name": "vdb"})
-            seen = [ev.read()["params"] for _ in range(4)]
-        assert [(e["event"], e["device"]) for e in seen] == [
-            ("device-added", "vdb"), ("frontend-connected", "vdb"),
-            ("frontend-disconnected", "vdb"), ("device-removed", "vdb")]
+            seen += read_events(ev, "device-removed")
+        kinds = [(e["event"], e["device"], e.get("queue")) for e in seen]
+        started = {(e["queue"], e["avail"]) for e in seen if e["event"] == "queue-started"}
+        stopped = {e["queue"]: e["avail"] for e in seen if e["event"] == "queue-stopped"}
+        assert kinds[:2] == [("device-added", "vdb", None), ("frontend-connected", "vdb", None)]
+        assert started == {(0, 0), (1, 0)}, kinds
+        assert ("queue-broken", "vdb", 1) in kinds and ("queue-broken", "vdb", 0) not in kinds
+        # every started queue stopped again, before the disconnect; queue 0 after its 2 requests
+        assert set(stopped) == {0, 1} and stopped[0] == 2, kinds
+        assert kinds.index(("frontend-disconnected", "vdb", None)) > max(
+            i for i, k in enumerate(kinds) if k[0] == "queue-stopped")
+        assert kinds[-1] == ("device-removed", "vdb", None)
         assert seen[1]["frontend"].startswith("pid ")
     finally:
         rc = sv.stop()
