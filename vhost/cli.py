@@ -63,7 +63,7 @@ def device_parser(dtype: DeviceType) -> argparse.ArgumentParser:
     # and cannot connect to a root:root 0600 socket (virtiofsd has --socket-group for this)
     p.add_argument("--socket-group", metavar="GROUP",
                    help="group of the listening socket(s) (e.g. kvm for libvirt's QEMU)")
-    p.add_argument("--socket-mode", metavar="MODE", default="0600",
+    p.add_argument("--socket-mode", metavar="MODE",
                    help="octal mode of the listening socket(s) (default 0600; 0660 with "
                         "--socket-group)")
     for o in dtype.cli_options():

@@ -86,11 +86,15 @@ def _key(name: str) -> str:
 
 
 _GUEST_MEMORY = Option("max-guest-memory", "size")
-def socket_access(group: str | None, mode_text: str,
+def socket_access(group: str | None, mode_text: str | None,
                   check_group: bool = True) -> tuple[str | None, int]:
     """`socket-group` / `socket-mode` (the service's keys, and the single-device programs'
     --socket-group / --socket-mode) checked: (group, mode).  The mode is an octal string that
-    leaves the owner rw (a socket its own service cannot use is a typo)."""
+    leaves the owner rw (a socket its own service cannot use is a typo); not given, it is 0660
+    with a group (the group is there to be let in, as virtiofsd's --socket-group does) and
+    0600 without."""
+    if mode_text is None:
+        mode_text = "0660" if group is not None else "0600"
     if group is not None and check_group:
         import grp
         try:
@@ -172,7 +176,7 @@ def _service(c: _Checker, table) -> ServiceSpec:
     if level not in ("debug", "info", "warning", "error"):
         c.fail(where, f"log-level must be debug, info, warning or error, not {level!r}")
     group = c.take(table, where, "socket-group", str)
-    mode_text = c.take(table, where, "socket-mode", str, "0600")
+    mode_text = c.take(table, where, "socket-mode", str)
     try:
         group, mode = socket_access(group, mode_text, c.check_files)
     except ValueError as e:

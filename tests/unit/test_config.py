@@ -162,6 +162,17 @@ def test_bad_config_is_one_line_naming_file_device_problem(tmp, why, text, needl
     assert needle.format(t=tmp) in msg, msg
 
 
+@pytest.mark.parametrize("group,mode,want", [
+    (None, None, 0o600), ("root", None, 0o660), ("root", "0600", 0o600), (None, "0666", 0o666)])
+def test_socket_mode_defaults_to_group_rw_only_with_a_group(group, mode, want):
+    """A socket-group without a socket-mode lets the group in (what --socket-group says)."""
+    assert cfg.socket_access(group, mode) == (group, want)
+    text = "[service]\n" + (f'socket-group = "{group}"\n' if group else "") + \
+        (f'socket-mode = "{mode}"\n' if mode else "")
+    conf = cfg.parse(tomllib.loads(text), "t.toml")
+    assert (conf.service.socket_group, conf.service.socket_mode) == (group, want)
+
+
 def test_config_that_is_not_utf8_is_one_line(tmp):
     """tomllib decodes the file before parsing it: a UnicodeDecodeError escaped load()
     (found by tests/fuzz/config.py)."""
