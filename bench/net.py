@@ -2,16 +2,20 @@
 the same DPDK frontend (testpmd ``net_virtio_user``), 64 B and 1500 B frames.
 
     python -m bench.net [--quick] [--duration S] [--rounds N] [--size B ...] [--flood]
-                        [--mode forward|sink ...] [--json F]
+                        [--mode forward|sink|source ...] [--json F]
 
-Two modes.  ``forward`` (default, below): the A -> B ring through the backend.  ``sink``: testpmd
+Three modes.  ``forward`` (default, below): the A -> B ring through the backend.  ``sink``: testpmd
 txonly on one net_virtio_user port (one queue, one forwarding core) into a backend that only
 consumes -- pyvhost-net as a one-port ``--switch`` (every frame popped, validated, its source
 learned, its unknown destination flooded to no other port, used entry published) against
 net_vhost under testpmd rxonly; "Mpps" is what the frontend got onto the ring, which is full in
 steady state, so what the backend consumed (cross-checked against the backend's own count).
-This is the ring engine's per-frame cost, with no copy on our side.  bench.run runs both modes,
-five rounds alternated.
+This is the ring engine's per-frame cost, with no copy on our side.  ``source``, the reverse:
+testpmd rxonly on one net_virtio_user port takes what a backend that only sends puts into its
+rx ring -- pyvhost as a switch port fed flat out by a generator port (bench/netsource.py: the
+switch's flood path and the rx copy, as any sender's frames take) against net_vhost under
+testpmd txonly; "Mpps" is what the frontend received.  bench.run runs all three, five rounds
+alternated.
 
 What is compared
 ----------------
@@ -160,40 +164,29 @@ class _Backend:
 
 
 @contextlib.contextmanager
-def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backend]:
-    """``python -m devices.net --switch sw0 --socket-path A --socket-path B`` (pyvhost-net) from
-    this checkout; SIGTERM at the end (SIGKILL after 10 s), and PR_SET_PDEATHSIG so that it
-    dies with us even if we are SIGKILLed."""
+def _spawned(cmd: list[str], socks: list[Path], log_path: Path,
+             what: str) -> Iterator[subprocess.Popen]:
+    """`cmd` (a Python module of this checkout) with its output in `log_path`; yields once every
+    socket in `socks` listens; SIGTERM at the end (SIGKILL after 10 s), PR_SET_PDEATHSIG so
+    that it dies with us even if we are SIGKILLed; the sockets are removed."""
     for s in socks:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(s)
-    cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-net", "--switch", "sw0"]
-    for s in socks:
-        cmd += ["--socket-path", str(s)]
-    cmd += ["--queue-size", str(queue_size), "--log-level", "info"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
         [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    log_path = workdir / "pyvhost-net.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                 cwd=str(REPO_ROOT), close_fds=True, preexec_fn=child_setup)
-
-    def log_tail() -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        return ""
-
-    b = _Backend("pyvhost", proc.pid, proc)
     try:
         deadline = time.monotonic() + 30.0
         while not all(is_socket(s) for s in socks):
             if proc.poll() is not None:
-                raise BenchError(f"pyvhost-net exited ({proc.returncode}) before listening; "
-                                 f"command: {' '.join(cmd)}\n{log_tail()}")
+                raise BenchError(f"{what} exited ({proc.returncode}) before listening; "
+                                 f"command: {' '.join(cmd)}\n{_tail(log_path)}")
             if time.monotonic() > deadline:
-                raise BenchError(f"pyvhost-net did not listen within 30 s\n{log_tail()}")
+                raise BenchError(f"{what} did not listen within 30 s\n{_tail(log_path)}")
             time.sleep(0.02)
-        yield b
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -205,12 +198,32 @@ def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Bac
         for s in socks:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(s)
+
+
+def _tail(log_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+    return ""
+
+
+@contextlib.contextmanager
+def _pyvhost(socks: list[Path], workdir: Path, queue_size: int) -> Iterator[_Backend]:
+    """``python -m vhost.programs pyvhost-net --switch sw0 --socket-path A --socket-path B``
+    from this checkout."""
+    cmd = [sys.executable, "-m", "vhost.programs", "pyvhost-net", "--switch", "sw0"]
+    for s in socks:
+        cmd += ["--socket-path", str(s)]
+    cmd += ["--queue-size", str(queue_size), "--log-level", "info"]
+    log_path = workdir / "pyvhost-net.log"
+    with _spawned(cmd, socks, log_path, "pyvhost-net") as proc:
+        b = _Backend("pyvhost", proc.pid, proc)
+        yield b
     # its last log line (at SIGTERM) has the per-port counters
     stats = _pyvhost_stats(log_path.read_text(errors="replace"))
     b.detail = stats
     if proc.returncode != 0 or not stats:
         raise BenchError(f"pyvhost-net did not stop cleanly (exit {proc.returncode})\n"
-                         f"{log_tail()}")
+                         f"{_tail(log_path)}")
     port_b = stats.get("sw0:1", {})
     port_a = stats.get("sw0:0", {})
     b.drops = sum(v for k, v in port_b.items() if k.startswith("rx_dropped")) + \
@@ -241,9 +254,10 @@ def _pyvhost_stats(log: str) -> dict:
 
 @contextlib.contextmanager
 def _dpdk(socks: list[Path], workdir: Path, queue_size: int,
-          fwd: str = "io") -> Iterator[_Backend]:
+          fwd: str = "io", pkt_len: int | None = None) -> Iterator[_Backend]:
+    kw = {"txpkts": pkt_len} if pkt_len else {}
     with vhost_backend(socks, fwd=fwd, name="net_vhost", mem_mb=MEM_MB,
-                       log_path=workdir / "net_vhost.log") as be:
+                       log_path=workdir / "net_vhost.log", **kw) as be:
         b = _Backend("dpdk", be.proc.pid, be)
         be.start()
         yield b
@@ -382,6 +396,63 @@ def _run_sink(kind: str, pkt_len: int, duration: float, warmup: float, workdir: 
                   f"backend counted {taken} frames, frontend sent {tx} in the interval")
 
 
+@contextlib.contextmanager
+def _netsource(socks: list[Path], workdir: Path, queue_size: int,
+               pkt_len: int) -> Iterator[_Backend]:
+    """``python -m bench.netsource`` (pyvhost as a frame source: a switch port fed by a
+    generator port, see that module); its exit line gives what it generated and delivered."""
+    cmd = [sys.executable, "-m", "bench.netsource", "--socket-path", str(socks[0]),
+           "--pkt-len", str(pkt_len), "--queue-size", str(queue_size)]
+    log_path = workdir / "netsource.log"
+    with _spawned(cmd, socks, log_path, "bench.netsource") as proc:
+        b = _Backend("pyvhost", proc.pid, proc)
+        yield b
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines()
+             if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise BenchError(f"bench.netsource did not stop cleanly (exit {proc.returncode})\n"
+                         f"{_tail(log_path)}")
+    b.detail = json.loads(lines[-1])
+
+
+def _run_source(kind: str, pkt_len: int, duration: float, warmup: float, workdir: Path,
+                queue_size: int) -> dict:
+    """Source mode, the sink's reverse: testpmd rxonly on one net_virtio_user port (one queue,
+    one core) takes what the backend puts into its rx ring as fast as it comes.  pyvhost is a
+    switch port fed by a generator port (bench/netsource.py: every frame switched, flooded to
+    the port, copied into the guest's rx buffers, used entries published per batch); DPDK is
+    net_vhost under testpmd txonly (an mbuf built per frame, enqueued into the guest's ring).
+    Both sources are flat out: what the frontend receives is the measure; frames a full ring
+    could not take are dropped at the source."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    socks = [workdir / "a.sock"]
+    row: dict = {"backend": kind, "mode": "source", "pkt_len": pkt_len, "dst": "flood",
+                 "queue_size": queue_size, "loadavg_before": _loadavg()}
+    cm = _netsource(socks, workdir, queue_size, pkt_len) if kind == "pyvhost" else \
+        _dpdk(socks, workdir, queue_size, fwd="txonly", pkt_len=pkt_len)
+    with cm as be:
+        with virtio_user(socks, "rxonly", pkt_len=pkt_len, mac=MAC_A, queue_size=queue_size,
+                         name="frontend", mem_mb=MEM_MB,
+                         log_path=workdir / "frontend.log") as fe:
+            fe.start()
+            time.sleep(warmup)
+            d, cpu = _interval(fe, be, duration)
+            fe.stop()
+    dt = cpu["seconds"]
+    rx = d.get(0, {}).get("rx_packets", 0)
+    rxb = d.get(0, {}).get("rx_bytes", 0)
+    # the source's own count of what it put into the ring, over the whole run (a cross-check)
+    if kind == "pyvhost":
+        given = be.detail.get("delivered", 0)
+    else:
+        given = be.detail.get(0, {}).get("tx_packets", 0)
+    row.update({"mpps": rx / dt / 1e6, "gbps": rxb * 8 / dt / 1e9, "offered_mpps": rx / dt / 1e6,
+                **cpu, "lost": 0, "backend_given": given, "loadavg_after": _loadavg()})
+    row["valid"] = rx > 0 and given >= rx
+    return _noted(row, "no traffic" if rx == 0 else None if given >= rx else
+                  f"backend counted {given} frames, frontend received {rx} in the interval")
+
+
 # ---------------------------------------------------------------------------------------------
 # the suite
 
@@ -419,6 +490,8 @@ def run_net_bench(*, duration: float = 5.0, rounds: int = 2, quick: bool = False
                     wd = top / f"r{rnd}-{mode}-{pkt_len}-{kind}"
                     if mode == "sink":
                         row = _run_sink(kind, pkt_len, duration, warmup, wd, queue_size)
+                    elif mode == "source":
+                        row = _run_source(kind, pkt_len, duration, warmup, wd, queue_size)
                     else:
                         row = _run_one(kind, pkt_len, duration, warmup, wd, window,
                                        queue_size, flood)
@@ -521,9 +594,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, action="append", help="packet length (repeatable)")
     ap.add_argument("--flood", action="store_true",
                     help="send to an unknown MAC (the switch floods) instead of P1's MAC")
-    ap.add_argument("--mode", action="append", choices=("forward", "sink"),
+    ap.add_argument("--mode", action="append", choices=("forward", "sink", "source"),
                     help="forward: the A -> B ring through the backend (default); sink: "
-                         "testpmd txonly into a backend that only consumes (repeatable)")
+                         "testpmd txonly into a backend that only consumes; source: a "
+                         "backend that only sends into testpmd rxonly (repeatable)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
