@@ -11,12 +11,14 @@ assertions (a failure raises LibvirtError with what virsh said).
 """
 from __future__ import annotations
 
+import contextlib
+import grp
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,18 +63,16 @@ def _alive(pidfile: Path) -> int | None:
         return None
 
 
-# libvirtd's QEMU capability cache records whether KVM worked when it probed QEMU (as root)
-# and drops the cache whenever /dev/kvm's usability for the QEMU user differs (qemu_capabilities.c
+# libvirtd's QEMU capability cache records whether KVM worked when it probed QEMU and drops the
+# cache whenever /dev/kvm's usability for the QEMU user differs (qemu_capabilities.c
 # virQEMUCapsIsValid: "KVM was enabled when probing ..., but it is not available now"). On a
-# machine whose /dev/kvm is not group kvm (no udev: here it is root:input), that is every
-# lookup: each `virsh create` re-probed QEMU for ~70 s. The libvirtd started here therefore
-# runs in a mount namespace of its own where /dev/kvm is an unreadable empty file: KVM is
-# unusable for the probe and for the QEMU user alike, and the cache stays valid. TCG domains
-# do not need /dev/kvm. libvirt's own per-domain /dev (qemu.conf `namespaces`) would try to
-# move that mount into it and fail (EINVAL), so that namespace's qemu.conf says
-# `namespaces = []`; everything else is the installed qemu.conf (QEMU as libvirt-qemu:kvm).
-MASK_KVM = ('mount --bind "$1" /dev/kvm && mount --bind "$2" /etc/libvirt/qemu.conf || exit 1; '
-            'shift 2; exec "$@"')
+# machine without udev, /dev/kvm is not the group kvm Debian's udev rules give it (here it is
+# root:input 0660): libvirt-qemu cannot open it, every lookup re-probed QEMU, and each
+# `virsh create` took ~70 s. So while the daemons run, /dev/kvm gets what udev would have
+# given it (group kvm, 0660) and its own owner and mode back afterwards. A mount namespace
+# hiding it instead does not work: libvirt moves /dev's submounts into each domain's /dev
+# (EINVAL for a file), and in a chroot `unshare --propagation private` fails (/ is no mount).
+KVM = "/dev/kvm"
 
 
 class Daemons:
@@ -80,25 +80,11 @@ class Daemons:
 
     def __init__(self, timeout: float = 60.0):
         self.started: list[str] = []
-        self._mask = None
+        self._kvm_restore: tuple[int, int] | None = None
+        self._kvm_as_udev_would()
         for prog in ("virtlogd", "libvirtd"):       # libvirtd hands QEMU's logs to virtlogd
             if _alive(PIDFILES[prog]) is None:
-                argv = [_sbin(prog), "-d"]
-                if prog == "libvirtd" and os.path.exists("/dev/kvm"):
-                    self._mask = tempfile.mkdtemp(prefix="pyvhost-nokvm-")
-                    nokvm = os.path.join(self._mask, "kvm")
-                    open(nokvm, "w").close()
-                    os.chmod(nokvm, 0)
-                    conf = os.path.join(self._mask, "qemu.conf")
-                    try:
-                        installed = Path("/etc/libvirt/qemu.conf").read_text()
-                    except OSError:
-                        installed = ""
-                    Path(conf).write_text(installed + "\nnamespaces = []\n")
-                    os.chmod(conf, 0o644)
-                    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            MASK_KVM, "sh", nokvm, conf, *argv]
-                subprocess.run(argv, check=True, timeout=30,
+                subprocess.run([_sbin(prog), "-d"], check=True, timeout=30,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
                 self.started.append(prog)
@@ -123,9 +109,24 @@ class Daemons:
             while _alive(PIDFILES[prog]) == pid and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.started = []
-        if self._mask is not None:
-            shutil.rmtree(self._mask, ignore_errors=True)
-            self._mask = None
+        if self._kvm_restore is not None:
+            gid, mode = self._kvm_restore
+            with contextlib.suppress(OSError):
+                os.chown(KVM, -1, gid)
+                os.chmod(KVM, mode)
+            self._kvm_restore = None
+
+    def _kvm_as_udev_would(self) -> None:
+        try:
+            st = os.stat(KVM)
+            kvm_gid = grp.getgrnam("kvm").gr_gid
+        except (OSError, KeyError):
+            return                          # no /dev/kvm (or no kvm group): nothing to match
+        if st.st_gid == kvm_gid and st.st_mode & 0o060 == 0o060:
+            return
+        self._kvm_restore = (st.st_gid, stat.S_IMODE(st.st_mode))
+        os.chown(KVM, -1, kvm_gid)
+        os.chmod(KVM, 0o660)
 
 
 def replace_once(text: str, old: str, new: str, what: str) -> str:
