@@ -171,6 +171,13 @@ cdef enum:
 ctypedef struct fwd_t:
     rxq_t *dirty[MAX_DIRTY]
     int ndirty
+    # rx queues found without buffers in this batch, and the frames since dropped for them
+    # without looking again: a source faster than its receiver otherwise re-read the avail
+    # index the receiver is writing once per frame (a cache line bouncing between the two
+    # CPUs), which slowed the receiver itself (bench.net --mode source, issue 13)
+    rxq_t *full[MAX_DIRTY]
+    uint64_t full_drops[MAX_DIRTY]
+    int nfull
     uint8_t learned_mac[6]
     int learned_verdict            # mac_learn's answer for learned_mac (LEARN_*)
     uint64_t learned_ms
@@ -739,10 +746,16 @@ cdef void fwd_flush(fwd_t *fw) noexcept nogil:
 
 
 cdef inline void fwd_end(switch_t *sw, fwd_t *fw) noexcept nogil:
-    """The end of a sender's batch: its rx queues published, its share of the switch-wide
-    counters added (one atomic each per batch, not per frame)."""
+    """The end of a sender's batch: its rx queues published, the drops at full queues counted,
+    its share of the switch-wide counters added (one atomic each per batch, not per frame)."""
+    cdef int k
     if fw.ndirty:
         fwd_flush(fw)
+    for k in range(fw.nfull):
+        pthread_mutex_lock(&fw.full[k].lock)
+        fw.full[k].stats[ST_RX_NO_ROOM] += fw.full_drops[k]
+        pthread_mutex_unlock(&fw.full[k].lock)
+    fw.nfull = 0
     if fw.unicast:
         stat_add(&sw.unicast, fw.unicast)
         fw.unicast = 0
@@ -778,6 +791,10 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
         stat_add(&dst.stats[ST_RX_NO_ROOM], 1)
         return
     q = &dst.rx[pair % dst.npairs]
+    for k in range(fw.nfull):
+        if fw.full[k] == q:                  # no buffers earlier in this batch: drop
+            fw.full_drops[k] += 1
+            return
     fd = -1
     pthread_mutex_lock(&q.lock)
     if not q.active:
@@ -785,6 +802,10 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
     else:
         if rx_deliver(q, dst, f, 2 * (pair % dst.npairs)) == DELIVER_NO_ROOM:
             q.stats[ST_RX_NO_ROOM] += 1
+            if fw.nfull < MAX_DIRTY:
+                fw.full[fw.nfull] = q
+                fw.full_drops[fw.nfull] = 0
+                fw.nfull += 1
         if q.pending_used:
             seen = False
             for k in range(fw.ndirty):
