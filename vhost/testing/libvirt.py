@@ -73,6 +73,22 @@ def _alive(pidfile: Path) -> int | None:
 # hiding it instead does not work: libvirt moves /dev's submounts into each domain's /dev
 # (EINVAL for a file), and in a chroot `unshare --propagation private` fails (/ is no mount).
 KVM = "/dev/kvm"
+# In a chroot (the fresh-machine CI check runs the tests in one) "/" is no mount point, and
+# libvirt's per-domain mount namespace (qemu.conf `namespaces`, default ["mount"]) fails to
+# start every domain ("Failed disable mount propagation out of the root filesystem: Invalid
+# argument"). There, and only there, the libvirtd started here runs with `namespaces = []`
+# appended to qemu.conf; the file is restored when the daemons stop.
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+def root_is_mount_point() -> bool:
+    """Whether "/" is a mount point here (it is not in a chroot), as libvirt's namespace
+    setup needs: a mount of /proc/self/mountinfo at "/"."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == "/" for line in f if len(line.split()) > 4)
+    except OSError:
+        return True
 
 
 class Daemons:
@@ -82,8 +98,13 @@ class Daemons:
         self.started: list[str] = []
         self._kvm_restore: tuple[int, int] | None = None
         self._kvm_as_udev_would()
+        self._conf_restore: str | None = None
         for prog in ("virtlogd", "libvirtd"):       # libvirtd hands QEMU's logs to virtlogd
             if _alive(PIDFILES[prog]) is None:
+                if prog == "libvirtd" and not root_is_mount_point() and QEMU_CONF.exists():
+                    self._conf_restore = QEMU_CONF.read_text()
+                    QEMU_CONF.write_text(self._conf_restore + "\n# pyvhost tests, in a chroot:"
+                                         "\nnamespaces = []\n")
                 subprocess.run([_sbin(prog), "-d"], check=True, timeout=30,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -109,6 +130,10 @@ class Daemons:
             while _alive(PIDFILES[prog]) == pid and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.started = []
+        if self._conf_restore is not None:
+            with contextlib.suppress(OSError):
+                QEMU_CONF.write_text(self._conf_restore)
+            self._conf_restore = None
         if self._kvm_restore is not None:
             gid, mode = self._kvm_restore
             with contextlib.suppress(OSError):
