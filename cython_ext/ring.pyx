@@ -271,6 +271,16 @@ cdef inline void _pk_advance(uint16_t *pos, bint *wrap, uint16_t n, uint16_t num
         wrap[0] = not wrap[0]
 
 
+cdef inline uint16_t _pk_step(vq_t *vq, uint16_t bid) noexcept nogil:
+    """Ring slots buffer `bid`'s chain took, from its inflight entry (1 if it has none)."""
+    cdef uint8_t *e
+    if bid < vq.num:
+        e = _pk_entry(vq, bid)
+        if e[0] and 1 <= e[1] <= PK_COPIES:
+            return e[1]
+    return 1
+
+
 cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
     """vq_inflight_setup for a packed ring.  QEMU cannot ask a dead backend where its packed
     ring was (virtio_queue_packed_restore_last_avail_idx does nothing), so the positions come
@@ -278,8 +288,8 @@ cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
     the driver can already see (published before the kill; their ids are cleared), the avail
     position the checkpoint moved past a chain that was marked but not yet checkpointed."""
     cdef uint64_t need = IFP_DESC_OFF + IFP_ENTRY * <uint64_t>vq.num
-    cdef uint16_t upos, apos, v, bid, n, hp
-    cdef bint uwrap, awrap
+    cdef uint16_t upos, apos, v, bid, n, hp, spos
+    cdef bint uwrap, awrap, swrap
     cdef uint32_t i, cnt = 0
     cdef uint8_t *e
     cdef pvring_desc_t d
@@ -312,6 +322,25 @@ cdef int _pk_inflight_setup(vq_t *vq, uint8_t *r, uint64_t size) noexcept nogil:
                 n = e[1]
             e[0] = 0
         _pk_advance(&upos, &uwrap, n, vq.num)
+    # A batch the previous backend pushed but never published: _push_packed writes every
+    # used descriptor's flags at once except the batch's first (upos here), so the rest of
+    # the batch already reads as used. Those ids are still marked in flight and are
+    # resubmitted; left as they are, the driver would read the stale entries as soon as this
+    # backend publishes at upos, and complete them twice (tests/integration/test_inflight.py,
+    # a kill after-push on a packed ring). They become plain in-flight slots again: available
+    # in this wrap, not used. A slot past upos that is not part of such a batch is either in
+    # flight (available in this wrap) or from the last wrap, and never reads as used here.
+    spos, swrap = upos, uwrap
+    vq_copy16(&d, vq.desc + 16 * <uint64_t>spos)
+    _pk_advance(&spos, &swrap, _pk_step(vq, d.id), vq.num)
+    for i in range(vq.num):
+        vq_copy16(&d, vq.desc + 16 * <uint64_t>spos)
+        if (((d.flags & PDESC_F_AVAIL) != 0) != swrap) or (((d.flags & PDESC_F_USED) != 0)
+                                                          != swrap):
+            break
+        vq_store_release_u16(vq.desc + 16 * <uint64_t>spos + 14,
+                             PDESC_F_AVAIL if swrap else PDESC_F_USED)
+        _pk_advance(&spos, &swrap, _pk_step(vq, d.id), vq.num)
     v = vq_load_u16(r + IFP_AVAIL_OFF)
     apos = (v & 0x7FFF) & (vq.num - 1)
     awrap = (v >> 15) & 1
