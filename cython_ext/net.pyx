@@ -186,6 +186,10 @@ ctypedef struct fwd_t:
     int lookup_gen                 # switch_t.gen when looked up
     uint64_t lookup_ms
     uint64_t now_ms                # read once per batch (a clock read per frame cost ~18%)
+    # the rx queue whose lock this sender holds from one frame to the next of a batch (a
+    # stream to one queue locked and unlocked it per frame); at most one is held, it is
+    # dropped before any other lock is taken and at the batch's end (fwd_end)
+    rxq_t *held
     uint64_t stats[NUM_STATS]      # the sender's tx-side counters: one writer, no atomics
     uint64_t unicast               # the switch-wide counters' share of this batch, added
     uint64_t flooded               # once per batch by fwd_flush (an atomic per frame: 2-3%)
@@ -228,7 +232,10 @@ cdef inline int frame_from_chain(chain_t *c, int hdr_len, frame_t *f) noexcept n
     if c.total_len <= <uint64_t>hdr_len or c.total_len > <uint64_t>(hdr_len + MAX_FRAME):
         return F_REQUEST
     memset(f.hdr, 0, HDR_MAX)
-    chain_copy_from(c, 0, f.hdr, hdr_len)
+    if c.segs[0].iov_len >= <size_t>hdr_len:
+        memcpy(f.hdr, c.segs[0].iov_base, hdr_len)      # the usual layout: no ring.pyx call
+    else:
+        chain_copy_from(c, 0, f.hdr, hdr_len)
     skip = hdr_len
     k = 0
     while skip >= c.segs[k].iov_len:
@@ -338,6 +345,36 @@ cdef int rx_deliver(rxq_t *q, port_t *p, frame_t *f, int qindex) noexcept nogil:
         if cs_pos + 2 > total:
             q.stats[ST_RX_FAULT] += 1
             return DELIVER_DROPPED
+    if csum_mode == 0 and vq.log == NULL and vq.num > 0:
+        # the usual case first: header and frame fit the first buffer's first segment (a
+        # mergeable guest posts 1526-byte or page-sized buffers, DPDK 2 KiB mbufs), so the
+        # header is one copy with num_buffers = 1 already in it and the frame one copy per
+        # source segment -- no per-byte scan for where num_buffers lands (perf, issue 13)
+        r = vq_pop(vq, c)
+        if r != 1:
+            if r < 0:
+                q.stats[ST_RX_FAULT] += 1
+                return DELIVER_DROPPED
+            return DELIVER_NO_ROOM
+        if c.fault == F_NONE and c.nreadable == 0 and c.nsegs > 0 \
+                and c.segs[0].iov_len >= total:
+            dst = <uint8_t *>c.segs[0].iov_base
+            hdr[10] = 1
+            memcpy(dst, hdr, hdr_len)
+            dst += hdr_len
+            done = 0
+            for k in range(f.niov):
+                take = f.iov[k].iov_len
+                if take > f.len - done:
+                    take = f.len - done
+                memcpy(dst + done, f.iov[k].iov_base, take)
+                done += take
+            vq_push(vq, c.head, <uint32_t>(hdr_len + done))
+            q.pending_used += 1
+            q.stats[ST_RX_PACKETS] += 1
+            q.stats[ST_RX_BYTES] += f.len
+            return DELIVER_OK
+        vq_seek(vq, start)                   # anything else: the general path pops it again
     # source byte stream: header (hdr_len bytes from hdr[]) then f.iov[]
     while done < total:
         if nbufs >= vq.num:
@@ -736,6 +773,13 @@ cdef inline bint frame_mac(frame_t *f, size_t off, uint8_t *mac) noexcept nogil:
     return False
 
 
+cdef inline void fwd_release(fwd_t *fw) noexcept nogil:
+    """Drop the rx queue lock the sender holds across frames, if any."""
+    if fw.held != NULL:
+        pthread_mutex_unlock(&fw.held.lock)
+        fw.held = NULL
+
+
 cdef void fwd_flush(fwd_t *fw) noexcept nogil:
     """Publish and notify every rx queue this sender wrote since the last flush."""
     cdef int k
@@ -749,6 +793,7 @@ cdef inline void fwd_end(switch_t *sw, fwd_t *fw) noexcept nogil:
     """The end of a sender's batch: its rx queues published, the drops at full queues counted,
     its share of the switch-wide counters added (one atomic each per batch, not per frame)."""
     cdef int k
+    fwd_release(fw)
     if fw.ndirty:
         fwd_flush(fw)
     for k in range(fw.nfull):
@@ -796,7 +841,10 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
             fw.full_drops[k] += 1
             return
     fd = -1
-    pthread_mutex_lock(&q.lock)
+    if fw.held != q:
+        fwd_release(fw)
+        pthread_mutex_lock(&q.lock)
+        fw.held = q
     if not q.active:
         q.stats[ST_RX_NO_ROOM] += 1
     else:
@@ -818,8 +866,9 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
                     fw.ndirty += 1
                 else:
                     fd = rxq_publish(q)
-    pthread_mutex_unlock(&q.lock)
-    rxq_signal(q, fd)
+    if fd >= 0:                              # signalled outside the lock, as always
+        fwd_release(fw)
+        rxq_signal(q, fd)
 
 
 cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
@@ -847,6 +896,7 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
             return
     else:
         if t - fw.learned_ms >= MAC_CACHE_MS or memcmp(fw.learned_mac, smac, 6) != 0:
+            fwd_release(fw)                  # the table's lock is never taken holding another
             fw.learned_verdict = mac_learn(sw, smac, src)
             memcpy(fw.learned_mac, smac, 6)
             fw.learned_ms = t
@@ -864,6 +914,7 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
             and memcmp(fw.lookup_mac, dmac, 6) == 0:
         dst = fw.lookup_port
     else:
+        fwd_release(fw)
         dst = mac_lookup(sw, dmac, t)
         memcpy(fw.lookup_mac, dmac, 6)
         fw.lookup_port = dst
@@ -918,6 +969,12 @@ cdef int tx_pass(worker_t *w) noexcept nogil:
             break
         if r < 0:
             note_fault(&w.tx, 2 * w.pair + 1, F_AVAIL)
+            # what this batch delivered to other ports is still published (and the held rx
+            # lock dropped); the frames popped before the corruption complete as usual
+            fwd_end(w.sw, &w.fwd)
+            if n:
+                vq_publish(&w.tx)
+                vq_notify(&w.tx)
             return -1
         n += 1
         f_code = frame_from_chain(w.chain, p.hdr_len, &f)

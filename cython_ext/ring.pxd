@@ -89,6 +89,8 @@ ctypedef struct vq_t:
     uint8_t *avail             # split: avail ring; packed: driver event suppression
     uint8_t *used              # split: used ring; packed: device event suppression
     uint16_t last_avail        # split: free-running index; packed: ring position
+    uint16_t avail_shadow      # split: avail->idx as last read; [last_avail, avail_shadow)
+                               # are known available without reading it again
     uint16_t used_idx          # split: next used index we publish (shadow of used->idx);
                                # packed: ring position of the next used descriptor
     # Packed virtqueue (VIRTIO_F_RING_PACKED, virtio 1.2 §2.8): the same calls, another layout.

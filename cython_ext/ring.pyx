@@ -189,6 +189,7 @@ cdef int vq_init(vq_t *vq, uint16_t num, uint64_t desc, uint64_t avail, uint64_t
         if base > 0xFFFF:       # the split ring's index is 16 bits (virtio 1.2 §2.7)
             return -1
         vq.last_avail = <uint16_t>base
+        vq.avail_shadow = vq.last_avail
         # Resume where the frontend's used ring is: after a reconnect used->idx is
         # authoritative.
         vq.used_idx = vq_load_u16(_used_idx(vq))
@@ -463,6 +464,7 @@ cdef int vq_inflight_setup(vq_t *vq, uint64_t addr, uint64_t size) noexcept nogi
             cnt += 1
     _set_resubmit(vq, tmp, cnt)
     vq.last_avail = <uint16_t>(vq.used_idx + cnt)
+    vq.avail_shadow = vq.last_avail
     return <int>cnt
 
 
@@ -895,13 +897,18 @@ cdef int vq_pop(vq_t *vq, chain_t *c) noexcept nogil:
         return _walk(vq, head, c)
     if vq.packed:
         return _pop_packed(vq, c)
-    avail_idx = vq_load_acquire_u16(_avail_idx(vq))
-    if avail_idx == vq.last_avail:
-        return 0
-    if <uint16_t>(avail_idx - vq.last_avail) > vq.num:
-        vq.broken = True
-        vq.faults[F_AVAIL] += 1
-        return -1
+    if vq.avail_shadow == vq.last_avail or <uint16_t>(vq.avail_shadow - vq.last_avail) > vq.num:
+        # avail->idx is read (with acquire) only once the entries it last showed are taken:
+        # the driver writes that cache line as it posts, and reading it per chain bounced
+        # the line between the two CPUs once per frame (DPDK reads it once per burst too)
+        avail_idx = vq_load_acquire_u16(_avail_idx(vq))
+        if avail_idx == vq.last_avail:
+            return 0
+        if <uint16_t>(avail_idx - vq.last_avail) > vq.num:
+            vq.broken = True
+            vq.faults[F_AVAIL] += 1
+            return -1
+        vq.avail_shadow = avail_idx
     head = vq_load_u16(vq.avail + 4 + 2 * (vq.last_avail & (vq.num - 1)))
     if head >= vq.num:
         vq.broken = True

@@ -360,3 +360,67 @@ def test_dirty_log_marks_rx_buffers_and_used_rings_not_tx_buffers():
     finally:
         rig.close()
         dlog.close()
+
+
+def test_switch_batch_cut_by_a_corrupt_avail_ring_is_still_delivered():
+    """A guest's tx ring turns corrupt (a head beyond the ring) after a few good frames: those
+    frames were already copied into the other port's rx ring in the same batch, and must be
+    published there (before: the batch returned without publishing, so the receiver never
+    saw frames that the sender's ring had consumed), and the sender's queue is broken."""
+    from cython_ext.net import Switch
+    qsize = 64
+    ram = GuestRAM(MEM, pc_two_region_layout(MEM))
+    mem = GuestMemory(MappedRegion.map(ram.fd, r.gpa, r.size, ram.region_user_addr(r),
+                                       r.mmap_offset) for r in ram.regions)
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]      # rx call, tx kick, tx call
+    rx = VirtQueue(ram, 0, qsize, event_idx=True, kick_fd=-1, call_fd=fds[0])
+    tx = VirtQueue(ram, 1, qsize, event_idx=True, kick_fd=fds[1], call_fd=fds[2])
+    sw = Switch("t")
+    a, b = Port("vhost", 1, sw, 0), Port("vhost", 1, sw, 1)
+    for p in (a, b):
+        p.set_features(hdr_len=HDR, mrg_rxbuf=True, guest_csum=True, guest_tso4=True,
+                       guest_tso6=True, guest_ufo=False, guest_ecn=False)
+    table = mem.table_bytes()
+    d, u, av = rx.addresses()
+    b.attach_rx(0, qsize, mem.uva_to_host(d, 16 * qsize), mem.uva_to_host(av, 6 + 2 * qsize),
+                mem.uva_to_host(u, 6 + 8 * qsize), 0, table, fds[0], True, True)
+    bufs = {}
+    for _ in range(8):
+        g = ram.alloc(2048)
+        bufs[rx.add_chain([(g, 2048, True)])] = g
+    rx.publish(list(bufs))
+    d, u, av = tx.addresses()
+    txq = (qsize, mem.uva_to_host(d, 16 * qsize), mem.uva_to_host(av, 6 + 2 * qsize),
+           mem.uva_to_host(u, 6 + 8 * qsize), 0, fds[1], fds[2], True, True, False)
+    worker = NetWorker("switch", a, 0, sw, -1, txq, -1, table)
+    frames = [eth(60 + k) for k in range(3)]
+    heads = []
+    for f in frames:
+        g = ram.alloc(HDR + len(f))
+        ram.write(g, hdr() + f)
+        heads.append(tx.add_chain([(g, HDR + len(f), False)]))
+    # three good heads and then one no ring has, published together: one batch
+    tx.publish(heads + [qsize + 7])
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        tx.kick(force=True)
+        deadline = time.monotonic() + 5
+        while rx.used_idx() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = rx.reap()
+        assert len(got) == 3, got
+        for (head, ln), f in zip(got, frames):
+            assert ram.read(bufs[head], ln) == hdr(nbuf=1) + f
+        assert worker.tx_faults()
+    finally:
+        worker.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+        b.detach_rx(0)
+        a.detach()
+        b.detach()
+        mem.unmap_all()
+        ram.close()
+        for fd in fds:
+            os.close(fd)
