@@ -186,10 +186,6 @@ ctypedef struct fwd_t:
     int lookup_gen                 # switch_t.gen when looked up
     uint64_t lookup_ms
     uint64_t now_ms                # read once per batch (a clock read per frame cost ~18%)
-    # the rx queue whose lock this sender holds from one frame to the next of a batch (a
-    # stream to one queue locked and unlocked it per frame); at most one is held, it is
-    # dropped before any other lock is taken and at the batch's end (fwd_end)
-    rxq_t *held
     uint64_t stats[NUM_STATS]      # the sender's tx-side counters: one writer, no atomics
     uint64_t unicast               # the switch-wide counters' share of this batch, added
     uint64_t flooded               # once per batch by fwd_flush (an atomic per frame: 2-3%)
@@ -773,13 +769,6 @@ cdef inline bint frame_mac(frame_t *f, size_t off, uint8_t *mac) noexcept nogil:
     return False
 
 
-cdef inline void fwd_release(fwd_t *fw) noexcept nogil:
-    """Drop the rx queue lock the sender holds across frames, if any."""
-    if fw.held != NULL:
-        pthread_mutex_unlock(&fw.held.lock)
-        fw.held = NULL
-
-
 cdef void fwd_flush(fwd_t *fw) noexcept nogil:
     """Publish and notify every rx queue this sender wrote since the last flush."""
     cdef int k
@@ -793,7 +782,6 @@ cdef inline void fwd_end(switch_t *sw, fwd_t *fw) noexcept nogil:
     """The end of a sender's batch: its rx queues published, the drops at full queues counted,
     its share of the switch-wide counters added (one atomic each per batch, not per frame)."""
     cdef int k
-    fwd_release(fw)
     if fw.ndirty:
         fwd_flush(fw)
     for k in range(fw.nfull):
@@ -841,10 +829,11 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
             fw.full_drops[k] += 1
             return
     fd = -1
-    if fw.held != q:
-        fwd_release(fw)
-        pthread_mutex_lock(&q.lock)
-        fw.held = q
+    # locked per frame, never across a batch: a sender that kept the lock from one frame to
+    # the next (tried in e433c6f, 3-8 ns a frame) re-took it before a waiter woke, so a queue
+    # restart under a flood (attach_rx, Port.set_features) starved -- and attach_rx waits with
+    # the GIL held, which froze the whole service (test_hostile_frontends, fuzz build)
+    pthread_mutex_lock(&q.lock)
     if not q.active:
         q.stats[ST_RX_NO_ROOM] += 1
     else:
@@ -866,9 +855,8 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
                     fw.ndirty += 1
                 else:
                     fd = rxq_publish(q)
-    if fd >= 0:                              # signalled outside the lock, as always
-        fwd_release(fw)
-        rxq_signal(q, fd)
+    pthread_mutex_unlock(&q.lock)
+    rxq_signal(q, fd)
 
 
 cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw) noexcept nogil:
@@ -896,7 +884,6 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
             return
     else:
         if t - fw.learned_ms >= MAC_CACHE_MS or memcmp(fw.learned_mac, smac, 6) != 0:
-            fwd_release(fw)                  # the table's lock is never taken holding another
             fw.learned_verdict = mac_learn(sw, smac, src)
             memcpy(fw.learned_mac, smac, 6)
             fw.learned_ms = t
@@ -914,7 +901,6 @@ cdef void switch_forward(switch_t *sw, int src, frame_t *f, int pair, fwd_t *fw)
             and memcmp(fw.lookup_mac, dmac, 6) == 0:
         dst = fw.lookup_port
     else:
-        fwd_release(fw)
         dst = mac_lookup(sw, dmac, t)
         memcpy(fw.lookup_mac, dmac, 6)
         fw.lookup_port = dst
@@ -969,8 +955,8 @@ cdef int tx_pass(worker_t *w) noexcept nogil:
             break
         if r < 0:
             note_fault(&w.tx, 2 * w.pair + 1, F_AVAIL)
-            # what this batch delivered to other ports is still published (and the held rx
-            # lock dropped); the frames popped before the corruption complete as usual
+            # what this batch delivered to other ports is still published; the frames popped
+            # before the corruption complete as usual
             fwd_end(w.sw, &w.fwd)
             if n:
                 vq_publish(&w.tx)
