@@ -32,7 +32,7 @@ from cpython.bytes cimport PyBytes_AS_STRING
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.unistd cimport read, write, close
 from posix.uio cimport iovec
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, nanosleep, timespec, CLOCK_MONOTONIC
 
 from cython_ext.ring cimport *
 from cython_ext.posix_io cimport *
@@ -112,6 +112,8 @@ ctypedef struct rxq_t:
     uint32_t *lens
     uint64_t pending_used
     int signalling                 # senders signalling call_fd outside `lock` (users_enter)
+    int ctl_waiting                # control-side lockers waiting for `lock` (rxq_ctl_lock)
+    uint64_t stepped_aside         # frames dropped (no-room) because of it: atomic, no lock
     uint64_t stats[NUM_STATS]      # rx-side counters, written under `lock` only (no atomics)
 
 ctypedef struct port_t:
@@ -505,12 +507,26 @@ cdef inline void rxq_flush(rxq_t *q) noexcept nogil:
     rxq_signal(q, fd)
 
 
+cdef inline void rxq_ctl_lock(rxq_t *q) noexcept nogil:
+    """The control side's q.lock (attach, detach, a feature change): announced before it waits,
+    and senders step aside while someone is announced (port_receive: the frame counts as
+    no-room).  A pthread mutex is not fair: a flooding sender unlocks and re-locks within one
+    frame (~50 ns) while a woken waiter needs microseconds to run, so without this a flood
+    from another tenant could keep a queue restart waiting for as long as it lasts."""
+    users_enter(&q.ctl_waiting)
+    pthread_mutex_lock(&q.lock)
+    users_leave(&q.ctl_waiting)
+
+
 cdef int rxq_attach(rxq_t *q, uint16_t num, uint64_t desc, uint64_t avail, uint64_t used,
                     uint32_t last_avail, bint event_idx, bint indirect, int call_fd,
                     const mem_region_t *regions, int nregions,
                     const vq_log_t *log, bint packed) noexcept nogil:
     cdef int r
-    pthread_mutex_lock(&q.lock)
+    rxq_ctl_lock(q)
+    if q.active:                     # checked again under the lock (attach_rx drops the GIL)
+        pthread_mutex_unlock(&q.lock)
+        return -1
     r = vq_init(&q.vq, num, desc, avail, used, last_avail, event_idx, indirect, call_fd,
                 regions, nregions, packed)
     if r == 0:
@@ -532,7 +548,7 @@ cdef uint32_t rxq_detach(rxq_t *q) noexcept nogil:
     """Stop delivering to q; when this returns nobody uses its ring or its call fd any more."""
     cdef uint32_t last
     cdef int fd
-    pthread_mutex_lock(&q.lock)
+    rxq_ctl_lock(q)
     fd = rxq_publish(q)
     last = vq_base(&q.vq)
     q.active = False
@@ -833,6 +849,9 @@ cdef void port_receive(port_t *dst, frame_t *f, int pair, fwd_t *fw) noexcept no
     # the next (tried in e433c6f, 3-8 ns a frame) re-took it before a waiter woke, so a queue
     # restart under a flood (attach_rx, Port.set_features) starved -- and attach_rx waits with
     # the GIL held, which froze the whole service (test_hostile_frontends, fuzz build)
+    if users_count(&q.ctl_waiting):
+        stat_add(&q.stepped_aside, 1)            # the queue is being restarted: step aside
+        return
     pthread_mutex_lock(&q.lock)
     if not q.active:
         q.stats[ST_RX_NO_ROOM] += 1
@@ -1296,11 +1315,14 @@ cdef class Port:
     def detach(self):
         """Leave the switch (port shutdown); its MAC table entries, locked ones included, go
         with it."""
+        cdef switch_t *sw
         if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
-            pthread_mutex_lock(&self.switch.sw.lock)
-            self.p.used = False
-            mac_forget_port(self.switch.sw, self.index)
-            pthread_mutex_unlock(&self.switch.sw.lock)
+            sw = self.switch.sw
+            with nogil:              # the switch lock: senders take it per frame
+                pthread_mutex_lock(&sw.lock)
+                self.p.used = False
+                mac_forget_port(sw, self.index)
+                pthread_mutex_unlock(&sw.lock)
 
     def set_mac(self, mac, *, bint lock=False, int limit=0):
         """Port security, set before the port's workers start.  `lock` (needs `mac`, 6 bytes):
@@ -1314,6 +1336,7 @@ cdef class Port:
         cdef const unsigned char *m = NULL
         cdef int r = -1, k
         cdef mac_entry_t *e
+        cdef switch_t *sw
         if limit < 0:
             raise ValueError("the MAC limit must be >= 0")
         if mac is not None:
@@ -1330,23 +1353,25 @@ cdef class Port:
             if m != NULL:
                 memcpy(self.p.mac, m, 6)
             return
-        pthread_mutex_lock(&self.switch.sw.lock)
-        if self.p.mac_locked:                  # drop the old locked entry
-            for k in range(MAC_TABLE_SIZE):
-                e = &self.switch.sw.table[k]
-                if e.used and e.locked and e.port == self.index:
-                    e.used = 0
-                    e.locked = 0
-            mac_changed(self.switch.sw)
-            self.p.mac_locked = False
-        if lock:
-            r = mac_lock(self.switch.sw, m, self.index)
-        if r == -1:
-            if m != NULL:
-                memcpy(self.p.mac, m, 6)
-            self.p.mac_locked = lock
-            self.p.mac_limit = limit
-        pthread_mutex_unlock(&self.switch.sw.lock)
+        sw = self.switch.sw
+        with nogil:                  # the switch lock: senders take it per frame
+            pthread_mutex_lock(&sw.lock)
+            if self.p.mac_locked:              # drop the old locked entry
+                for k in range(MAC_TABLE_SIZE):
+                    e = &sw.table[k]
+                    if e.used and e.locked and e.port == self.index:
+                        e.used = 0
+                        e.locked = 0
+                mac_changed(sw)
+                self.p.mac_locked = False
+            if lock:
+                r = mac_lock(sw, m, self.index)
+            if r == -1:
+                if m != NULL:
+                    memcpy(self.p.mac, m, 6)
+                self.p.mac_locked = lock
+                self.p.mac_limit = limit
+            pthread_mutex_unlock(&sw.lock)
         if r == MAX_PORTS:
             raise ValueError(f"no room for a locked MAC {bytes(mac).hex(':')} in the MAC "
                              f"table (its slots all hold locked MACs)")
@@ -1359,17 +1384,22 @@ cdef class Port:
 
     def __dealloc__(self):
         cdef int k
-        if self.p != NULL:
-            if self.switch is not None and self.switch.sw.ports[self.index] == self.p:
-                pthread_mutex_lock(&self.switch.sw.lock)
-                mac_forget_port(self.switch.sw, self.index)
-                pthread_mutex_unlock(&self.switch.sw.lock)
-                self.switch.sw.ports[self.index] = NULL
-            for k in range(MAX_PAIRS):
-                if self.p.rx[k].active:
-                    rxq_detach(&self.p.rx[k])
-                pthread_mutex_destroy(&self.p.rx[k].lock)
-            free(self.p)
+        cdef switch_t *sw
+        cdef port_t *p = self.p
+        if p != NULL:
+            if self.switch is not None and self.switch.sw.ports[self.index] == p:
+                sw = self.switch.sw
+                with nogil:
+                    pthread_mutex_lock(&sw.lock)
+                    mac_forget_port(sw, self.index)
+                    sw.ports[self.index] = NULL
+                    pthread_mutex_unlock(&sw.lock)
+            with nogil:
+                for k in range(MAX_PAIRS):
+                    if p.rx[k].active:
+                        rxq_detach(&p.rx[k])
+                    pthread_mutex_destroy(&p.rx[k].lock)
+            free(p)
 
     def set_features(self, *, int hdr_len, bint mrg_rxbuf, bint guest_csum, bint guest_tso4,
                      bint guest_tso6, bint guest_ufo, bint guest_ecn):
@@ -1382,7 +1412,7 @@ cdef class Port:
             raise ValueError(f"virtio_net_hdr length {hdr_len}")
         with nogil:
             for k in range(MAX_PAIRS):
-                pthread_mutex_lock(&self.p.rx[k].lock)
+                rxq_ctl_lock(&self.p.rx[k])
             self.p.hdr_len = hdr_len
             self.p.mrg_rxbuf = mrg_rxbuf
             self.p.guest_csum = guest_csum
@@ -1398,6 +1428,8 @@ cdef class Port:
                   bint indirect, bint signal_call=False, log=None, bint packed=False):
         cdef const unsigned char *t = region_table
         cdef vq_log_t lg
+        cdef int nregions = len(region_table) // sizeof(mem_region_t)
+        cdef int r
         vq_log_parse(log, &lg)
         if pair < 0 or pair >= MAX_PAIRS:
             raise ValueError("pair out of range")
@@ -1405,9 +1437,10 @@ cdef class Port:
             raise RuntimeError(f"rx queue of pair {pair} already attached")
         if not packed and last_avail > 0xFFFF:
             raise ValueError(f"rx queue base {last_avail} is not a 16-bit index")
-        if rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx, indirect,
-                      call_fd, <const mem_region_t *>t,
-                      len(region_table) // sizeof(mem_region_t), &lg, packed) != 0:
+        with nogil:                  # waits for the queue lock: never with the GIL held
+            r = rxq_attach(&self.p.rx[pair], num, desc, avail, used, last_avail, event_idx,
+                           indirect, call_fd, <const mem_region_t *>t, nregions, &lg, packed)
+        if r != 0:
             raise ValueError(f"bad rx queue (size {num}, base {last_avail:#x})")
         if signal_call:
             with nogil:              # a frontend's fd: never written with the GIL held
@@ -1421,6 +1454,19 @@ cdef class Port:
         with nogil:
             last = rxq_detach(&self.p.rx[pair])
         return last
+
+    def hold_rx_lock(self, int pair, double seconds):
+        """Tests: hold this rx queue's lock for `seconds` (the GIL released), as a sender in
+        the middle of a frame would, to show what waits for it and what does not."""
+        cdef timespec ts
+        if pair < 0 or pair >= MAX_PAIRS:
+            raise ValueError("pair out of range")
+        ts.tv_sec = <long>seconds
+        ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
+        with nogil:
+            pthread_mutex_lock(&self.p.rx[pair].lock)
+            nanosleep(&ts, NULL)
+            pthread_mutex_unlock(&self.p.rx[pair].lock)
 
     def rx_active(self, int pair):
         return bool(self.p.rx[pair].active)
@@ -1436,6 +1482,7 @@ cdef class Port:
         for j in range(MAX_PAIRS):
             for k in range(NUM_STATS):
                 out[k] += self.p.rx[j].stats[k]
+            out[ST_RX_NO_ROOM] += self.p.rx[j].stepped_aside
         d = {STAT_NAMES[k]: out[k] for k in range(NUM_STATS)}
         d["mac_entries"] = self.p.mac_count      # a gauge: learned entries held now
         return d
@@ -1454,6 +1501,7 @@ cdef class Port:
             raise ValueError("pair out of range")
         q = &self.p.rx[pair]
         out = {STAT_NAMES[k]: q.stats[k] for k in range(NUM_STATS)}
+        out["rx_dropped_no_room"] += q.stepped_aside     # counted outside the lock
         for k in range(1, NUM_FAULTS):
             faults += q.vq.faults[k]
         out.update(kicks=q.vq.kicks, notifies=q.vq.notifies, faults=faults,

@@ -12,11 +12,18 @@
   (every test using it runs under asyncio and under uvloop) and `image` (a 1 MiB image of
   random bytes for the in-memory ring rig; a module may define its own), `ceph_cluster` (one
   throwaway Ceph cluster per run, for the RBD tests).
+* A hang watchdog: pytest-timeout (pyproject.toml, signal method) fails a test that runs too
+  long only when Python code runs again; a thread stuck in C -- a wait with the GIL held, a
+  nogil loop in the main thread -- never lets it.  So every test also arms faulthandler's C
+  watchdog for HANG_S: it writes every thread's stack to HANG_FILE (fd 2 is pytest's capture
+  then) and ends the run with exit status 1 rather than letting CI run into its own limit
+  with nothing to show.  .ci/run prints HANG_FILE when a run fails.
 
 The helpers the tests share (frontend driver, backend launchers, namespaces, guests, DPDK) are
 in vhost/testing; the in-process server harness is tests/inprocess.py.  Test modules never
 import each other.
 """
+import faulthandler
 import os
 import shutil
 import sys
@@ -32,6 +39,25 @@ from vhost.testing.backends import short_tmpdir  # noqa: E402
 TESTS = os.path.dirname(os.path.abspath(__file__))
 KINDS = ("unit", "integration", "e2e")
 LOOPS = ["asyncio", "uvloop"]
+HANG_S = int(os.environ.get("PYVHOST_HANG_S", "720"))   # pyproject timeout (600 s) + 2 min
+HANG_FILE = os.environ.get("PYVHOST_HANG_FILE", "/tmp/pyvhost-test-hang.txt")
+_hang_out = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _hang_out
+    if _hang_out is None:
+        _hang_out = open(HANG_FILE, "w")
+    _hang_out.seek(0)
+    _hang_out.truncate()
+    _hang_out.write(f"pyvhost: {item.nodeid} ran past {HANG_S} s; every thread's stack:\n")
+    _hang_out.flush()
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=_hang_out)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def kind_of(path) -> str | None:

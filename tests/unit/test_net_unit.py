@@ -362,37 +362,65 @@ def test_dirty_log_marks_rx_buffers_and_used_rings_not_tx_buffers():
         dlog.close()
 
 
+class SwitchPair:
+    """Ports a and b on one switch, both with mergeable rx settings; b's rx queue 0 attached
+    on a ring (rx, in ram/mem) with `nbufs` 2 KiB buffers posted (bufs: head -> gpa).
+    attach() attaches b's rx queue 0 again; close() detaches and unmaps everything."""
+
+    def __init__(self, qsize=64, nbufs=8):
+        from cython_ext.net import Switch
+        self.qsize = qsize
+        self.ram = GuestRAM(MEM, pc_two_region_layout(MEM))
+        self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
+                                                self.ram.region_user_addr(r), r.mmap_offset)
+                               for r in self.ram.regions)
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.rx = VirtQueue(self.ram, 0, qsize, event_idx=True, kick_fd=-1, call_fd=self.call)
+        self.sw = Switch("t")
+        self.a, self.b = Port("vhost", 1, self.sw, 0), Port("vhost", 1, self.sw, 1)
+        for p in (self.a, self.b):
+            p.set_features(hdr_len=HDR, mrg_rxbuf=True, guest_csum=True, guest_tso4=True,
+                           guest_tso6=True, guest_ufo=False, guest_ecn=False)
+        self.table = self.mem.table_bytes()
+        self.attach()
+        self.bufs = {}
+        for _ in range(nbufs):
+            g = self.ram.alloc(2048)
+            self.bufs[self.rx.add_chain([(g, 2048, True)])] = g
+        self.rx.publish(list(self.bufs))
+
+    def host(self, vq):
+        """(desc, avail, used) host addresses of a driver-side queue in this memory."""
+        d, u, av = vq.addresses()
+        qs = vq.size
+        return (self.mem.uva_to_host(d, 16 * qs), self.mem.uva_to_host(av, 6 + 2 * qs),
+                self.mem.uva_to_host(u, 6 + 8 * qs))
+
+    def attach(self):
+        self.b.attach_rx(0, self.qsize, *self.host(self.rx), 0, self.table, self.call, True,
+                         True)
+
+    def close(self):
+        if self.b.rx_active(0):
+            self.b.detach_rx(0)
+        self.a.detach()
+        self.b.detach()
+        self.mem.unmap_all()
+        self.ram.close()
+        os.close(self.call)
+
+
 def test_switch_batch_cut_by_a_corrupt_avail_ring_is_still_delivered():
     """A guest's tx ring turns corrupt (a head beyond the ring) after a few good frames: those
     frames were already copied into the other port's rx ring in the same batch, and must be
     published there (before: the batch returned without publishing, so the receiver never
     saw frames that the sender's ring had consumed), and the sender's queue is broken."""
-    from cython_ext.net import Switch
-    qsize = 64
-    ram = GuestRAM(MEM, pc_two_region_layout(MEM))
-    mem = GuestMemory(MappedRegion.map(ram.fd, r.gpa, r.size, ram.region_user_addr(r),
-                                       r.mmap_offset) for r in ram.regions)
-    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]      # rx call, tx kick, tx call
-    rx = VirtQueue(ram, 0, qsize, event_idx=True, kick_fd=-1, call_fd=fds[0])
-    tx = VirtQueue(ram, 1, qsize, event_idx=True, kick_fd=fds[1], call_fd=fds[2])
-    sw = Switch("t")
-    a, b = Port("vhost", 1, sw, 0), Port("vhost", 1, sw, 1)
-    for p in (a, b):
-        p.set_features(hdr_len=HDR, mrg_rxbuf=True, guest_csum=True, guest_tso4=True,
-                       guest_tso6=True, guest_ufo=False, guest_ecn=False)
-    table = mem.table_bytes()
-    d, u, av = rx.addresses()
-    b.attach_rx(0, qsize, mem.uva_to_host(d, 16 * qsize), mem.uva_to_host(av, 6 + 2 * qsize),
-                mem.uva_to_host(u, 6 + 8 * qsize), 0, table, fds[0], True, True)
-    bufs = {}
-    for _ in range(8):
-        g = ram.alloc(2048)
-        bufs[rx.add_chain([(g, 2048, True)])] = g
-    rx.publish(list(bufs))
-    d, u, av = tx.addresses()
-    txq = (qsize, mem.uva_to_host(d, 16 * qsize), mem.uva_to_host(av, 6 + 2 * qsize),
-           mem.uva_to_host(u, 6 + 8 * qsize), 0, fds[1], fds[2], True, True, False)
-    worker = NetWorker("switch", a, 0, sw, -1, txq, -1, table)
+    sp = SwitchPair()
+    ram, rx, qsize = sp.ram, sp.rx, sp.qsize
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]      # tx kick, tx call
+    tx = VirtQueue(ram, 1, qsize, event_idx=True, kick_fd=fds[0], call_fd=fds[1])
+    txq = (qsize, *sp.host(tx), 0, fds[0], fds[1], True, True, False)
+    worker = NetWorker("switch", sp.a, 0, sp.sw, -1, txq, -1, sp.table)
     frames = [eth(60 + k) for k in range(3)]
     heads = []
     for f in frames:
@@ -411,16 +439,70 @@ def test_switch_batch_cut_by_a_corrupt_avail_ring_is_still_delivered():
         got = rx.reap()
         assert len(got) == 3, got
         for (head, ln), f in zip(got, frames):
-            assert ram.read(bufs[head], ln) == hdr(nbuf=1) + f
+            assert ram.read(sp.bufs[head], ln) == hdr(nbuf=1) + f
         assert worker.tx_faults()
     finally:
         worker.stop()
         thread.join(5)
         assert not thread.is_alive()
-        b.detach_rx(0)
-        a.detach()
-        b.detach()
-        mem.unmap_all()
-        ram.close()
+        sp.close()
         for fd in fds:
             os.close(fd)
+
+
+BROADCAST = b"\xff" * 6 + b"\x52\x54\x00\x00\x00\x0a" + b"\x08\x00" + bytes(46)
+
+
+def test_attach_rx_waits_for_the_queue_lock_without_the_gil():
+    """attach_rx waits for the rx queue's lock (a sender may be mid-frame) with the GIL
+    released: other threads -- other tenants' conversations -- keep running meanwhile.
+    Before: the wait held the GIL, and a sender slow to let go froze the whole service."""
+    sp = SwitchPair()
+    b, attach = sp.b, sp.attach
+    try:
+        b.detach_rx(0)
+        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 1.5), daemon=True)
+        holder.start()
+        time.sleep(0.2)                               # the holder has the lock now
+        attacher = threading.Thread(target=attach, daemon=True)
+        attacher.start()
+        time.sleep(0.05)                              # attach_rx is waiting for the lock
+        t0 = time.monotonic()
+        for _ in range(10):
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+        assert holder.is_alive(), "the lock was let go before the measurement ended"
+        assert took < 0.6, f"this thread stood still {took:.2f} s while attach_rx waited"
+        holder.join(5)
+        attacher.join(5)
+        assert not attacher.is_alive() and b.rx_active(0)
+    finally:
+        sp.close()
+
+
+def test_senders_step_aside_while_a_queue_restart_waits():
+    """While the control side waits for an rx queue's lock (detach_rx here; attach and a
+    feature change alike), senders do not queue up on that lock: their frames to it count as
+    no-room at once.  Before: every sender waited behind it, and a flood re-took the lock
+    (the mutex is not fair) before the restart got it."""
+    sp = SwitchPair()
+    a, b = sp.a, sp.b
+    try:
+        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 2.0), daemon=True)
+        holder.start()
+        time.sleep(0.2)
+        detacher = threading.Thread(target=b.detach_rx, args=(0,), daemon=True)
+        detacher.start()
+        time.sleep(0.05)                               # detach_rx announced, waiting
+        before = b.stats()["rx_dropped_no_room"]
+        sent, _ = a.generate(BROADCAST, 500, 10.0)     # count-bounded: returns if never held
+        assert holder.is_alive(), "the sender waited for the lock the restart was waiting for"
+        assert sent == 500 and b.stats()["rx_dropped_no_room"] - before == 500
+        holder.join(5)
+        detacher.join(5)
+        assert not detacher.is_alive() and not b.rx_active(0)
+        sp.attach()                                    # and the queue serves again
+        sent, _ = a.generate(BROADCAST, 1, 5.0)
+        assert b.rx_counters(0)["rx_packets"] == 1
+    finally:
+        sp.close()
