@@ -354,6 +354,13 @@ class CephCluster:
                 "keyring": self.keyring,
                 "log file": f"{log}/$name.log",
                 "admin socket": f"{run}/$cluster-$name.$pid.$cctid.asok",
+                # a stalled cluster fails a test's calls instead of blocking them for good
+                # (Ceph's client defaults are no limit: a librbd call that never returns holds
+                # a test thread in C, where pytest-timeout cannot interrupt it); far longer
+                # than any OSD restart a test makes
+                "rados osd op timeout": 120,
+                "rados mon op timeout": 120,
+                "client mount timeout": 60,
             },
         }
         for section, options in self.extra_conf.items():
