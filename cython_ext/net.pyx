@@ -1121,6 +1121,23 @@ C_CONSTANTS = {
 
 # --- Python-facing objects -------------------------------------------------------------------------
 
+cdef void _test_hold_rx_lock(rxq_t *q, double seconds, bint then_gil) noexcept:
+    """Tests: hold q.lock for `seconds` with the GIL released, as a sender in the middle of a
+    frame does; `then_gil`: take the GIL too before letting go, as a sender logging a fault
+    under the lock does (wk_note_fault) -- so that whoever waits for q.lock holding the GIL
+    deadlocks, which nothing may do."""
+    cdef timespec ts
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
+    with nogil:
+        pthread_mutex_lock(&q.lock)
+        nanosleep(&ts, NULL)
+        if then_gil:
+            with gil:
+                pass
+        pthread_mutex_unlock(&q.lock)
+
+
 cdef class Switch:
     """The in-process learning L2 switch; every port of a --switch belongs to one."""
     cdef switch_t *sw
@@ -1140,6 +1157,15 @@ cdef class Switch:
         if self.sw != NULL:
             pthread_mutex_destroy(&self.sw.lock)
             free(self.sw)
+
+    def hold_port_rx_lock(self, int index, int pair, double seconds, bint then_gil=False):
+        """Tests: hold the rx queue lock of port `index`, pair `pair`, as another port's sender
+        does -- through the switch, holding no reference to the Port (_test_hold_rx_lock)."""
+        if index < 0 or index >= MAX_PORTS or self.sw.ports[index] == NULL:
+            raise ValueError(f"no port {index}")
+        if pair < 0 or pair >= MAX_PAIRS:
+            raise ValueError("pair out of range")
+        _test_hold_rx_lock(&self.sw.ports[index].rx[pair], seconds, then_gil)
 
     def stats(self):
         """Counters (flooded / unicast frames, MACs learned, reclaims: scans that freed aged
@@ -1455,18 +1481,11 @@ cdef class Port:
             last = rxq_detach(&self.p.rx[pair])
         return last
 
-    def hold_rx_lock(self, int pair, double seconds):
-        """Tests: hold this rx queue's lock for `seconds` (the GIL released), as a sender in
-        the middle of a frame would, to show what waits for it and what does not."""
-        cdef timespec ts
+    def hold_rx_lock(self, int pair, double seconds, bint then_gil=False):
+        """Tests: hold this rx queue's lock as a sender would (_test_hold_rx_lock)."""
         if pair < 0 or pair >= MAX_PAIRS:
             raise ValueError("pair out of range")
-        ts.tv_sec = <long>seconds
-        ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
-        with nogil:
-            pthread_mutex_lock(&self.p.rx[pair].lock)
-            nanosleep(&ts, NULL)
-            pthread_mutex_unlock(&self.p.rx[pair].lock)
+        _test_hold_rx_lock(&self.p.rx[pair], seconds, then_gil)
 
     def rx_active(self, int pair):
         return bool(self.p.rx[pair].active)

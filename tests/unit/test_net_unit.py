@@ -14,7 +14,7 @@ import pytest
 from cython_ext.net import NetWorker, Port
 from protocols import virtio_net as vn
 from vhost.testing import hostile
-from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM
+from vhost.testing.ringrig import F_INDIRECT, F_NEXT, F_WRITE, HOLE, MEM, SwitchPair
 from vhost.testing.ram import GuestRAM, pc_two_region_layout
 from vhost.testing.virtqueue import VirtQueue
 from vhost.memory import GuestMemory, MappedRegion
@@ -362,54 +362,6 @@ def test_dirty_log_marks_rx_buffers_and_used_rings_not_tx_buffers():
         dlog.close()
 
 
-class SwitchPair:
-    """Ports a and b on one switch, both with mergeable rx settings; b's rx queue 0 attached
-    on a ring (rx, in ram/mem) with `nbufs` 2 KiB buffers posted (bufs: head -> gpa).
-    attach() attaches b's rx queue 0 again; close() detaches and unmaps everything."""
-
-    def __init__(self, qsize=64, nbufs=8):
-        from cython_ext.net import Switch
-        self.qsize = qsize
-        self.ram = GuestRAM(MEM, pc_two_region_layout(MEM))
-        self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
-                                                self.ram.region_user_addr(r), r.mmap_offset)
-                               for r in self.ram.regions)
-        self.call = os.eventfd(0, os.EFD_NONBLOCK)
-        self.rx = VirtQueue(self.ram, 0, qsize, event_idx=True, kick_fd=-1, call_fd=self.call)
-        self.sw = Switch("t")
-        self.a, self.b = Port("vhost", 1, self.sw, 0), Port("vhost", 1, self.sw, 1)
-        for p in (self.a, self.b):
-            p.set_features(hdr_len=HDR, mrg_rxbuf=True, guest_csum=True, guest_tso4=True,
-                           guest_tso6=True, guest_ufo=False, guest_ecn=False)
-        self.table = self.mem.table_bytes()
-        self.attach()
-        self.bufs = {}
-        for _ in range(nbufs):
-            g = self.ram.alloc(2048)
-            self.bufs[self.rx.add_chain([(g, 2048, True)])] = g
-        self.rx.publish(list(self.bufs))
-
-    def host(self, vq):
-        """(desc, avail, used) host addresses of a driver-side queue in this memory."""
-        d, u, av = vq.addresses()
-        qs = vq.size
-        return (self.mem.uva_to_host(d, 16 * qs), self.mem.uva_to_host(av, 6 + 2 * qs),
-                self.mem.uva_to_host(u, 6 + 8 * qs))
-
-    def attach(self):
-        self.b.attach_rx(0, self.qsize, *self.host(self.rx), 0, self.table, self.call, True,
-                         True)
-
-    def close(self):
-        if self.b.rx_active(0):
-            self.b.detach_rx(0)
-        self.a.detach()
-        self.b.detach()
-        self.mem.unmap_all()
-        self.ram.close()
-        os.close(self.call)
-
-
 def test_switch_batch_cut_by_a_corrupt_avail_ring_is_still_delivered():
     """A guest's tx ring turns corrupt (a head beyond the ring) after a few good frames: those
     frames were already copied into the other port's rx ring in the same batch, and must be
@@ -506,3 +458,37 @@ def test_senders_step_aside_while_a_queue_restart_waits():
         assert b.rx_counters(0)["rx_packets"] == 1
     finally:
         sp.close()
+
+
+# A sender that logs a fault (wk_note_fault) takes the GIL while it holds the rx queue's lock;
+# so whoever waits for that lock holding the GIL deadlocks the process.  Run in a child so
+# that a deadlock fails this test alone.
+DEALLOC_WHILE_A_SENDER_TAKES_THE_GIL = r"""
+import threading, time
+from vhost.testing.ringrig import SwitchPair
+sp = SwitchPair()
+holder = threading.Thread(target=sp.sw.hold_port_rx_lock, args=(1, 0, 0.5, True), daemon=True)
+holder.start()
+time.sleep(0.2)             # the holder has port 1's rx lock, and takes the GIL before it lets go
+b, sp.b = sp.b, None
+del b                       # Port.__dealloc__ detaches its rx queue: waits for that lock
+holder.join(10)
+print("alive" if holder.is_alive() else "done", flush=True)
+"""
+
+
+def test_port_dealloc_waits_for_a_queue_lock_without_the_gil():
+    """Port.__dealloc__ detaches its rx queues, waiting for each one's lock.  Before: it waited
+    holding the GIL, so a sender holding that lock and logging a fault (which takes the GIL)
+    deadlocked the service."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    try:
+        cp = subprocess.run([sys.executable, "-c", DEALLOC_WHILE_A_SENDER_TAKES_THE_GIL],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("Port.__dealloc__ deadlocked with a sender holding its rx lock")
+    assert cp.returncode == 0 and cp.stdout.strip() == "done", (cp.returncode, cp.stdout,
+                                                                cp.stderr[-2000:])

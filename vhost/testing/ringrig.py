@@ -4,7 +4,8 @@ vhost/memory.py, and a queue worker run synchronously (`run_until_idle`) or as a
 `QueueRig` is that plumbing for any worker, over a split or (`packed`) a packed ring (the rng tests build theirs on it), `Rig` adds a
 BlkQueueWorker on an image file (optionally logging into a dirty log: `log`, as
 QueueHandle.log; optionally tracking in an inflight region: `inflight`, as
-QueueHandle.inflight).
+QueueHandle.inflight).  `SwitchPair`: two ports of one switch with a driver-side rx ring
+attached to the second, for the net locking tests.
 Must not: open sockets or start processes; hold test assertions beyond `assert_serving`;
 import tests, devices, vhost.server, vhost.service or vhost.config."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ import struct
 import threading
 
 from cython_ext.blk import BlkQueueWorker
-from protocols import virtio, virtio_blk as vb
+from cython_ext.net import Port, Switch
+from protocols import virtio, virtio_blk as vb, virtio_net as vn
 from vhost.testing.ram import GuestRAM, one_region_layout, pc_two_region_layout
 from vhost.testing.packed import PackedVirtQueue
 from vhost.testing.virtqueue import VirtQueue
@@ -194,3 +196,50 @@ class Rig(QueueRig):
     def close(self):
         super().close()
         os.close(self.fd)
+
+
+class SwitchPair:
+    """Ports a and b on one switch, both with mergeable rx settings; b's rx queue 0 attached
+    on a ring (rx, in ram/mem) with `nbufs` 2 KiB buffers posted (bufs: head -> gpa).
+    attach() attaches b's rx queue 0 again; close() detaches and unmaps everything."""
+
+    def __init__(self, qsize=64, nbufs=8):
+        self.qsize = qsize
+        self.ram = GuestRAM(MEM, pc_two_region_layout(MEM))
+        self.mem = GuestMemory(MappedRegion.map(self.ram.fd, r.gpa, r.size,
+                                                self.ram.region_user_addr(r), r.mmap_offset)
+                               for r in self.ram.regions)
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.rx = VirtQueue(self.ram, 0, qsize, event_idx=True, kick_fd=-1, call_fd=self.call)
+        self.sw = Switch("t")
+        self.a, self.b = Port("vhost", 1, self.sw, 0), Port("vhost", 1, self.sw, 1)
+        for p in (self.a, self.b):
+            p.set_features(hdr_len=vn.HDR_SIZE, mrg_rxbuf=True, guest_csum=True, guest_tso4=True,
+                           guest_tso6=True, guest_ufo=False, guest_ecn=False)
+        self.table = self.mem.table_bytes()
+        self.attach()
+        self.bufs = {}
+        for _ in range(nbufs):
+            g = self.ram.alloc(2048)
+            self.bufs[self.rx.add_chain([(g, 2048, True)])] = g
+        self.rx.publish(list(self.bufs))
+
+    def host(self, vq):
+        """(desc, avail, used) host addresses of a driver-side queue in this memory."""
+        d, u, av = vq.addresses()
+        qs = vq.size
+        return (self.mem.uva_to_host(d, 16 * qs), self.mem.uva_to_host(av, 6 + 2 * qs),
+                self.mem.uva_to_host(u, 6 + 8 * qs))
+
+    def attach(self):
+        self.b.attach_rx(0, self.qsize, *self.host(self.rx), 0, self.table, self.call, True,
+                         True)
+
+    def close(self):
+        if self.b.rx_active(0):
+            self.b.detach_rx(0)
+        self.a.detach()
+        self.b.detach()
+        self.mem.unmap_all()
+        self.ram.close()
+        os.close(self.call)
