@@ -1487,6 +1487,19 @@ cdef class Port:
             raise ValueError("pair out of range")
         _test_hold_rx_lock(&self.p.rx[pair], seconds, then_gil)
 
+    def rx_lock_state(self, int pair):
+        """Tests: (held, restart_waiting) for this rx queue's lock now -- so that a test waits
+        for the state it needs instead of sleeping for it."""
+        cdef rxq_t *q
+        cdef bint held
+        if pair < 0 or pair >= MAX_PAIRS:
+            raise ValueError("pair out of range")
+        q = &self.p.rx[pair]
+        held = pthread_mutex_trylock(&q.lock) != 0
+        if not held:
+            pthread_mutex_unlock(&q.lock)
+        return held, users_count(&q.ctl_waiting) > 0
+
     def rx_active(self, int pair):
         return bool(self.p.rx[pair].active)
 

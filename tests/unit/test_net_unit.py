@@ -402,6 +402,14 @@ def test_switch_batch_cut_by_a_corrupt_avail_ring_is_still_delivered():
             os.close(fd)
 
 
+def _until(cond, what, timeout=10.0):
+    """Wait for a state another thread brings about (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.001)
+
+
 BROADCAST = b"\xff" * 6 + b"\x52\x54\x00\x00\x00\x0a" + b"\x08\x00" + bytes(46)
 
 
@@ -413,18 +421,20 @@ def test_attach_rx_waits_for_the_queue_lock_without_the_gil():
     b, attach = sp.b, sp.attach
     try:
         b.detach_rx(0)
-        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 1.5), daemon=True)
+        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 3.0), daemon=True)
         holder.start()
-        time.sleep(0.2)                               # the holder has the lock now
+        _until(lambda: b.rx_lock_state(0)[0], "the holder has the lock")
         attacher = threading.Thread(target=attach, daemon=True)
         attacher.start()
-        time.sleep(0.05)                              # attach_rx is waiting for the lock
+        # attach_rx announces itself before it waits: seeing that needs this thread to run
+        # while attach_rx waits, which it cannot if attach_rx holds the GIL
+        _until(lambda: b.rx_lock_state(0)[1] or not holder.is_alive(), "attach_rx waits")
         t0 = time.monotonic()
         for _ in range(10):
             time.sleep(0.01)
         took = time.monotonic() - t0
         assert holder.is_alive(), "the lock was let go before the measurement ended"
-        assert took < 0.6, f"this thread stood still {took:.2f} s while attach_rx waited"
+        assert took < 1.5, f"this thread stood still {took:.2f} s while attach_rx waited"
         holder.join(5)
         attacher.join(5)
         assert not attacher.is_alive() and b.rx_active(0)
@@ -440,12 +450,12 @@ def test_senders_step_aside_while_a_queue_restart_waits():
     sp = SwitchPair()
     a, b = sp.a, sp.b
     try:
-        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 2.0), daemon=True)
+        holder = threading.Thread(target=b.hold_rx_lock, args=(0, 3.0), daemon=True)
         holder.start()
-        time.sleep(0.2)
+        _until(lambda: b.rx_lock_state(0)[0], "the holder has the lock")
         detacher = threading.Thread(target=b.detach_rx, args=(0,), daemon=True)
         detacher.start()
-        time.sleep(0.05)                               # detach_rx announced, waiting
+        _until(lambda: b.rx_lock_state(0)[1], "detach_rx announced, waiting")
         before = b.stats()["rx_dropped_no_room"]
         sent, _ = a.generate(BROADCAST, 500, 10.0)     # count-bounded: returns if never held
         assert holder.is_alive(), "the sender waited for the lock the restart was waiting for"
@@ -467,9 +477,12 @@ DEALLOC_WHILE_A_SENDER_TAKES_THE_GIL = r"""
 import threading, time
 from vhost.testing.ringrig import SwitchPair
 sp = SwitchPair()
-holder = threading.Thread(target=sp.sw.hold_port_rx_lock, args=(1, 0, 0.5, True), daemon=True)
+holder = threading.Thread(target=sp.sw.hold_port_rx_lock, args=(1, 0, 1.0, True), daemon=True)
 holder.start()
-time.sleep(0.2)             # the holder has port 1's rx lock, and takes the GIL before it lets go
+deadline = time.monotonic() + 10
+while not sp.b.rx_lock_state(0)[0]:     # the holder has port 1's rx lock; it takes the GIL
+    assert time.monotonic() < deadline    # before it lets go
+    time.sleep(0.001)
 b, sp.b = sp.b, None
 del b                       # Port.__dealloc__ detaches its rx queue: waits for that lock
 holder.join(10)
